@@ -1,0 +1,293 @@
+"""ShardPlan: what each rank owns. Pure Python (no MLX), so planning never loads weights.
+
+A rank owns whole GQA groups (a KV head and its query heads) when the world is no
+larger than the KV head count; beyond that, ranks share a KV head: each sharer keeps
+a replica of it and takes part of its query heads. MLP columns are split so that each
+rank's total weight bytes follow its weight (memory), compensating uneven heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .config import DTYPE_BYTES, ModelConfig
+from .errors import UserError
+
+
+def split_counts(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
+    """Integers summing to `total`, proportional to `weights`, each at least `minimum`."""
+    n = len(weights)
+    if total < minimum * n:
+        raise ValueError(f"cannot split {total} into {n} parts of at least {minimum}")
+    s = float(sum(weights))
+    ideal = [total * w / s for w in weights]
+    counts = [max(minimum, math.floor(x)) for x in ideal]
+    while sum(counts) < total:  # hand out the remainder to the largest shortfall
+        i = max(range(n), key=lambda j: (ideal[j] - counts[j], -j))
+        counts[i] += 1
+    while sum(counts) > total:  # the minimum overshot: take from the largest surplus
+        i = max((j for j in range(n) if counts[j] > minimum),
+                key=lambda j: (counts[j] - ideal[j], j))
+        counts[i] -= 1
+    return counts
+
+
+def _ranges(counts: Sequence[int], start: int = 0) -> list[tuple[int, int]]:
+    out = []
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """One rank's slice of every layer. Ranges are [start, stop) in global indices."""
+
+    rank: int
+    kv_heads: tuple[int, int]
+    q_heads: tuple[int, int]
+    mlp_cols: tuple[int, int]
+    kv_sharers: int = 1  # ranks holding a replica of these KV heads (>1 only when world > n_kv_heads)
+
+    @property
+    def local_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def local_q_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def local_mlp_cols(self) -> int:
+        return self.mlp_cols[1] - self.mlp_cols[0]
+
+
+@dataclass
+class ShardPlan:
+    config: ModelConfig
+    world: int
+    weights: list[float]
+    shards: list[RankShard]
+    # Element size of activations and KV cache (the run's compute dtype).
+    compute_dtype: str = "float16"
+    notes: list[str] = field(default_factory=list)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def build(cls, config: ModelConfig, world: int, weights: Sequence[float] | None = None,
+              compute_dtype: str | None = None) -> "ShardPlan":
+        if world < 1:
+            raise UserError(f"world size must be at least 1, got {world}")
+        if weights is None:
+            weights = [1.0] * world
+        weights = [float(w) for w in weights]
+        if len(weights) != world:
+            raise UserError(f"got {len(weights)} rank weights for a world of {world}; give one per rank")
+        if any(not w > 0 for w in weights):
+            raise UserError(f"rank weights must all be positive, got {weights}")
+        n_kv, g = config.num_key_value_heads, config.group_size_q
+        notes: list[str] = []
+        if world <= n_kv:
+            kv_counts = split_counts(n_kv, weights)
+            kv_ranges = _ranges(kv_counts)
+            q_ranges = [(a * g, b * g) for a, b in kv_ranges]
+            sharers = [1] * world
+            if n_kv % world:
+                notes.append(f"{n_kv} KV heads do not divide by {world} ranks: uneven split {kv_counts}")
+        else:
+            kv_ranges, q_ranges, sharers = _share_kv_heads(config, world, weights)
+            notes.append(
+                f"world {world} > {n_kv} KV heads: KV heads are replicated on the ranks that "
+                f"share them; each sharer computes part of that head's {g} query heads"
+            )
+        shards_wo_mlp = [
+            RankShard(rank=r, kv_heads=kv_ranges[r], q_heads=q_ranges[r], mlp_cols=(0, 0),
+                      kv_sharers=sharers[r])
+            for r in range(world)
+        ]
+        plan = cls(config, world, weights, shards_wo_mlp,
+                   compute_dtype=compute_dtype or config.dtype, notes=notes)
+        plan._check_quant_alignment()
+        mlp = plan._split_mlp()
+        plan.shards = [
+            RankShard(s.rank, s.kv_heads, s.q_heads, mlp[s.rank], s.kv_sharers) for s in shards_wo_mlp
+        ]
+        return plan
+
+    def _check_quant_alignment(self) -> None:
+        q = self.config.quantization
+        if q is None:
+            return
+        hd = self.config.head_dim
+        for s in self.shards:
+            # o_proj is split along its input (query-head) axis, which is quantized in groups.
+            if (s.q_heads[0] * hd) % q.group_size:
+                raise UserError(
+                    f"rank {s.rank} would start o_proj at column {s.q_heads[0] * hd}, not a multiple of "
+                    f"the quantization group size {q.group_size} (head_dim {hd}); choose a world "
+                    f"size that splits at whole groups, or use an unquantized checkpoint"
+                )
+
+    def _split_mlp(self) -> list[tuple[int, int]]:
+        cfg = self.config
+        if cfg.quantization:
+            align = cfg.quantization.group_size  # down_proj's input axis is quantized in groups
+        else:  # whole SIMD-friendly blocks when the model is big enough for them
+            align = 32 if cfg.intermediate_size % 32 == 0 and cfg.intermediate_size // 32 >= self.world else 1
+        units = cfg.intermediate_size // align
+        if units * align != cfg.intermediate_size:
+            raise UserError(
+                f"intermediate_size {cfg.intermediate_size} is not a multiple of the "
+                f"quantization group size {align}"
+            )
+        if units < self.world:
+            raise UserError(
+                f"intermediate_size {cfg.intermediate_size} has only {units} column groups of "
+                f"{align}; it cannot be split across {self.world} ranks"
+            )
+        per_unit = 3 * self._linear_bytes(align, cfg.hidden_size)
+        attn = [self._attention_bytes(s) for s in self.shards]
+        budget = sum(attn) + units * per_unit
+        wsum = sum(self.weights)
+        # Each rank's share of all layer bytes follows its weight; MLP fills what attention leaves.
+        want = [max(0.0, budget * w / wsum - a) / per_unit for w, a in zip(self.weights, attn)]
+        if sum(want) <= 0:
+            want = list(self.weights)
+        counts = split_counts(units, want)
+        return [(a * align, b * align) for a, b in _ranges(counts)]
+
+    # ---- byte accounting ------------------------------------------------------------
+    @property
+    def _param_bytes(self) -> int:
+        cfg = self.config
+        return DTYPE_BYTES[cfg.dtype] if cfg.dtype in DTYPE_BYTES else 2
+
+    def _linear_bytes(self, out_features: int, in_features: int) -> int:
+        q = self.config.quantization
+        if q is None:
+            return out_features * in_features * self._param_bytes
+        groups = in_features // q.group_size
+        # packed weight + one scale and one bias per group, stored in the model dtype
+        return out_features * in_features * q.bits // 8 + out_features * groups * 2 * self._param_bytes
+
+    def _attention_bytes(self, s: RankShard) -> int:
+        cfg = self.config
+        hd, h = cfg.head_dim, cfg.hidden_size
+        b = self._linear_bytes(s.local_q_heads * hd, h) + 2 * self._linear_bytes(s.local_kv_heads * hd, h)
+        b += self._linear_bytes(h, s.local_q_heads * hd)
+        if cfg.attention_bias:
+            b += (s.local_q_heads + 2 * s.local_kv_heads) * hd * self._param_bytes
+        return b
+
+    def layer_bytes(self, rank: int) -> int:
+        s = self.shards[rank]
+        cfg = self.config
+        b = self._attention_bytes(s)
+        b += 2 * self._linear_bytes(s.local_mlp_cols, cfg.hidden_size)
+        b += self._linear_bytes(cfg.hidden_size, s.local_mlp_cols)
+        b += 2 * cfg.hidden_size * self._param_bytes  # two RMSNorms (replicated)
+        if cfg.model_type == "qwen3":
+            b += 2 * cfg.head_dim * self._param_bytes  # q_norm, k_norm
+        return b
+
+    def replicated_bytes(self) -> int:
+        """Embedding, final norm and lm_head: held whole on every rank."""
+        cfg = self.config
+        b = self._linear_bytes(cfg.vocab_size, cfg.hidden_size)  # embed_tokens
+        if not cfg.tie_word_embeddings:
+            b += self._linear_bytes(cfg.vocab_size, cfg.hidden_size)
+        return b + cfg.hidden_size * self._param_bytes
+
+    def weight_bytes(self, rank: int) -> int:
+        return self.config.num_hidden_layers * self.layer_bytes(rank) + self.replicated_bytes()
+
+    def kv_bytes_per_token(self, rank: int) -> int:
+        cfg = self.config
+        per = DTYPE_BYTES.get(self.compute_dtype, 2)
+        return 2 * cfg.num_hidden_layers * self.shards[rank].local_kv_heads * cfg.head_dim * per
+
+    def total_weight_bytes_unsharded(self) -> int:
+        """Bytes of the whole model on one device (for ratios in summaries)."""
+        return ShardPlan.build(self.config, 1, compute_dtype=self.compute_dtype).weight_bytes(0)
+
+    # ---- presentation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        cfg = self.config
+        return {
+            "model_type": cfg.model_type,
+            "world": self.world,
+            "n_heads": cfg.num_attention_heads,
+            "n_kv_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size,
+            "quantization": (vars(cfg.quantization) if cfg.quantization else None),
+            "compute_dtype": self.compute_dtype,
+            "notes": list(self.notes),
+            "ranks": [
+                {
+                    "rank": s.rank,
+                    "weight": self.weights[s.rank],
+                    "kv_heads": list(s.kv_heads),
+                    "q_heads": list(s.q_heads),
+                    "mlp_cols": list(s.mlp_cols),
+                    "local_kv_heads": s.local_kv_heads,
+                    "local_q_heads": s.local_q_heads,
+                    "local_mlp_cols": s.local_mlp_cols,
+                    "kv_sharers": s.kv_sharers,
+                    "weight_bytes": self.weight_bytes(s.rank),
+                    "kv_bytes_per_1k_tokens": 1024 * self.kv_bytes_per_token(s.rank),
+                }
+                for s in self.shards
+            ],
+        }
+
+    def table(self) -> str:
+        cfg = self.config
+        head = (f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} KV heads, "
+                f"MLP {cfg.intermediate_size}, world {self.world}")
+        rows = [("rank", "KV heads", "query heads", "MLP columns", "weights", "KV / 1K tok")]
+        for s in self.shards:
+            kv = f"{s.kv_heads[0]}-{s.kv_heads[1] - 1}" + (f" (x{s.kv_sharers})" if s.kv_sharers > 1 else "")
+            rows.append((
+                str(s.rank), kv, f"{s.q_heads[0]}-{s.q_heads[1] - 1}",
+                f"{s.mlp_cols[0]}-{s.mlp_cols[1] - 1}",
+                human_bytes(self.weight_bytes(s.rank)),
+                human_bytes(1024 * self.kv_bytes_per_token(s.rank)),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head] + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _share_kv_heads(config: ModelConfig, world: int, weights: list[float]):
+    """world > n_kv_heads: every KV head gets one or more ranks, which split its query heads."""
+    n_kv, g = config.num_key_value_heads, config.group_size_q
+    sharers_per_head = split_counts(world, [1.0] * n_kv)
+    if max(sharers_per_head) > g:
+        raise UserError(
+            f"world {world} needs up to {max(sharers_per_head)} ranks per KV head, but each KV head "
+            f"has only {g} query head(s) to split among them ({config.num_attention_heads} query / "
+            f"{n_kv} KV heads); use a world of at most {config.num_attention_heads} ranks"
+        )
+    kv_ranges, q_ranges, sharers = [], [], []
+    rank = 0
+    for head, s in enumerate(sharers_per_head):
+        q_counts = split_counts(g, weights[rank:rank + s])
+        for a, b in _ranges(q_counts, start=head * g):
+            kv_ranges.append((head, head + 1))
+            q_ranges.append((a, b))
+            sharers.append(s)
+        rank += s
+    return kv_ranges, q_ranges, sharers
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
