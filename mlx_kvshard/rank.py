@@ -1,0 +1,151 @@
+"""One rank's whole job for `generate`: join the group, load its shard, generate, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import UserError
+from .generate import DecodeTimings, SamplingParams, StopChecker, generate_tokens
+
+
+def prepare_prompt(args):
+    """Resolve the model, tokenize the prompt and check it fits. Deterministic, so every
+    rank reaches the same verdict without talking to the others."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from .resolve import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    cfg = ModelConfig.from_file(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except Exception as e:
+        raise UserError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from None
+    if not args.no_chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt is empty after tokenization; give some text with --prompt")
+    max_context = args.max_context or cfg.max_position_embeddings or 4096
+    if len(ids) >= max_context:
+        raise UserError(f"the prompt is {len(ids)} tokens, but the max context is {max_context}; "
+                        f"shorten the prompt or raise --max-context")
+    return model_dir, cfg, tokenizer, list(ids), max_context
+
+
+def _dtype(name: str | None, cfg: ModelConfig):
+    import mlx.core as mx
+
+    from .cmd_generate import default_dtype
+
+    name = default_dtype(name)
+    return None if name == "auto" else getattr(mx, name)
+
+
+def run_rank(args, params: SamplingParams) -> int:
+    import mlx.core as mx
+
+    from .cmd_plan import parse_weights
+    from .dist import agree, gather_json, init_comm
+    from .loader import load_rank_model, parameter_bytes
+    from .plan import ShardPlan
+
+    comm = init_comm(args.backend)
+    model_dir, cfg, tokenizer, prompt, max_context = prepare_prompt(args)
+    dtype = _dtype(args.dtype, cfg)
+    dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
+    plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name)
+    t_load = time.perf_counter()
+    error = None
+    try:
+        model = load_rank_model(Path(model_dir), plan, comm, dtype)
+    except UserError as e:
+        error = str(e)
+    agree(comm, error)  # a load failure on any rank stops all of them
+    load_s = time.perf_counter() - t_load
+
+    stopper = StopChecker(tokenizer, params.stop)
+    timings = DecodeTimings()
+    show = comm.rank == 0 and not args.json
+    tokens: list[int] = []
+    mx.reset_peak_memory()
+    stats_after_prefill = {}
+
+    def mark_prefill():
+        stats_after_prefill.update(collectives=comm.stats.collectives, bytes=comm.stats.bytes)
+
+    cache = model.make_cache()
+    for tok in generate_tokens(model, cache, prompt, params, max_context, args.prefill_step, timings, mark_prefill):
+        tokens.append(tok)
+        text, done = stopper.add(tok)
+        if show and text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        if done:
+            break
+    tail = stopper.flush()
+    if show:
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+
+    # every rank issued the same collectives: the KV cache shard sizes are local facts
+    decode_collectives = comm.stats.collectives - stats_after_prefill.get("collectives", 0)
+    decode_bytes = comm.stats.bytes - stats_after_prefill.get("bytes", 0)
+    steps = max(1, timings.decode_steps)
+    shard = plan.shards[comm.rank]
+    mine = {
+        "rank": comm.rank,
+        "kv_heads": list(shard.kv_heads),
+        "q_heads": list(shard.q_heads),
+        "local_kv_heads": shard.local_kv_heads,
+        "local_q_heads": shard.local_q_heads,
+        "mlp_cols": list(shard.mlp_cols),
+        "weight_bytes": parameter_bytes(model),
+        "plan_weight_bytes": plan.weight_bytes(comm.rank),
+        "kv_bytes": sum(c.nbytes for c in cache),
+        "kv_tokens_allocated": cache[0].keys.shape[2] if cache[0].keys is not None else 0,
+        "kv_tokens": cache[0].offset,
+        "plan_kv_bytes_per_token": plan.kv_bytes_per_token(comm.rank),
+        "peak_memory_bytes": mx.get_peak_memory(),
+        "tokens_digest": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16],
+    }
+    ranks = gather_json(comm, mine)
+    if args.check_sync:
+        digests = {r["tokens_digest"] for r in ranks}
+        if len(digests) != 1:
+            raise UserError("ranks disagree on the generated tokens: " +
+                            ", ".join(f"rank {r['rank']}={r['tokens_digest']}" for r in ranks))
+    if comm.rank == 0 and args.json:
+        decode_tps = timings.decode_steps / timings.decode_s if timings.decode_s > 0 else None
+        out = {
+            "text": stopper.text,
+            "tokens": tokens,
+            "prompt_tokens": len(prompt),
+            "finish_reason": stopper.finish_reason,
+            "world": comm.world,
+            "model": str(model_dir),
+            "dtype": dtype_name,
+            "timings": {
+                "load_s": load_s,
+                "ttft_s": timings.prefill_s,
+                "prefill_tok_s": len(prompt) / timings.prefill_s if timings.prefill_s else None,
+                "decode_tok_s": decode_tps,
+                "time_per_output_token_s": 1 / decode_tps if decode_tps else None,
+            },
+            "comm": {
+                "collectives_per_token": decode_collectives / steps,
+                "bytes_per_token": decode_bytes / steps,
+            },
+            "ranks": ranks,
+            "sync_checked": bool(args.check_sync),
+        }
+        print(json.dumps(out))
+    return 0
+
