@@ -1,0 +1,46 @@
+"""The small synthetic checkpoints the tests run on (random weights, real local tokenizer)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from mlx_kvshard.synth import llama_config, write_atomically, write_checkpoint
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+
+# name -> (config, quantize, number of safetensors files)
+SPECS = {
+    # GQA ratio 2, untied lm_head, weights split over two files with an index
+    "llama_g2": (llama_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                              intermediate_size=160), None, 2),
+    # GQA ratio 4, tied embeddings, llama3 rope_scaling
+    "llama_g4_tied_rope": (llama_config(hidden_size=128, num_attention_heads=16, num_key_value_heads=4,
+                                        intermediate_size=192, tie_word_embeddings=True,
+                                        rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), None, 1),
+    # 8 KV heads, so 3 ranks split them 3,3,2
+    "llama_kv8": (llama_config(hidden_size=128, num_attention_heads=16, num_key_value_heads=8,
+                               intermediate_size=256), None, 1),
+    "qwen2_bias": (llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
+                                num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
+                                tie_word_embeddings=True, rope_theta=1000000.0), None, 1),
+    "qwen3_qknorm": (llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=64,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+                                  intermediate_size=128, tie_word_embeddings=True,
+                                  rope_theta=1000000.0), None, 1),
+    "mistral": (llama_config(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                             intermediate_size=128), None, 1),
+    "bf16": (llama_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                          intermediate_size=128, torch_dtype="bfloat16"), None, 1),
+    # MLX 4-bit, group 32 (head_dim 32 keeps o_proj splits on group boundaries)
+    "q4": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=256), (4, 32), 1),
+}
+
+
+def checkpoint(root: Path, name: str) -> Path:
+    cfg, quant, shards = SPECS[name]
+    return write_atomically(root / name, lambda tmp: write_checkpoint(tmp, cfg, seed=zlib.crc32(name.encode()) % 1000,
+                                                                      quantize=quant, shards=shards))

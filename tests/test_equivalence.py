@@ -1,0 +1,60 @@
+"""Sharded output equals the unsharded mlx-lm model on the same weights, for every world
+size we claim, with real rank processes."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+from checkpoints import checkpoint
+from equiv_rank import N_TOKENS, PROMPT
+from mlx_kvshard.oracle import load_oracle
+from ranks import mlx_launch
+
+# world -> checkpoints run at that world size
+RUNS = {
+    1: ["llama_g2", "qwen3_qknorm"],
+    2: ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4"],
+    3: ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4"],
+    4: ["llama_g2", "llama_g4_tied_rope", "q4"],
+    8: ["llama_g2", "llama_g4_tied_rope", "llama_kv8"],  # 8 > 4 KV heads: shared heads
+}
+TOLERANCE = {"q4": 1e-3}  # quantized matmuls sum in another order per shard
+_oracle_cache: dict = {}
+
+
+def oracle(path):
+    """Last-token logits and 32 greedy tokens from mlx-lm's own unsharded model."""
+    if path not in _oracle_cache:
+        model = load_oracle(path, mx.float32)
+        logits = model(mx.array(PROMPT)[None])[0, -1]
+        sampler = lambda lp: mx.argmax(lp, axis=-1)
+        tokens = [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=N_TOKENS, sampler=sampler)]
+        _oracle_cache[path] = (np.array(logits), tokens)
+    return _oracle_cache[path]
+
+
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_sharded_matches_unsharded(world, ckpt_root, tmp_path):
+    names = RUNS[world]
+    dirs = [checkpoint(ckpt_root, n) for n in names]
+    mlx_launch(world, [str(__import__("equiv_rank").__file__), str(tmp_path), *map(str, dirs)])
+    for name, d in zip(names, dirs):
+        got = np.load(tmp_path / f"{name}.npz")
+        want_logits, want_tokens = oracle(d)
+        err = float(np.max(np.abs(got["logits"] - want_logits)))
+        assert err < TOLERANCE.get(name, 1e-4), f"{name} world {world}: max |logit diff| {err}"
+        assert got["tokens"].tolist() == want_tokens, f"{name} world {world}: greedy tokens differ"
+        facts = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(world)]
+        for f in facts:
+            # each rank's cache and k_proj hold exactly its own KV heads, sized as planned
+            assert f["k_proj_is_own_heads"], f
+            assert f["cache_kv_heads"] == f["kv_heads"][1] - f["kv_heads"][0]
+            assert f["kv_bytes"] == f["kv_tokens_allocated"] * f["plan_kv_bytes_per_token"]
+        owned = sorted(h for f in facts for h in range(*f["kv_heads"]))
+        if world <= 4 or name == "llama_kv8":  # no sharing: every KV head held exactly once
+            assert owned == sorted(set(owned)) and len(owned) == len(set(owned))
