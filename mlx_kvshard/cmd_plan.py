@@ -111,7 +111,7 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
     memory = _per_rank(memory, world, "--memory") or [e.get("memory_gb") for e in entries]
     chips = _per_rank(chips, world, "--chip") or [e.get("chip") for e in entries]
     loaded = {name: load_chip(name.strip()) for name in set(chips) if name}
-    hosts = [Host(name=str(e.get("ssh") or f"rank{r}"), memory_gb=memory[r],
+    hosts = [Host(name=str(e.get("label") or e.get("ssh") or f"rank{r}"), memory_gb=memory[r],
                   chip=loaded[chips[r]] if chips[r] else None)
              for r, e in enumerate(entries)]
     return hosts, backend

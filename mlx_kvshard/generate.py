@@ -60,16 +60,19 @@ class DecodeTimings:
     prompt_tokens: int = 0
     prefill_s: float = 0.0  # prompt in, first token out (TTFT)
     decode_s: float = 0.0
-    decode_steps: int = 0  # tokens after the first
+    decode_steps: int = 0  # decode steps dispatched (one may run past an early stop)
+    decode_tokens: int = 0  # tokens yielded after the first
     extra: dict = field(default_factory=dict)
 
 
 def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
                     prefill_step: int = 512, timings: DecodeTimings | None = None,
-                    on_prefill_done: Callable[[], None] | None = None) -> Iterator[int]:
-    """Yield up to `params.max_tokens` new token ids. The caller may stop early (EOS, stop
-    string); it must do so identically on every rank, which holds because every rank
-    sees the same tokens."""
+                    on_prefill_done: Callable[[], None] | None = None,
+                    first_step: int = 0) -> Iterator[int]:
+    """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
+    stop string); it must do so identically on every rank, which holds because every rank
+    sees the same tokens. A resumed run passes the tokens generated so far at the end of
+    `prompt` and their count as `first_step`."""
     timings = timings or DecodeTimings()
     sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
     processors = make_logits_processors(
@@ -90,14 +93,16 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
             history = mx.concatenate([history, y])
         return y
 
-    budget = min(params.max_tokens, max_context - len(prompt))
+    if first_step >= params.max_tokens:
+        return
+    budget = min(params.max_tokens - first_step, max_context - len(prompt))
     t0 = time.perf_counter()
     ids = mx.array(prompt, dtype=mx.uint32)
     for start in range(0, len(prompt) - 1, prefill_step):
         stop = min(start + prefill_step, len(prompt) - 1)
         model(ids[start:stop][None], cache)
         mx.eval([c.state for c in cache])
-    y = sample(model(ids[-1:][None], cache), 0)
+    y = sample(model(ids[-1:][None], cache), first_step)
     mx.eval(y)
     timings.prompt_tokens = len(prompt)
     timings.prefill_s = time.perf_counter() - t0
@@ -109,7 +114,7 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
         while True:
             # Dispatch step+1 before reading step's token so the host sync overlaps compute.
             if step + 1 < budget:
-                next_y = sample(model(y[None], cache), step + 1)
+                next_y = sample(model(y[None], cache), first_step + step + 1)
                 mx.async_eval(next_y)
                 timings.decode_steps += 1
             yield int(y.item())
@@ -118,8 +123,8 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
                 break
             y = next_y
     finally:
-        if step > 1 or timings.decode_steps:
-            timings.decode_s = time.perf_counter() - t1
+        timings.decode_s = time.perf_counter() - t1
+        timings.decode_tokens = max(0, step - 1)
 
 
 class StopChecker:

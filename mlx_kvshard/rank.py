@@ -62,6 +62,7 @@ def run_rank(args, params: SamplingParams) -> int:
     dtype = _dtype(args.dtype, cfg)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
     plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name)
+    mx.reset_peak_memory()  # peak then covers loading as well as generation
     t_load = time.perf_counter()
     error = None
     try:
@@ -75,7 +76,6 @@ def run_rank(args, params: SamplingParams) -> int:
     timings = DecodeTimings()
     show = comm.rank == 0 and not args.json
     tokens: list[int] = []
-    mx.reset_peak_memory()
     stats_after_prefill = {}
 
     def mark_prefill():
@@ -122,9 +122,8 @@ def run_rank(args, params: SamplingParams) -> int:
         if len(digests) != 1:
             raise UserError("ranks disagree on the generated tokens: " +
                             ", ".join(f"rank {r['rank']}={r['tokens_digest']}" for r in ranks))
-    if comm.rank == 0 and args.json:
-        decode_tps = timings.decode_steps / timings.decode_s if timings.decode_s > 0 else None
-        out = {
+    if comm.rank == 0:
+        report = {
             "text": stopper.text,
             "tokens": tokens,
             "prompt_tokens": len(prompt),
@@ -132,13 +131,7 @@ def run_rank(args, params: SamplingParams) -> int:
             "world": comm.world,
             "model": str(model_dir),
             "dtype": dtype_name,
-            "timings": {
-                "load_s": load_s,
-                "ttft_s": timings.prefill_s,
-                "prefill_tok_s": len(prompt) / timings.prefill_s if timings.prefill_s else None,
-                "decode_tok_s": decode_tps,
-                "time_per_output_token_s": 1 / decode_tps if decode_tps else None,
-            },
+            "timings": _timings(timings, load_s),
             "comm": {
                 "collectives_per_token": decode_collectives / steps,
                 "bytes_per_token": decode_bytes / steps,
@@ -146,6 +139,45 @@ def run_rank(args, params: SamplingParams) -> int:
             "ranks": ranks,
             "sync_checked": bool(args.check_sync),
         }
-        print(json.dumps(out))
+        if args.json:
+            print(json.dumps(report))
+        if args.stats:
+            print(format_stats(report), file=sys.stderr)
     return 0
 
+
+
+def _timings(t: DecodeTimings, load_s: float) -> dict:
+    decode_tps = t.decode_tokens / t.decode_s if t.decode_s > 0 and t.decode_tokens else None
+    return {
+        "load_s": load_s,
+        "ttft_s": t.prefill_s,
+        "prefill_tok_s": t.prompt_tokens / t.prefill_s if t.prefill_s else None,
+        "decode_tok_s": decode_tps,
+        "time_per_output_token_s": 1 / decode_tps if decode_tps else None,
+    }
+
+
+def format_stats(r: dict) -> str:
+    from .plan import human_bytes
+
+    t, c = r["timings"], r["comm"]
+
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [
+        f"[stats] world {r['world']}, {r['prompt_tokens']} prompt + {len(r['tokens'])} generated tokens "
+        f"({r['finish_reason']}), dtype {r['dtype']}",
+        f"[stats] TTFT {num(t['ttft_s'], '.3f')} s, prefill {num(t['prefill_tok_s'], '.1f')} tok/s, "
+        f"decode {num(t['decode_tok_s'], '.2f')} tok/s "
+        f"({num(t['time_per_output_token_s'] and 1000 * t['time_per_output_token_s'], '.2f')} ms/token)",
+        f"[stats] per decode token: {c['collectives_per_token']:.0f} collectives, "
+        f"{human_bytes(c['bytes_per_token'])} all-reduce payload per rank",
+    ]
+    for k in r["ranks"]:
+        lines.append(
+            f"[stats] rank {k['rank']}: KV heads {k['kv_heads'][0]}-{k['kv_heads'][1] - 1}, "
+            f"query heads {k['q_heads'][0]}-{k['q_heads'][1] - 1}, weights {human_bytes(k['weight_bytes'])}, "
+            f"KV cache {human_bytes(k['kv_bytes'])}, peak memory {human_bytes(k['peak_memory_bytes'])}")
+    return "\n".join(lines)
