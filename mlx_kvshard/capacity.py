@@ -12,7 +12,7 @@ hidden-size activation per sequence: their size does not grow with the context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from .config import DTYPE_BYTES, ModelConfig
@@ -32,7 +32,8 @@ SMALL_MAC_MAX_GB = 36
 USABLE_FRACTION_SMALL = 2 / 3
 USABLE_FRACTION_LARGE = 3 / 4
 USABLE_RULE = ("usable = 2/3 of RAM on Macs with up to 36 GB, 3/4 above (macOS default GPU wired limit, "
-               "recommendedMaxWorkingSetSize; raise with sysctl iogpu.wired_limit_mb and --usable-fraction)")
+               "recommendedMaxWorkingSetSize; raise with sysctl iogpu.wired_limit_mb and --usable-fraction); "
+               "Apple's GB of RAM are GiB")
 
 # Estimates, not measurements: MLX/Metal runtime, command buffers, prefill activations per rank;
 # the achievable fraction of spec memory bandwidth in decode; per-token Python/sampling overhead.
@@ -321,7 +322,6 @@ class Decision:
     single_host: Host | None = None
     single: Evaluation | None = None
     macs_needed: int | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def line(self) -> str:
