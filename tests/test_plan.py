@@ -1,0 +1,123 @@
+"""ShardPlan: which heads, query heads and MLP columns each rank owns."""
+
+import pytest
+
+from mlx_kvshard.config import ModelConfig
+from mlx_kvshard.errors import UserError
+from mlx_kvshard.plan import ShardPlan, split_counts
+
+
+def cfg(n_heads=64, n_kv=8, hidden=8192, inter=28672, layers=80, quant=None, **kw):
+    d = dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+             num_attention_heads=n_heads, num_key_value_heads=n_kv, vocab_size=128256,
+             tie_word_embeddings=False, torch_dtype="bfloat16", **kw)
+    if quant:
+        d["quantization"] = {"bits": quant[0], "group_size": quant[1]}
+    return ModelConfig.from_dict(d)
+
+
+def covers(ranges, total):
+    """Contiguous, disjoint, complete cover of [0, total)."""
+    pos = 0
+    for a, b in ranges:
+        assert a == pos and b > a
+        pos = b
+    assert pos == total
+
+
+def test_split_counts():
+    assert split_counts(8, [1, 1, 1]) == [3, 3, 2]
+    assert split_counts(8, [64, 24, 16]) == [5, 2, 1]
+    assert split_counts(4, [100, 1, 1]) == [2, 1, 1]  # everyone keeps at least one
+    with pytest.raises(ValueError):
+        split_counts(2, [1, 1, 1])
+
+
+def test_even_split():
+    plan = ShardPlan.build(cfg(), 4)
+    assert [s.local_kv_heads for s in plan.shards] == [2, 2, 2, 2]
+    assert [s.q_heads for s in plan.shards] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    covers([s.mlp_cols for s in plan.shards], 28672)
+    assert len({plan.weight_bytes(r) for r in range(4)}) == 1
+    assert not plan.notes
+
+
+def test_uneven_split_three_ranks_eight_kv_heads():
+    plan = ShardPlan.build(cfg(), 3)
+    assert [s.local_kv_heads for s in plan.shards] == [3, 3, 2]
+    # query heads follow their KV heads in whole GQA groups (ratio 8)
+    assert [s.q_heads for s in plan.shards] == [(0, 24), (24, 48), (48, 64)]
+    covers([s.mlp_cols for s in plan.shards], 28672)
+    # the rank with fewer heads takes more MLP columns, so weight bytes stay balanced
+    assert plan.shards[2].local_mlp_cols > plan.shards[0].local_mlp_cols
+    w = [plan.weight_bytes(r) for r in range(3)]
+    assert max(w) / min(w) < 1.01
+    assert plan.kv_bytes_per_token(0) == 2 * 80 * 3 * 128 * 2
+    assert plan.kv_bytes_per_token(2) == 2 * 80 * 2 * 128 * 2
+    assert "uneven split [3, 3, 2]" in plan.notes[0]
+
+
+def test_weighted_split_follows_memory():
+    plan = ShardPlan.build(cfg(), 3, weights=[64, 24, 16])
+    assert [s.local_kv_heads for s in plan.shards] == [5, 2, 1]
+    w = [plan.weight_bytes(r) for r in range(3)]
+    assert w[0] > w[1] > w[2]
+    # bytes track the weights to within the granularity of one KV group
+    share = [x / sum(w) for x in w]
+    assert share == pytest.approx([64 / 104, 24 / 104, 16 / 104], abs=0.03)
+
+
+def test_world_larger_than_kv_heads_replicates_and_splits_queries():
+    plan = ShardPlan.build(cfg(), 12)
+    heads = [s.kv_heads for s in plan.shards]
+    assert heads[:8] == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3), (3, 4), (3, 4)]
+    assert [s.kv_sharers for s in plan.shards] == [2] * 8 + [1] * 4
+    assert plan.shards[0].q_heads == (0, 4) and plan.shards[1].q_heads == (4, 8)
+    covers([s.q_heads for s in plan.shards], 64)
+    assert "replicated" in plan.notes[0]
+
+
+def test_infeasible_world_says_why():
+    with pytest.raises(UserError, match=r"world 5 needs up to 2 ranks per KV head.*at most 4 ranks"):
+        ShardPlan.build(cfg(n_heads=4, n_kv=4, hidden=256, inter=512), 5)
+
+
+def test_quantized_columns_on_group_boundaries():
+    plan = ShardPlan.build(cfg(quant=(4, 64)), 3)
+    for s in plan.shards:
+        assert s.mlp_cols[0] % 64 == 0 and s.mlp_cols[1] % 64 == 0
+    covers([s.mlp_cols for s in plan.shards], 28672)
+    # packed 4-bit weights + fp16 scale and bias per 64 values
+    q = plan.layer_bytes(0)
+    assert q < ShardPlan.build(cfg(), 3).layer_bytes(0) / 3
+
+
+def test_quantized_head_split_off_group_boundary_is_refused():
+    # head_dim 16 with group 64: a rank starting at query head 2 starts o_proj at column 32
+    c = cfg(n_heads=8, n_kv=8, hidden=128, inter=256, layers=2, quant=(4, 64))
+    with pytest.raises(UserError, match="quantization group size 64"):
+        ShardPlan.build(c, 3)
+
+
+def test_bad_weights_and_world():
+    with pytest.raises(UserError, match="3 rank weights for a world of 2"):
+        ShardPlan.build(cfg(), 2, weights=[1, 2, 3])
+    with pytest.raises(UserError, match="positive"):
+        ShardPlan.build(cfg(), 2, weights=[1, 0])
+    with pytest.raises(UserError, match="at least 1"):
+        ShardPlan.build(cfg(), 0)
+
+
+def test_config_errors():
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
+        ModelConfig.from_dict({"model_type": "gpt2"})
+    with pytest.raises(UserError, match="missing required field"):
+        ModelConfig.from_dict({"model_type": "llama", "hidden_size": 8})
+    with pytest.raises(UserError, match="not a multiple"):
+        cfg(n_heads=6, n_kv=4)
+
+
+def test_summary_table_names_every_rank():
+    text = ShardPlan.build(cfg(), 3).table()
+    assert "KV heads" in text and "query heads" in text and "KV / 1K tok" in text
+    assert len([l for l in text.splitlines() if l.strip()[:1].isdigit()]) == 3
