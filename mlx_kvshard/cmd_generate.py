@@ -37,6 +37,8 @@ def register(sub) -> None:
                    help="debug: verify every rank holds the identical token sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="print a run summary (timings, memory, traffic) to stderr")
+    p.add_argument("--link", metavar="PROFILE",
+                   help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
     p.set_defaults(func=run, _parser=p)
 

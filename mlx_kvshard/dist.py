@@ -26,12 +26,31 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.world = group.size() if group is not None else 1
         self.stats = CommStats()
+        self.link = None  # a LinkProfile to emulate (simulation only)
+        self._owed_s = 0.0
+
+    def emulate_link(self, link) -> None:
+        """Make each collective cost at least the link's time: owed at issue, paid by
+        `pay_link_time()` after the step that ran it is evaluated."""
+        self.link = link
+
+    def pay_link_time(self) -> float:
+        import time
+
+        owed, self._owed_s = self._owed_s, 0.0
+        if owed > 0:
+            time.sleep(owed)
+        return owed
 
     def all_sum(self, x: mx.array) -> mx.array:
         if self.world == 1:
             return x
         self.stats.collectives += 1
         self.stats.bytes += x.nbytes
+        if self.link is not None:
+            from .capacity import allreduce_seconds
+
+            self._owed_s += allreduce_seconds(self.link, self.world, x.nbytes)
         return mx.distributed.all_sum(x, group=self.group)
 
     def all_gather(self, x: mx.array) -> mx.array:

@@ -68,11 +68,13 @@ class DecodeTimings:
 def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
                     prefill_step: int = 512, timings: DecodeTimings | None = None,
                     on_prefill_done: Callable[[], None] | None = None,
-                    first_step: int = 0) -> Iterator[int]:
+                    first_step: int = 0, after_eval: Callable[[], object] | None = None) -> Iterator[int]:
     """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
     stop string); it must do so identically on every rank, which holds because every rank
     sees the same tokens. A resumed run passes the tokens generated so far at the end of
-    `prompt` and their count as `first_step`."""
+    `prompt` and their count as `first_step`. `after_eval`, when given, runs after each
+    evaluated step and turns off the one-step pipelining (link emulation needs the steps
+    serialized, as real collectives would serialize them)."""
     timings = timings or DecodeTimings()
     sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
     processors = make_logits_processors(
@@ -102,8 +104,12 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
         stop = min(start + prefill_step, len(prompt) - 1)
         model(ids[start:stop][None], cache)
         mx.eval([c.state for c in cache])
+        if after_eval:
+            after_eval()
     y = sample(model(ids[-1:][None], cache), first_step)
     mx.eval(y)
+    if after_eval:
+        after_eval()
     timings.prompt_tokens = len(prompt)
     timings.prefill_s = time.perf_counter() - t0
     if on_prefill_done:
@@ -115,8 +121,12 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
             # Dispatch step+1 before reading step's token so the host sync overlaps compute.
             if step + 1 < budget:
                 next_y = sample(model(y[None], cache), first_step + step + 1)
-                mx.async_eval(next_y)
                 timings.decode_steps += 1
+                if after_eval:
+                    mx.eval(next_y)
+                    after_eval()
+                else:
+                    mx.async_eval(next_y)
             yield int(y.item())
             step += 1
             if step >= budget:

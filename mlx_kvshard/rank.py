@@ -58,6 +58,10 @@ def run_rank(args, params: SamplingParams) -> int:
     from .plan import ShardPlan
 
     comm = init_comm(args.backend)
+    if args.link:
+        from .profiles import load_link
+
+        comm.emulate_link(load_link(args.link))
     model_dir, cfg, tokenizer, prompt, max_context = prepare_prompt(args)
     dtype = _dtype(args.dtype, cfg)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
@@ -82,7 +86,9 @@ def run_rank(args, params: SamplingParams) -> int:
         stats_after_prefill.update(collectives=comm.stats.collectives, bytes=comm.stats.bytes)
 
     cache = model.make_cache()
-    for tok in generate_tokens(model, cache, prompt, params, max_context, args.prefill_step, timings, mark_prefill):
+    pay_link = comm.pay_link_time if comm.link is not None else None
+    for tok in generate_tokens(model, cache, prompt, params, max_context, args.prefill_step, timings,
+                               mark_prefill, after_eval=pay_link):
         tokens.append(tok)
         text, done = stopper.add(tok)
         if show and text:
