@@ -18,12 +18,12 @@ from ranks import mlx_launch
 # world -> checkpoints run at that world size
 RUNS = {
     1: ["llama_g2", "qwen3_qknorm"],
-    2: ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4"],
+    2: ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4", "q8"],
     3: ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4"],
     4: ["llama_g2", "llama_g4_tied_rope", "q4"],
     8: ["llama_g2", "llama_g4_tied_rope", "llama_kv8"],  # 8 > 4 KV heads: shared heads
 }
-TOLERANCE = {"q4": 1e-3}  # quantized matmuls sum in another order per shard
+TOLERANCE = {"q4": 1e-3, "q8": 1e-3}  # quantized matmuls sum in another order per shard
 _oracle_cache: dict = {}
 
 
