@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +18,9 @@ from .safetensors_io import Checkpoint
 from .sharding import tensor_slice
 
 
-def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtype | None = None) -> ShardedModel:
+def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtype | None = None,
+                    progress: Callable[[str], None] | None = None) -> ShardedModel:
+    """`progress`, when given, receives a line every few seconds while slices load."""
     cfg = plan.config
     shard = plan.shards[comm.rank]
     ckpt = Checkpoint(model_dir)
@@ -27,7 +31,10 @@ def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtyp
         nn.quantize(model, group_size=q.group_size, bits=q.bits,
                     class_predicate=lambda path, m: f"{path}.scales" in ckpt)
     weights = []
-    for name, param in tree_flatten(model.parameters()):
+    params = tree_flatten(model.parameters())
+    t_last = time.monotonic()
+    loaded = 0
+    for i, (name, param) in enumerate(params):
         if name not in ckpt:
             raise UserError(f"{model_dir}: tensor {name} is missing from the checkpoint; "
                             f"the weights do not match config.json ({cfg.model_type})")
@@ -47,6 +54,11 @@ def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtyp
             arr = arr.astype(dtype)
         mx.eval(arr)  # materialize slice by slice: peak memory stays at this rank's share
         weights.append((name, arr))
+        loaded += arr.nbytes
+        if progress and time.monotonic() - t_last > 5:
+            t_last = time.monotonic()
+            progress(f"loading rank {comm.rank}'s shard: {i + 1}/{len(params)} tensors, "
+                     f"{loaded / 2**30:.2f} GiB")
     model.load_weights(weights, strict=True)
     mx.eval(model.parameters())
     return model

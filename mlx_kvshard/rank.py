@@ -70,7 +70,8 @@ def run_rank(args, params: SamplingParams) -> int:
     t_load = time.perf_counter()
     error = None
     try:
-        model = load_rank_model(Path(model_dir), plan, comm, dtype)
+        model = load_rank_model(Path(model_dir), plan, comm, dtype,
+                                progress=_to_stderr if comm.rank == 0 else None)
     except UserError as e:
         error = str(e)
     agree(comm, error)  # a load failure on any rank stops all of them
@@ -187,3 +188,7 @@ def format_stats(r: dict) -> str:
             f"query heads {k['q_heads'][0]}-{k['q_heads'][1] - 1}, weights {human_bytes(k['weight_bytes'])}, "
             f"KV cache {human_bytes(k['kv_bytes'])}, peak memory {human_bytes(k['peak_memory_bytes'])}")
     return "\n".join(lines)
+
+
+def _to_stderr(line: str) -> None:
+    print(f"mlx-kvshard: {line}", file=sys.stderr, flush=True)
