@@ -62,6 +62,7 @@ class Options:
     usable_fraction: float | None = None  # None: the macOS rule above
     eta: float = DEFAULT_ETA
     t_fixed_s: float = DEFAULT_T_FIXED_S
+    vocab_parallel: bool = False
 
     def check(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -114,13 +115,8 @@ def kv_bytes(plan: ShardPlan, rank: int, context: int, batch: int = 1, kv_bits: 
 
 
 def weight_bytes_read_per_token(plan: ShardPlan, rank: int) -> int:
-    """Weights a decode step reads: all of them but an untied embedding table (a lookup reads B rows)."""
-    cfg = plan.config
-    w = plan.weight_bytes(rank)
-    if cfg.tie_word_embeddings:
-        return w
-    final_norm = cfg.hidden_size * _dtype_bytes(cfg.dtype)
-    return w - (plan.replicated_bytes() - final_norm) // 2
+    """Weights a decode step reads (an embedding lookup reads B rows, not the table)."""
+    return plan.decode_read_bytes(rank)
 
 
 @dataclass
@@ -169,6 +165,21 @@ def allreduce_seconds(link: LinkProfile, world: int, nbytes: float) -> float:
     return steps * link.alpha_s + steps / world * nbytes / link.bandwidth_Bps
 
 
+def allgather_seconds(link: LinkProfile, world: int, nbytes: float) -> float:
+    """One all_gather where each rank contributes `nbytes` (ring: N-1 steps of one block)."""
+    if world <= 1:
+        return 0.0
+    return (world - 1) * (link.alpha_s + nbytes / link.bandwidth_Bps)
+
+
+def vocab_gather_bytes(plan: ShardPlan, batch: int) -> int:
+    """Per-rank block of the vocab-parallel logits gather (padded to the largest slice); 0 if off."""
+    if not plan.vocab_parallel:
+        return 0
+    cfg = plan.config
+    return batch * max(s.local_vocab(cfg.vocab_size) for s in plan.shards) * _dtype_bytes(plan.compute_dtype)
+
+
 def wire_factor(link: LinkProfile | None, world: int, nbytes: float) -> float:
     """Bytes each rank sends on the wire per byte of all_sum payload."""
     if world <= 1:
@@ -208,8 +219,16 @@ def comm_per_token(plan: ShardPlan, opts: Options, link: LinkProfile | None = No
         },
         "ratio_kv_allgather_to_head_sharded": (kv_wire / tp_wire) if tp_wire else None,
     }
+    gather = vocab_gather_bytes(plan, opts.batch)
+    if gather:  # vocab-parallel lm_head: one all_gather of the logits per step
+        hs = out["head_sharded"]
+        hs["collectives_per_token"] += 1
+        hs["vocab_gather_bytes_per_rank"] = gather
+        hs["payload_bytes_per_token"] += gather
+        hs["wire_bytes_per_rank_per_token"] += gather * (world - 1)
     if link is not None and world > 1:
-        out["head_sharded"]["link_seconds_per_token"] = n_allsum * allreduce_seconds(link, world, payload)
+        out["head_sharded"]["link_seconds_per_token"] = (n_allsum * allreduce_seconds(link, world, payload)
+                                                         + allgather_seconds(link, world, gather) * bool(gather))
         # at best: the whole cache streams at link bandwidth (ring all_gather, ignoring latency)
         out["kv_allgather"]["link_seconds_per_token"] = kv_wire / link.bandwidth_Bps
     return out
@@ -244,6 +263,9 @@ def predict_decode(plan: ShardPlan, context: int, batch: int, link: LinkProfile 
     n_allsum = 2 * plan.config.num_hidden_layers if world > 1 else 0
     t_allreduce = allreduce_seconds(link, world, payload) if world > 1 else 0.0
     t_link = n_allsum * t_allreduce
+    gather = vocab_gather_bytes(plan, batch)
+    if gather:
+        t_link += allgather_seconds(link, world, gather)
     t_token = slowest["memory_seconds"] + t_link + t_fixed
     return {
         "seconds_per_token": t_token,
@@ -253,7 +275,7 @@ def predict_decode(plan: ShardPlan, context: int, batch: int, link: LinkProfile 
         "limiting_rank": slowest["rank"],
         "link_seconds": t_link,
         "allreduce_seconds": t_allreduce,
-        "collectives_per_token": n_allsum,
+        "collectives_per_token": n_allsum + bool(gather),
         "fixed_seconds": t_fixed,
         "eta": eta,
         "link": link.name if link is not None and world > 1 else None,
@@ -293,7 +315,7 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
              weights: Sequence[float] | None = None, compute_dtype: str | None = None) -> Evaluation:
     hosts = list(hosts)
     plan = ShardPlan.build(cfg, len(hosts), weights if weights is not None else memory_weights(hosts, opts),
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel)
     fits = fit_ranks(plan, hosts, opts)
     prediction = None
     if all(h.chip is not None for h in hosts) and (len(hosts) == 1 or link is not None):

@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 
+from . import gencheckpoint, liveness
 from .errors import UserError
 from .generate import SamplingParams
 
@@ -32,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
                    help="compute dtype (default: float32 on Linux CPU, the checkpoint's on macOS)")
     p.add_argument("--weights", help="per-rank weights for the shard split, e.g. memory in GB: 64,24,16")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="split lm_head by vocabulary rows across ranks (one logits all_gather per token)")
     p.add_argument("--backend", default="any", help="MLX distributed backend (ring, jaccl, any)")
     p.add_argument("--check-sync", action="store_true",
                    help="debug: verify every rank holds the identical token sequence")
@@ -40,6 +43,8 @@ def register(sub) -> None:
     p.add_argument("--link", metavar="PROFILE",
                    help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
+    gencheckpoint.add_arguments(p)
+    liveness.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
 
 
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     params = sampling_params(args)
+    gencheckpoint.check_arguments(args)
+    liveness.check_arguments(args)
     if args.simulate is not None:
         return simulate(args)
     from .rank import run_rank
@@ -103,8 +110,22 @@ def simulate(args: argparse.Namespace) -> int:
 
     if args.simulate < 1:
         raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
-    model_dir, cfg, _tok, _ids, _ctx = prepare_prompt(args)  # fails fast before any rank starts
+    ck = None
+    if args.resume:  # a corrupt or mismatched checkpoint fails here, before any rank starts
+        ck = gencheckpoint.read(args.resume)
+        gencheckpoint.apply_checkpoint(ck, args, args._parser)
+    model_dir, cfg, _tok, _ids, _ctx = prepare_prompt(args, ck)  # fails fast before any rank starts
     args.model = str(model_dir)
     args.dtype = default_dtype(args.dtype)
     rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate"})]
-    return run_local(args.simulate, rank_args)
+    return run_supervised(args.simulate, rank_args, args, run_local)
+
+
+def run_supervised(world: int, rank_args: list[str], args: argparse.Namespace, run_local) -> int:
+    """Run the ranks with a liveness coordinator in this (the launcher's) process: a
+    rank that dies or stalls is named, every rank stops, and we exit EXIT_PEER_LOST."""
+    from .coordinator import Coordinator
+
+    with Coordinator(world, args.peer_timeout, args.step_timeout, hosts=["127.0.0.1"] * world) as coord:
+        code = run_local(world, rank_args, env=coord.env())
+    return liveness.EXIT_PEER_LOST if coord.failure is not None and code not in (0, 130) else code

@@ -37,6 +37,8 @@ def register(sub) -> None:
                    help=f"achieved fraction of memory bandwidth (default {capacity.DEFAULT_ETA})")
     p.add_argument("--t-fixed-ms", type=float, default=capacity.DEFAULT_T_FIXED_S * 1e3,
                    help=f"fixed per-token overhead in ms (default {capacity.DEFAULT_T_FIXED_S * 1e3:g})")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="split lm_head by vocabulary rows (one logits all_gather per token) instead of replicating it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config_path = resolve_config_path(args.model)
     cfg = ModelConfig.from_file(config_path)
     opts = Options(context=args.context, batch=args.batch, kv_bits=args.kv_bits, overhead_gb=args.overhead_gb,
-                   usable_fraction=args.usable_fraction, eta=args.eta, t_fixed_s=args.t_fixed_ms / 1e3)
+                   usable_fraction=args.usable_fraction, eta=args.eta, t_fixed_s=args.t_fixed_ms / 1e3,
+                   vocab_parallel=args.vocab_parallel)
     opts.check()
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)

@@ -59,7 +59,22 @@ class Comm:
             return x
         self.stats.collectives += 1
         self.stats.bytes += x.nbytes
+        if self.link is not None:
+            from .capacity import allgather_seconds
+
+            self._owed_s += allgather_seconds(self.link, self.world, x.nbytes)
         return mx.distributed.all_gather(x, group=self.group)
+
+    def gather_last_axis(self, x: mx.array, sizes: tuple[int, ...]) -> mx.array:
+        """Concatenate along the last axis the slices every rank holds; rank r's slice has
+        `sizes[r]` columns (uneven splits are padded for the gather, then trimmed)."""
+        width, lead = max(sizes), x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[-1] < width:
+            rows = mx.pad(rows, [(0, 0), (0, width - rows.shape[-1])])
+        every = self.all_gather(rows).reshape(self.world, -1, width)
+        parts = [every[r, :, :n] for r, n in enumerate(sizes)]
+        return mx.concatenate(parts, axis=-1).reshape(*lead, sum(sizes))
 
 
 def init_comm(backend: str = "any") -> Comm:

@@ -106,7 +106,7 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
         mx.eval([c.state for c in cache])
         if after_eval:
             after_eval()
-    y = sample(model(ids[-1:][None], cache), first_step)
+    y = sample(model(ids[-1:][None], cache, last_only=True), first_step)
     mx.eval(y)
     if after_eval:
         after_eval()
@@ -120,7 +120,7 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
         while True:
             # Dispatch step+1 before reading step's token so the host sync overlaps compute.
             if step + 1 < budget:
-                next_y = sample(model(y[None], cache), first_step + step + 1)
+                next_y = sample(model(y[None], cache, last_only=True), first_step + step + 1)
                 timings.decode_steps += 1
                 if after_eval:
                     mx.eval(next_y)

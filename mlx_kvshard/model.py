@@ -126,19 +126,31 @@ class DecoderModel(nn.Module):
 class ShardedModel(nn.Module):
     """One rank's part of the model; parameter names match the HF checkpoint."""
 
-    def __init__(self, cfg: ModelConfig, shard: RankShard, comm: Comm):
+    def __init__(self, cfg: ModelConfig, shard: RankShard, comm: Comm, vocab_sizes: list[int] | None = None):
+        """`vocab_sizes`: every rank's lm_head rows, when the plan is vocab-parallel."""
         super().__init__()
         self.config = cfg
         self.shard = shard
+        self.comm = comm
+        self._vocab_sizes = tuple(vocab_sizes or ())
         self.model = DecoderModel(cfg, model_args(cfg), shard, comm)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, shard.local_vocab(cfg.vocab_size), bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         out = self.model(inputs, cache)
+        if last_only:  # generation samples from the last position only
+            out = out[:, -1:, :]
+        if self.shard.vocab_rows is None:
+            if self.config.tie_word_embeddings:
+                return self.model.embed_tokens.as_linear(out)
+            return self.lm_head(out)
+        # Vocab-parallel: this rank's rows of the logits, then one gather of all of them.
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+            local = _rows_as_linear(self.model.embed_tokens, *self.shard.vocab_rows, out)
+        else:
+            local = self.lm_head(out)
+        return self.comm.gather_last_axis(local, self._vocab_sizes)
 
     @property
     def layers(self):
@@ -146,3 +158,13 @@ class ShardedModel(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
+
+
+def _rows_as_linear(embed: nn.Module, start: int, stop: int, x: mx.array) -> mx.array:
+    """x @ embed.weight[start:stop].T, for a plain or a quantized embedding (row slices
+    of a contiguous matrix are views: nothing is copied)."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(x, embed["weight"][start:stop], scales=embed["scales"][start:stop],
+                                   biases=embed["biases"][start:stop], transpose=True,
+                                   group_size=embed.group_size, bits=embed.bits)
+    return x @ embed.weight[start:stop].T

@@ -51,6 +51,7 @@ class RankShard:
     q_heads: tuple[int, int]
     mlp_cols: tuple[int, int]
     kv_sharers: int = 1  # ranks holding a replica of these KV heads (>1 only when world > n_kv_heads)
+    vocab_rows: tuple[int, int] | None = None  # lm_head rows, when vocab-parallel; None: all
 
     @property
     def local_kv_heads(self) -> int:
@@ -64,6 +65,9 @@ class RankShard:
     def local_mlp_cols(self) -> int:
         return self.mlp_cols[1] - self.mlp_cols[0]
 
+    def local_vocab(self, vocab_size: int) -> int:
+        return vocab_size if self.vocab_rows is None else self.vocab_rows[1] - self.vocab_rows[0]
+
 
 @dataclass
 class ShardPlan:
@@ -74,11 +78,14 @@ class ShardPlan:
     # Element size of activations and KV cache (the run's compute dtype).
     compute_dtype: str = "float16"
     notes: list[str] = field(default_factory=list)
+    # lm_head split by vocabulary rows (one all_gather of the logits per step) instead of
+    # replicated: each rank stores and reads 1/N of it.
+    vocab_parallel: bool = False
 
     # ---- construction -------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, world: int, weights: Sequence[float] | None = None,
-              compute_dtype: str | None = None) -> "ShardPlan":
+              compute_dtype: str | None = None, vocab_parallel: bool = False) -> "ShardPlan":
         if world < 1:
             raise UserError(f"world size must be at least 1, got {world}")
         if weights is None:
@@ -108,12 +115,15 @@ class ShardPlan:
                       kv_sharers=sharers[r])
             for r in range(world)
         ]
-        plan = cls(config, world, weights, shards_wo_mlp,
-                   compute_dtype=compute_dtype or config.dtype, notes=notes)
+        vocab_parallel = vocab_parallel and world > 1
+        plan = cls(config, world, weights, shards_wo_mlp, compute_dtype=compute_dtype or config.dtype,
+                   notes=notes, vocab_parallel=vocab_parallel)
         plan._check_quant_alignment()
         mlp = plan._split_mlp()
+        vocab = _ranges(split_counts(config.vocab_size, weights)) if vocab_parallel else [None] * world
         plan.shards = [
-            RankShard(s.rank, s.kv_heads, s.q_heads, mlp[s.rank], s.kv_sharers) for s in shards_wo_mlp
+            RankShard(s.rank, s.kv_heads, s.q_heads, mlp[s.rank], s.kv_sharers, vocab[s.rank])
+            for s in shards_wo_mlp
         ]
         return plan
 
@@ -194,15 +204,26 @@ class ShardPlan:
         return b
 
     def replicated_bytes(self) -> int:
-        """Embedding, final norm and lm_head: held whole on every rank."""
+        """Embedding and final norm: held whole on every rank."""
         cfg = self.config
-        b = self._linear_bytes(cfg.vocab_size, cfg.hidden_size)  # embed_tokens
-        if not cfg.tie_word_embeddings:
-            b += self._linear_bytes(cfg.vocab_size, cfg.hidden_size)
-        return b + cfg.hidden_size * self._param_bytes
+        return self._linear_bytes(cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * self._param_bytes
+
+    def logits_bytes(self, rank: int) -> int:
+        """The vocabulary rows this rank multiplies for the logits (lm_head, or the tied embedding)."""
+        cfg = self.config
+        return self._linear_bytes(self.shards[rank].local_vocab(cfg.vocab_size), cfg.hidden_size)
 
     def weight_bytes(self, rank: int) -> int:
-        return self.config.num_hidden_layers * self.layer_bytes(rank) + self.replicated_bytes()
+        """Bytes this rank stores."""
+        lm_head = 0 if self.config.tie_word_embeddings else self.logits_bytes(rank)
+        return self.config.num_hidden_layers * self.layer_bytes(rank) + self.replicated_bytes() + lm_head
+
+    def decode_read_bytes(self, rank: int) -> int:
+        """Weight bytes one decode step reads: every layer slice, the final norm and the
+        logits rows; the embedding lookup reads a single row."""
+        cfg = self.config
+        return (cfg.num_hidden_layers * self.layer_bytes(rank) + cfg.hidden_size * self._param_bytes
+                + self.logits_bytes(rank))
 
     def kv_bytes_per_token(self, rank: int) -> int:
         cfg = self.config
@@ -225,6 +246,7 @@ class ShardPlan:
             "intermediate_size": cfg.intermediate_size,
             "quantization": (vars(cfg.quantization) if cfg.quantization else None),
             "compute_dtype": self.compute_dtype,
+            "vocab_parallel": self.vocab_parallel,
             "notes": list(self.notes),
             "ranks": [
                 {
@@ -237,6 +259,7 @@ class ShardPlan:
                     "local_q_heads": s.local_q_heads,
                     "local_mlp_cols": s.local_mlp_cols,
                     "kv_sharers": s.kv_sharers,
+                    "vocab_rows": list(s.vocab_rows) if s.vocab_rows else [0, cfg.vocab_size],
                     "weight_bytes": self.weight_bytes(s.rank),
                     "kv_bytes_per_1k_tokens": 1024 * self.kv_bytes_per_token(s.rank),
                 }

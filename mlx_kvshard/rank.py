@@ -13,9 +13,10 @@ from .errors import UserError
 from .generate import DecodeTimings, SamplingParams, StopChecker, generate_tokens
 
 
-def prepare_prompt(args):
+def prepare_prompt(args, ck=None):
     """Resolve the model, tokenize the prompt and check it fits. Deterministic, so every
-    rank reaches the same verdict without talking to the others."""
+    rank reaches the same verdict without talking to the others. `ck`, a generation
+    checkpoint to resume, brings the prompt ids instead."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from .resolve import resolve_model_dir
@@ -26,7 +27,12 @@ def prepare_prompt(args):
         tokenizer = load_tokenizer(model_dir)
     except Exception as e:
         raise UserError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from None
-    if not args.no_chat_template and tokenizer.chat_template:
+    if ck is not None:  # its ids mean something only with its model and tokenizer
+        from .gencheckpoint import check_model
+
+        check_model(ck, model_dir, args.resume)
+        ids = ck.prompt
+    elif not args.no_chat_template and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                             add_generation_prompt=True)
     else:
@@ -50,22 +56,34 @@ def _dtype(name: str | None, cfg: ModelConfig):
 
 
 def run_rank(args, params: SamplingParams) -> int:
+    from .liveness import for_rank
+
+    with for_rank(args) as live:  # side channel and own watchdog: a lost peer ends in one line, exit 75
+        return _run_rank(args, params, live)
+
+
+def _run_rank(args, params: SamplingParams, live) -> int:
     import mlx.core as mx
 
     from .cmd_plan import parse_weights
     from .dist import agree, gather_json, init_comm
+    from .gencheckpoint import Writer, apply_checkpoint, load_on_ranks
     from .loader import load_rank_model, parameter_bytes
     from .plan import ShardPlan
 
-    comm = init_comm(args.backend)
+    comm = live.join(lambda: init_comm(args.backend))
     if args.link:
         from .profiles import load_link
 
         comm.emulate_link(load_link(args.link))
-    model_dir, cfg, tokenizer, prompt, max_context = prepare_prompt(args)
+    ck = load_on_ranks(args.resume, comm) if args.resume else None
+    if ck:
+        params = apply_checkpoint(ck, args, args._parser)  # that run's model, sampling, dtype, context
+    model_dir, cfg, tokenizer, prompt, max_context = prepare_prompt(args, ck)
     dtype = _dtype(args.dtype, cfg)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
-    plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name)
+    plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name,
+                           vocab_parallel=args.vocab_parallel)
     mx.reset_peak_memory()  # peak then covers loading as well as generation
     t_load = time.perf_counter()
     error = None
@@ -82,21 +100,41 @@ def run_rank(args, params: SamplingParams) -> int:
     show = comm.rank == 0 and not args.json
     tokens: list[int] = []
     stats_after_prefill = {}
+    ckpt = Writer.for_rank(args, comm.rank, model_dir, prompt, params, max_context, dtype_name, comm.world,
+                           on_write=live.checkpoint_written)
+
+    def emit(text: str) -> None:
+        if show and text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    done = False
+    for tok in ck.tokens if ck else []:  # resumed: the text so far, and whether it had ended
+        tokens.append(tok)
+        text, done = stopper.add(tok)
+        emit(text)
+        if done:
+            break
 
     def mark_prefill():
         stats_after_prefill.update(collectives=comm.stats.collectives, bytes=comm.stats.bytes)
 
     cache = model.make_cache()
     pay_link = comm.pay_link_time if comm.link is not None else None
-    for tok in generate_tokens(model, cache, prompt, params, max_context, args.prefill_step, timings,
-                               mark_prefill, after_eval=pay_link):
-        tokens.append(tok)
-        text, done = stopper.add(tok)
-        if show and text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        if done:
-            break
+    live.phase("prefill")
+    context = prompt + tokens  # a resumed run re-prefills what it had generated
+    if not done and len(context) < max_context:
+        for tok in generate_tokens(model, cache, context, params, max_context, args.prefill_step, timings,
+                                   mark_prefill, after_eval=pay_link, first_step=len(tokens)):
+            tokens.append(tok)
+            live.progress(len(tokens))
+            ckpt.step(tokens)
+            text, done = stopper.add(tok)
+            emit(text)
+            if done:
+                break
+    live.phase("finishing")
+    ckpt.finish(tokens, stopper.finish_reason)
     tail = stopper.flush()
     if show:
         sys.stdout.write(tail + "\n")
@@ -134,6 +172,7 @@ def run_rank(args, params: SamplingParams) -> int:
             "text": stopper.text,
             "tokens": tokens,
             "prompt_tokens": len(prompt),
+            "resumed_tokens": len(ck.tokens) if ck else 0,
             "finish_reason": stopper.finish_reason,
             "world": comm.world,
             "model": str(model_dir),

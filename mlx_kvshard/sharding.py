@@ -3,8 +3,8 @@ ShardPlan onto parameter names.
 
 Column-parallel layers (q/k/v, gate/up) keep their rank's output rows; row-parallel
 layers (o, down) keep their rank's input columns and are completed by an all_sum, so
-their bias is added by rank 0 alone. Everything else (embedding, norms, lm_head) is
-replicated.
+their bias is added by rank 0 alone. A vocab-parallel lm_head keeps its rank's rows.
+Everything else (embedding, norms) is replicated.
 """
 
 from __future__ import annotations
@@ -54,4 +54,6 @@ def tensor_slice(name: str, shard: RankShard, cfg: ModelConfig) -> Slice:
         # scale and bias per group; ShardPlan keeps a, b on group boundaries.
         div = 32 // q.bits if leaf == "weight" else q.group_size
         return Slice(1, a // div, b // div, n // div)
+    if module == "lm_head" and shard.vocab_rows is not None:
+        return Slice(0, shard.vocab_rows[0], shard.vocab_rows[1], cfg.vocab_size)
     return Slice(None)

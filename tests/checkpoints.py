@@ -37,6 +37,9 @@ SPECS = {
     # MLX 4-bit, group 32 (head_dim 32 keeps o_proj splits on group boundaries)
     "q4": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
                         intermediate_size=256), (4, 32), 1),
+    # 4-bit with tied embeddings: the logits use the quantized embedding's rows
+    "q4_tied": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=256, tie_word_embeddings=True), (4, 32), 1),
     # MLX 8-bit, group 64 (head_dim 64), GQA ratio 2
     "q8": (llama_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=256), (8, 64), 1),

@@ -21,11 +21,11 @@ PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 33, 2]
 N_TOKENS = 32
 
 
-def main(out: Path, model_dirs: list[str]) -> None:
+def main(out: Path, model_dirs: list[str], vocab_parallel: bool) -> None:
     comm = init_comm("ring")
     for d in map(Path, model_dirs):
         cfg = ModelConfig.from_file(d)
-        plan = ShardPlan.build(cfg, comm.world, compute_dtype="float32")
+        plan = ShardPlan.build(cfg, comm.world, compute_dtype="float32", vocab_parallel=vocab_parallel)
         model = load_rank_model(d, plan, comm, mx.float32)
         cache = model.make_cache()
         logits = model(mx.array(PROMPT)[None], cache)[0, -1]
@@ -56,4 +56,6 @@ def main(out: Path, model_dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    vp = "--vocab-parallel" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--vocab-parallel"]
+    main(Path(args[0]), args[1:], vp)

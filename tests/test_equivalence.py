@@ -15,15 +15,16 @@ from equiv_rank import N_TOKENS, PROMPT
 from mlx_kvshard.oracle import load_oracle
 from ranks import mlx_launch
 
-# world -> checkpoints run at that world size
+# (world, vocab-parallel lm_head) -> checkpoints run that way
 RUNS = {
-    1: ["llama_g2", "qwen3_qknorm"],
-    2: ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4", "q8"],
-    3: ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4"],
-    4: ["llama_g2", "llama_g4_tied_rope", "q4"],
-    8: ["llama_g2", "llama_g4_tied_rope", "llama_kv8"],  # 8 > 4 KV heads: shared heads
+    (1, False): ["llama_g2", "qwen3_qknorm"],
+    (2, False): ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4", "q8"],
+    (3, False): ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4"],
+    (4, False): ["llama_g2", "llama_g4_tied_rope", "q4"],
+    (8, False): ["llama_g2", "llama_g4_tied_rope", "llama_kv8"],  # 8 > 4 KV heads: shared heads
+    (3, True): ["llama_g2", "llama_g4_tied_rope", "q4", "q4_tied"],  # untied, tied, quantized
 }
-TOLERANCE = {"q4": 1e-3, "q8": 1e-3}  # quantized matmuls sum in another order per shard
+TOLERANCE = {"q4": 1e-3, "q8": 1e-3, "q4_tied": 1e-3}  # quantized matmuls sum in another order per shard
 _oracle_cache: dict = {}
 
 
@@ -38,11 +39,12 @@ def oracle(path):
     return _oracle_cache[path]
 
 
-@pytest.mark.parametrize("world", sorted(RUNS))
-def test_sharded_matches_unsharded(world, ckpt_root, tmp_path):
-    names = RUNS[world]
+@pytest.mark.parametrize("world,vocab_parallel", sorted(RUNS), ids=lambda v: str(v))
+def test_sharded_matches_unsharded(world, vocab_parallel, ckpt_root, tmp_path):
+    names = RUNS[world, vocab_parallel]
     dirs = [checkpoint(ckpt_root, n) for n in names]
-    mlx_launch(world, [str(__import__("equiv_rank").__file__), str(tmp_path), *map(str, dirs)])
+    flags = ["--vocab-parallel"] if vocab_parallel else []
+    mlx_launch(world, [str(__import__("equiv_rank").__file__), str(tmp_path), *map(str, dirs), *flags])
     for name, d in zip(names, dirs):
         got = np.load(tmp_path / f"{name}.npz")
         want_logits, want_tokens = oracle(d)
@@ -56,5 +58,8 @@ def test_sharded_matches_unsharded(world, ckpt_root, tmp_path):
             assert f["cache_kv_heads"] == f["kv_heads"][1] - f["kv_heads"][0]
             assert f["kv_bytes"] == f["kv_tokens_allocated"] * f["plan_kv_bytes_per_token"]
         owned = sorted(h for f in facts for h in range(*f["kv_heads"]))
-        if world <= 4 or name == "llama_kv8":  # no sharing: every KV head held exactly once
-            assert owned == sorted(set(owned)) and len(owned) == len(set(owned))
+        n_kv = json.loads((d / "config.json").read_text())["num_key_value_heads"]
+        if world <= n_kv:  # no sharing: every KV head held by exactly one rank
+            assert owned == list(range(n_kv))
+        else:  # shared: every KV head held by at least one rank
+            assert sorted(set(owned)) == list(range(n_kv))
