@@ -1,0 +1,296 @@
+"""Shared pieces of the benchmark scripts: synthetic checkpoints of realistic shape,
+rank processes started the way a simulation starts them, machine facts, and output.
+
+Scripts run from a checkout (`python scripts/bench_decode.py`); nothing here is part of
+the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+BENCH_VERSION = 1  # bump when a preset's recipe changes, so cached checkpoints are rebuilt
+
+# Llama proportions (GQA 4, MLP ~2.75x hidden, 32k vocab), scaled to the machine.
+PRESETS: dict[str, dict] = {
+    # smoke runs and the context sweep: seconds per run on 2 cores
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=704, vocab_size=4096),
+    # ~155M parameters, 0.6 GB fp32: what a 2-core box decodes at a few tokens a second
+    "small": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                  intermediate_size=2816, vocab_size=32000),
+    # ~0.85B parameters (TinyLlama-1.1B's layout at 16 layers), 3.4 GB fp32: the 16-core machine
+    "device": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=5632, vocab_size=32000),
+}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+def preset_config(preset: str, **overrides) -> dict:
+    from mlx_kvshard.synth import llama_config
+
+    if preset not in PRESETS:
+        raise BenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return llama_config(**{**PRESETS[preset], "max_position_embeddings": 8192, **overrides})
+
+
+def bench_model_dir(preset: str, **overrides) -> Path:
+    """The preset's checkpoint, built once into the cache (MLX_KVSHARD_CACHE/bench)."""
+    from mlx_kvshard.synth import write_atomically
+    from mlx_kvshard.tiny import cache_root
+
+    cfg = preset_config(preset, **overrides)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    final = cache_root() / "bench" / f"{preset}{'-' + tag if tag else ''}-v{BENCH_VERSION}"
+    return write_atomically(final, lambda tmp: _build_checkpoint(tmp, cfg))
+
+
+def _build_checkpoint(path: Path, cfg: dict) -> None:
+    """Random weights, then lm_head rows zeroed for EOS and for ids the 512-token tokenizer
+    lacks: greedy decoding then never stops early and every token detokenizes, so every
+    run generates exactly --max-tokens tokens. The compute is unchanged."""
+    import mlx.core as mx
+
+    from mlx_kvshard.synth import write_checkpoint
+
+    write_checkpoint(path, cfg, seed=0)
+    n_tokens = len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
+    f = path / "model.safetensors"
+    weights = mx.load(str(f))
+    head = weights["lm_head.weight"]
+    keep = (mx.arange(head.shape[0]) < n_tokens) & (mx.arange(head.shape[0]) != cfg["eos_token_id"])
+    weights["lm_head.weight"] = head * keep[:, None].astype(head.dtype)
+    mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
+
+
+def param_count(cfg: dict) -> int:
+    h, L, i, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    attn = h * hd * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    per_layer = attn + 3 * h * i + 2 * h
+    return L * per_layer + v * h * (1 if cfg.get("tie_word_embeddings") else 2) + h
+
+
+def prompt_text(model_dir: Path, n_tokens: int) -> str:
+    """Text that encodes (no chat template) to about `n_tokens` tokens."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlx_kvshard.synth import _CORPUS
+
+    tok = load_tokenizer(model_dir)
+    text = " ".join(_CORPUS.split())
+    while len(tok.encode(text)) < n_tokens + 8:
+        text = text + " " + text
+    ids = tok.encode(text)[:n_tokens]
+    return tok.decode(ids)
+
+
+# ---- machine ----------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if m:
+            return m.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return out.stdout.strip() or platform.processor()
+    return platform.processor() or platform.machine()
+
+
+def ram_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True)
+        return int(out.stdout.strip() or 0) or None
+    return None
+
+
+def machine() -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    ram = ram_bytes()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram / 2**30, 1) if ram else None,
+        "system": f"{platform.system()} {platform.machine()}",
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "blas": "system OpenBLAS (LD_PRELOAD)" if _use_openblas() else "MLX's bundled",
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def machine_tag() -> str:
+    """A file-name tag for this machine, e.g. linux-x86_64-2core."""
+    return f"{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core"
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+# ---- rank processes -----------------------------------------------------------------------
+def _use_openblas() -> bool:
+    return sys.platform.startswith("linux") and os.path.exists(OPENBLAS)
+
+
+def rank_env(world: int, threads: int | None = None) -> dict[str, str]:
+    """As `generate --simulate` sets up ranks: OpenBLAS preloaded, cores split among ranks."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    n = str(threads or max(1, (os.cpu_count() or 1) // world))
+    env["OPENBLAS_NUM_THREADS"] = n
+    env["OMP_NUM_THREADS"] = n
+    if _use_openblas():
+        env["LD_PRELOAD"] = OPENBLAS
+    return env
+
+
+def free_port_base(n: int) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise BenchError("no free port range found")
+
+
+def launch(world: int, argv: list[str], timeout: float, threads: int | None = None, pin: bool = False) -> str:
+    """Run `python argv...` on `world` local ranks (MLX's ring launcher; world 1 is a
+    plain process) and return stdout; raise BenchError with the output if it fails.
+    `pin`: each rank on its own cores (scripts/pin_rank.py)."""
+    launcher = "from mlx._distributed_utils.launch import main; main()"
+    if pin:
+        argv = [str(SCRIPTS / "pin_rank.py"), str(world), *argv]
+    cmd = [sys.executable, *argv]
+    if world > 1:
+        cmd = [sys.executable, "-c", launcher, "-n", str(world), "--backend", "ring",
+               "--starting-port", str(free_port_base(world)), "--", sys.executable, *argv]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=rank_env(world, threads), cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"world {world}: timed out after {timeout:.0f} s: {' '.join(argv[:3])} ...\n"
+                         f"{(e.stderr or b'')[-2000:]!r}") from None
+    # mlx.launch exits 0 even when a rank failed: look at the output too
+    if proc.returncode != 0 or "Traceback" in proc.stderr:
+        raise BenchError(f"world {world} failed (exit {proc.returncode}): {' '.join(argv[:3])} ...\n"
+                         f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def last_json(stdout: str) -> dict:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise BenchError(f"no JSON object in the output:\n{stdout[-2000:]}")
+
+
+def run_ours(model_dir: Path, world: int, prompt: str, max_tokens: int, timeout: float,
+             extra: list[str] = (), threads: int | None = None, pin: bool = False) -> dict:
+    """One `mlx-kvshard generate --json` run on `world` ranks; rank 0's report."""
+    argv = [str(SCRIPTS / "generate_entry.py"), "--model", str(model_dir), "--prompt", prompt,
+            "--max-tokens", str(max_tokens), "--no-chat-template", "--dtype", "float32", "--json", *extra]
+    return last_json(launch(world, argv, timeout, threads, pin))
+
+
+def run_mlxlm(model_dir: Path, world: int, prompt: str, max_tokens: int, timeout: float,
+              shard: bool, out_dir: Path, pin: bool = False) -> dict:
+    """mlx-lm's own generation (world 1) or its Model.shard() tensor parallelism."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in out_dir.glob("rank*.json"):
+        f.unlink()
+    argv = [str(SCRIPTS / "mlxlm_rank.py"), "--model", str(model_dir), "--prompt", prompt,
+            "--max-tokens", str(max_tokens), "--out", str(out_dir)] + (["--shard"] if shard else [])
+    launch(world, argv, timeout, pin=pin)
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    report = dict(ranks[0])
+    report["ranks"] = [{"rank": r["rank"], "peak_memory_bytes": r["peak_memory_bytes"],
+                        "weight_bytes": r["weight_bytes"], "kv_bytes": r["kv_bytes"]} for r in ranks]
+    return report
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median decode speed (a real run, so its numbers belong together)."""
+    runs = sorted(runs, key=lambda r: r["timings"]["decode_tok_s"] or 0)
+    return runs[len(runs) // 2]
+
+
+def summary(runs: list[dict], key: str) -> dict:
+    vals = [r["timings"][key] for r in runs if r["timings"].get(key) is not None]
+    if not vals:
+        return {}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def replace_section(doc: Path, marker: str, body: str) -> None:
+    """Replace the text between `<!-- marker:begin -->` and `<!-- marker:end -->` in `doc`
+    (appending the section if it is missing), so reruns update the tables in place."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def fmt(v, spec: str = ".1f", none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
