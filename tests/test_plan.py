@@ -121,3 +121,15 @@ def test_summary_table_names_every_rank():
     text = ShardPlan.build(cfg(), 3).table()
     assert "KV heads" in text and "query heads" in text and "KV / 1K tok" in text
     assert len([l for l in text.splitlines() if l.strip()[:1].isdigit()]) == 3
+
+
+def test_vocab_parallel_splits_lm_head_rows():
+    full = ShardPlan.build(cfg(), 3)
+    vp = ShardPlan.build(cfg(), 3, vocab_parallel=True)
+    covers([s.vocab_rows for s in vp.shards], 128256)
+    lm_head = 128256 * 8192 * 2
+    # each rank stores and reads a third of the (untied) lm_head instead of all of it
+    assert full.weight_bytes(0) - vp.weight_bytes(0) == lm_head - 42752 * 8192 * 2
+    assert full.decode_read_bytes(0) - vp.decode_read_bytes(0) == lm_head - 42752 * 8192 * 2
+    # one rank: nothing to split
+    assert ShardPlan.build(cfg(), 1, vocab_parallel=True).shards[0].vocab_rows is None
