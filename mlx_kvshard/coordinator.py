@@ -239,8 +239,9 @@ class Coordinator:
             self.on_failure(self.failure)
 
     def _where(self, rk: _Rank) -> str:
-        # The cluster works on one token at a time; the furthest report is the token in flight.
-        return where(max(k.tokens for k in self._ranks.values()), rk.phase)
+        # The cluster works on one token at a time: the furthest report is the token in flight.
+        decoding = any(k.phase == "decode" for k in self._ranks.values())
+        return where(max(k.tokens for k in self._ranks.values()), "decode" if decoding else rk.phase)
 
     def _host(self, r: int) -> str:
         if r in self._ranks:

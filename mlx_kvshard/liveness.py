@@ -114,11 +114,14 @@ class Liveness:
         stuck there (faulthandler prints where and exits 1)."""
         self.start()
         self.phase("joining")
-        faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
+        timer = self.coordinator is not None or "MLX_RANK" in os.environ  # alone, init connects to nobody
+        if timer:
+            faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True, file=sys.__stderr__)
         try:
             return init()
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            if timer:
+                faulthandler.cancel_dump_traceback_later()
             self.phase("loading")
 
     def phase(self, name: str) -> None:

@@ -1,0 +1,139 @@
+"""The coordinator against fake ranks on real sockets: it names the rank that dies,
+stalls, fails or holds a token up, sends every rank the one line, and stays quiet
+when every rank finishes."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import pytest
+
+from mlx_kvshard.coordinator import Coordinator
+
+
+class FakeRank:
+    def __init__(self, coord: Coordinator, rank: int):
+        host, port = coord.address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.buf = b""
+        self.send(t="hello", rank=rank, pid=1000 + rank, host=None)
+
+    def send(self, **msg) -> None:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def recv(self, timeout: float = 5.0) -> dict:
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+@pytest.fixture
+def cluster():
+    made = []
+
+    def make(world=3, **kw):
+        coord = Coordinator(world, out=io.StringIO(), **kw).start()
+        ranks = [FakeRank(coord, r) for r in range(world)]
+        for rk in ranks:
+            assert rk.recv() == {"t": "go"}  # every rank said hello: all may join the group
+            rk.send(t="phase", phase="prefill", n=0)
+        made.append((coord, ranks))
+        return coord, ranks
+
+    yield make
+    for coord, ranks in made:
+        for rk in ranks:
+            rk.sock.close()
+        coord.close()
+
+
+def decode(ranks, n):
+    for rk in ranks:
+        rk.send(t="s", n=n)
+
+
+def wait_failure(coord, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while coord.failure is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return coord.failure
+
+
+def test_dead_rank_is_named_at_once(cluster):
+    coord, ranks = cluster()
+    decode(ranks, 17)
+    ranks[0].send(t="ckpt", path="/tmp/x.json", n=16)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    ranks[2].sock.close()
+    f = wait_failure(coord)
+    assert f and f.rank == 2 and time.monotonic() - t0 < 1.0
+    want = ("mlx-kvshard: rank 2 (host 127.0.0.1) died at token 17 (its connection closed); stopping all ranks. "
+            "Resume with --resume /tmp/x.json (16 tokens saved).")
+    assert f.message == want
+    for rk in ranks[:2]:
+        assert rk.recv() == {"t": "stop", "message": want}
+    assert coord.out.getvalue() == want + "\n"
+
+
+def test_silent_rank_is_named_after_peer_timeout(cluster):
+    coord, ranks = cluster(peer_timeout=0.6)
+    t0 = time.monotonic()
+    deadline = t0 + 3
+    while coord.failure is None and time.monotonic() < deadline:  # ranks 0, 1 keep beating; 1 is silent
+        for rk in (ranks[0], ranks[2]):
+            rk.send(t="s", n=5)
+        time.sleep(0.1)
+    f = coord.failure
+    assert f and f.rank == 1 and "rank 1 (host 127.0.0.1) stopped responding at token 5" in f.message
+    assert 0.6 <= time.monotonic() - t0 < 2.0
+
+
+def test_failed_rank_and_finished_ranks(cluster):
+    coord, ranks = cluster()
+    decode(ranks, 3)
+    ranks[1].send(t="bye", code=0)
+    ranks[0].send(t="bye", code=2)
+    f = wait_failure(coord)
+    assert f and f.rank == 0 and "rank 0 (host 127.0.0.1) failed with exit code 2 at token 3" in f.message
+
+
+def test_everyone_finishing_is_no_failure(cluster):
+    coord, ranks = cluster(peer_timeout=0.6)
+    for rk in ranks:
+        rk.send(t="bye", code=0)
+        rk.sock.close()
+    time.sleep(1.0)
+    assert coord.failure is None and coord.finished == {0, 1, 2}
+
+
+def test_step_deadline_names_the_rank_behind(cluster):
+    coord, ranks = cluster(step_timeout=0.5)
+    decode(ranks, 9)
+    deadline = time.monotonic() + 3
+    while coord.failure is None and time.monotonic() < deadline:  # all alive, rank 0 stuck on token 9
+        ranks[0].send(t="hb", n=9)
+        decode(ranks[1:], 10)
+        time.sleep(0.05)
+    f = coord.failure
+    assert f and f.rank == 0 and "rank 0 (host 127.0.0.1) did not finish token 9 within 0.5 s" in f.message
+
+
+def test_rank_that_never_starts(cluster):
+    coord = Coordinator(2, out=io.StringIO(), join_timeout=0.5, hosts=["mini-1", "mini-2"]).start()
+    try:
+        only = FakeRank(coord, 0)
+        f = wait_failure(coord)
+        assert f and f.rank == 1 and "rank 1 (host mini-2) did not start within 0.5 s" in f.message
+        assert only.recv()["t"] == "stop"
+        only.sock.close()
+    finally:
+        coord.close()
