@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Sequence
 
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
