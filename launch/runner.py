@@ -247,8 +247,11 @@ def _emit(r: _Rank, sink: BinaryIO | None, lock: threading.Lock, for_log: bytes,
         r.log.write(for_log)
         r.log.flush()
         if sink is not None:
-            sink.write(for_sink)
-            sink.flush()
+            try:
+                sink.write(for_sink)
+                sink.flush()
+            except OSError:  # our reader went away (`| head`): keep draining, or the rank blocks on a full pipe
+                pass
 
 
 def _remember(r: _Rank, chunk: bytes) -> None:

@@ -27,7 +27,7 @@ print(f"stderr of {g.rank()}", file=sys.stderr, flush=True)
 if sys.argv[1] == "fail" and g.rank() == 1:
     print("rank 1 gives up", file=sys.stderr, flush=True)
     raise SystemExit(3)
-if sys.argv[1] in ("fail", "hang"):
+if sys.argv[1] in ("fail", "hang") or (sys.argv[1] == "straggle" and g.rank() == 1):
     time.sleep(120)  # the launcher must stop us
 """
 
@@ -38,12 +38,12 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_local_cmd(tmp_path: Path, world: int, mode: str, quiet: bool = True) -> list[str]:
+def run_local_cmd(tmp_path: Path, world: int, mode: str, quiet: bool = True, finish_timeout: float = 30) -> list[str]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     code = (f"import sys; from launch.simulate import run_local; "
             f"sys.exit(run_local({world}, [], command=[sys.executable, {str(script)!r}, {mode!r}], "
-            f"quiet_ranks={quiet}, run_dir={str(tmp_path / 'run')!r}))")
+            f"quiet_ranks={quiet}, run_dir={str(tmp_path / 'run')!r}, finish_timeout={finish_timeout}))")
     return [sys.executable, "-c", code]
 
 
@@ -89,7 +89,8 @@ def test_run_local_streams_rank0_raw_and_prefixes_stderr(tmp_path):
     assert re.fullmatch(r"rank 0 sum 3 pid \d+\n", done.stdout)  # only rank 0, as is
     for r in range(3):
         assert f"[rank {r} 127.0.0.1] stderr of {r}\n" in done.stderr
-    assert re.match(r"rank 2 sum 3 pid \d+\n", (tmp_path / "run" / "rank2-127.0.0.1.log").read_text())
+    log = (tmp_path / "run" / "rank2-127.0.0.1.log").read_text()  # rank 2's stdout went to its log only
+    assert re.search(r"^rank 2 sum 3 pid \d+$", log, re.M) and "stderr of 2" in log
 
 
 def test_a_failing_rank_fails_the_launch_by_name_and_stops_the_others(tmp_path):
@@ -108,6 +109,13 @@ def test_a_failing_rank_fails_the_launch_by_name_and_stops_the_others(tmp_path):
     assert not alive(pid0)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert [(r["returncode"], r["stopped"]) for r in result["ranks"]] == [(-15, True), (3, False)]
+
+
+def test_a_rank_left_running_after_the_others_finished_is_stopped(tmp_path):
+    done = subprocess.run(run_local_cmd(tmp_path, 2, "straggle", finish_timeout=1.0), capture_output=True, text=True,
+                          env=env(), cwd=REPO, timeout=120)
+    assert done.returncode == 1
+    assert "rank 1 (127.0.0.1) still running 1s after another rank finished; stopped" in done.stderr
 
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
@@ -143,3 +151,50 @@ def test_signalling_the_launcher_leaves_no_rank_behind(tmp_path, sig):
         for p in pids:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def shim_hostfile(tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
+    """Two 'remote' hosts reached through the ssh shim of the doctor tests."""
+    from test_launch_doctor import SHIM
+
+    shim, log = tmp_path / "ssh", tmp_path / "ssh.log"
+    shim.write_text(SHIM)
+    shim.chmod(0o755)
+    monkeypatch.setenv("SHIM_LOG", str(log))
+    hosts = [{"ssh": n, "ips": ["127.0.0.1"], "python": sys.executable, "cwd": str(REPO)} for n in ("mini-a", "mini-b")]
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps({"backend": "ring", "envs": [f"PYTHONPATH={REPO}"], "hosts": hosts}))
+    return hf, shim, log
+
+
+def test_generate_on_remote_hosts_through_the_ssh_shim(tmp_path, monkeypatch):
+    hf, shim, log = shim_hostfile(tmp_path, monkeypatch)
+    done = subprocess.run([sys.executable, "-m", "mlx_kvshard", "launch", "--hostfile", str(hf), "--ssh-command",
+                           str(shim), "--run-dir", str(tmp_path / "run"), "--", "generate", "--prompt", "hello",
+                           "--max-tokens", "4", "--json"],
+                          capture_output=True, text=True, env={**env(), "SHIM_LOG": str(log)}, cwd=REPO, timeout=180)
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("[rank 0 mini-a] {"))
+    assert json.loads(line[len("[rank 0 mini-a] "):])["world"] == 2
+    # Doctor probes and both ranks went through the shim.
+    assert sorted(log.read_text().split()) == ["mini-a", "mini-a", "mini-b", "mini-b"]
+
+
+def test_a_failing_remote_rank_stops_the_other_through_its_pidfile(tmp_path, monkeypatch):
+    from launch import runner
+    from launch.hostfile import load_hostfile
+    from launch.spec import build_spec
+    from launch.topology import wire
+
+    hf, shim, log = shim_hostfile(tmp_path, monkeypatch)
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    spec = build_spec(wire(load_hostfile(hf)), "ring", [], ssh_command=[str(shim)],
+                      command=[sys.executable, str(script), "fail"])
+    code = runner.run(spec, tmp_path / "run", announce=False)
+    assert code == 3
+    # mini-b (rank 1) failed; mini-a was still running, so the launcher also asked mini-a to kill it by pid.
+    assert sorted(log.read_text().split()) == ["mini-a", "mini-a", "mini-b"]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert [(r["host"], r["stopped"]) for r in result["ranks"]] == [("mini-a", True), ("mini-b", False)]
