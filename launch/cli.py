@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .doctor import run_doctor
     from .fit import check_enough_hosts, context_for, request_from
     from .simulate import localhost_cluster, simulation_env
-    from .spec import DEFAULT_SSH, build_spec, format_dry_run
+    from .spec import build_spec, format_dry_run, ssh_command
     from .topology import load_topology, wire
 
     rank_args = args.rank_command[1:] if args.rank_command[:1] == ["--"] else list(args.rank_command)
@@ -81,9 +81,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     envs = list(cluster.envs) + list(args.env)
     if args.simulate is not None:
         envs = simulation_env(args.simulate, dict(e.split("=", 1) for e in envs))
-    ssh = shlex.split(args.ssh_command) if args.ssh_command else list(DEFAULT_SSH)
-    spec = build_spec(wiring, cluster.backend, rank_args, envs=envs, ssh_command=ssh, python=args.python,
-                      cwd=args.cwd, starting_port=args.starting_port, connections_per_ip=args.connections_per_ip)
+    spec = build_spec(wiring, cluster.backend, rank_args, envs=envs, ssh_command=ssh_command(args.ssh_command),
+                      python=args.python, cwd=args.cwd, starting_port=args.starting_port,
+                      connections_per_ip=args.connections_per_ip)
     if args.dry_run:
         print(json.dumps(spec.to_dict(), indent=2) if args.json else format_dry_run(spec))
         return 0

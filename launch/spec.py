@@ -145,6 +145,19 @@ def build_spec(
                       list(wiring.notes))
 
 
+def ssh_command(text: str | None) -> list[str]:
+    """The user's ssh command, with BatchMode and a connect timeout unless they chose
+    otherwise: a password prompt or a dead host must fail, not hang the launch."""
+    if not text:
+        return list(DEFAULT_SSH)
+    argv = shlex.split(text)
+    if os.path.basename(argv[0]) == "ssh":
+        for option, default in (("BatchMode", "yes"), ("ConnectTimeout", "10")):
+            if not any(a.startswith(option) or a.startswith(f"-o{option}") for a in argv):
+                argv += ["-o", f"{option}={default}"]
+    return argv
+
+
 def mlx_hostfile(hosts: list[HostSpec], backend: str, envs: Sequence[str]) -> dict:
     """The hostfile in MLX's own format (our extra fields dropped), ranks in wired order."""
     return Hostfile([Host(r, h.ssh, list(h.ips), list(h.rdma)) for r, h in enumerate(hosts)],

@@ -95,6 +95,12 @@ def test_options_reach_every_command_and_nothing_runs(capsys, tmp_path):
     assert not ran.exists()
 
 
+def test_a_custom_ssh_keeps_batch_mode_and_a_timeout(capsys):
+    d = dry_run(capsys, "2-minis-thunderbolt-ring.json", "--ssh-command", "ssh -i /keys/cluster -o ConnectTimeout=3")
+    assert d["ranks"][1]["exec"][:9] == ["ssh", "-i", "/keys/cluster", "-o", "ConnectTimeout=3", "-o", "BatchMode=yes",
+                                         "-tt", "-o"]  # a password prompt must fail, not hang the launch
+
+
 def test_usage_mistakes_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["launch", "--dry-run", "--", *RANK_CMD])  # neither --hostfile nor --simulate
