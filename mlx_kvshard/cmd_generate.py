@@ -8,6 +8,8 @@ import json
 import platform
 import sys
 
+from launch import restart
+
 from . import gencheckpoint, liveness
 from .errors import UserError
 from .generate import SamplingParams
@@ -45,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
     gencheckpoint.add_arguments(p)
     liveness.add_arguments(p)
+    restart.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
 
 
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     params = sampling_params(args)
     gencheckpoint.check_arguments(args)
     liveness.check_arguments(args)
+    restart.check_arguments(args)
+    if args.restart and args.simulate is None:
+        raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
     if args.simulate is not None:
         return simulate(args)
     from .rank import run_rank
@@ -117,15 +123,25 @@ def simulate(args: argparse.Namespace) -> int:
     model_dir, cfg, _tok, _ids, _ctx = prepare_prompt(args, ck)  # fails fast before any rank starts
     args.model = str(model_dir)
     args.dtype = default_dtype(args.dtype)
-    rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate"})]
-    return run_supervised(args.simulate, rank_args, args, run_local)
+    rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]
+
+    def once(hosts: list[str], rank_args: list[str]) -> restart.Attempt:
+        return run_supervised(hosts, rank_args, args, run_local)
+
+    def say(text: str) -> None:
+        print(f"mlx-kvshard: {text}", file=sys.stderr, flush=True)
+
+    return restart.run_with_restarts(once, ["127.0.0.1"] * args.simulate, rank_args, args.restart,
+                                     args.exclude, say)
 
 
-def run_supervised(world: int, rank_args: list[str], args: argparse.Namespace, run_local) -> int:
+def run_supervised(hosts: list[str], rank_args: list[str], args: argparse.Namespace, run_local) -> restart.Attempt:
     """Run the ranks with a liveness coordinator in this (the launcher's) process: a
-    rank that dies or stalls is named, every rank stops, and we exit EXIT_PEER_LOST."""
+    rank that dies or stalls is named, every rank stops, and the code is EXIT_PEER_LOST."""
     from .coordinator import Coordinator
 
-    with Coordinator(world, args.peer_timeout, args.step_timeout, hosts=["127.0.0.1"] * world) as coord:
-        code = run_local(world, rank_args, env=coord.env())
-    return liveness.EXIT_PEER_LOST if coord.failure is not None and code not in (0, 130) else code
+    with Coordinator(len(hosts), args.peer_timeout, args.step_timeout, hosts=hosts) as coord:
+        code = run_local(len(hosts), rank_args, env=coord.env())
+    lost = coord.failure is not None and code not in (0, 130)
+    return restart.Attempt(liveness.EXIT_PEER_LOST if lost else code, coord.failure.rank if lost else None,
+                           coord.checkpoint[0] if coord.checkpoint else None)

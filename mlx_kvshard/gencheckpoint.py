@@ -33,7 +33,7 @@ _EDGE = 1 << 16  # bytes hashed at each end of every safetensors file
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", metavar="FILE",
                    help="where rank 0 keeps the generation checkpoint (default: the --resume file, else a new "
-                        "file under the cache's runs/ folder, removed when generation completes)")
+                        "file under the cache's checkpoints/ folder, removed when generation completes)")
     p.add_argument("--checkpoint-every", type=int, default=DEFAULT_EVERY, metavar="K",
                    help=f"write the checkpoint every K tokens (0: never; default {DEFAULT_EVERY})")
     p.add_argument("--resume", metavar="FILE",
@@ -230,7 +230,7 @@ class Writer:
         path = args.checkpoint or args.resume
         remove = path is None
         if path is None:
-            path = cache_root() / "runs" / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+            path = cache_root() / "checkpoints" / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
         sampling = {**asdict(params), "stop": list(params.stop)}
         base = GenCheckpoint(model_identity(model_dir), list(prompt), [], sampling, max_context, dtype, world)
         return cls(Path(path).absolute(), args.checkpoint_every, base, remove, on_write)

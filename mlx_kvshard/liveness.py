@@ -134,7 +134,8 @@ class Liveness:
         self.tokens = tokens
         self.phase_name = "decode"
         self._t_progress = time.monotonic()
-        self._send({"t": "s", "n": tokens})
+        if self._sock is not None:
+            self._send_line(b'{"t":"s","n":%d}\n' % tokens)
 
     def checkpoint_written(self, path: str, tokens: int) -> None:
         self.resume_hint = f" Resume with --resume {path} ({tokens} tokens saved)."
@@ -184,11 +185,13 @@ class Liveness:
     def _send(self, msg: dict, flush: bool = False) -> None:
         """Queue one line and send what the socket takes now. Never blocks the decode
         loop: a coordinator that stops reading loses heartbeats, not our time."""
-        if self._sock is None:
-            return
+        if self._sock is not None:
+            self._send_line(json.dumps(msg, separators=(",", ":")).encode() + b"\n", flush)
+
+    def _send_line(self, line: bytes, flush: bool = False) -> None:
         with self._send_lock:
             if len(self._out) < 1 << 16:  # whole lines only, so framing survives a backlog
-                self._out += json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+                self._out += line
             deadline = time.monotonic() + (1.0 if flush else 0.0)
             while self._out:
                 try:

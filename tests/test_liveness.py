@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fi
 PEER_TIMEOUT = 5.0
 SAMPLING = {"greedy": [], "sampled": ["--temp", "0.8", "--top-k", "50", "--seed", "1"]}
 SIGNAL = {"greedy": signal.SIGKILL, "sampled": signal.SIGSTOP}  # one run each: a crash and a stall
-MORE = 12  # tokens a resumed run generates past its checkpoint
+MORE = 10  # tokens a resumed run generates past its checkpoint
+REFERENCE_TOKENS = 28
 TIMINGS: dict[str, dict] = {}
 
 
@@ -85,12 +86,14 @@ _references: dict = {}
 
 
 def uninterrupted(mode: str, max_tokens: int) -> list[int]:
-    key = (mode, max_tokens)
-    if key not in _references:
-        got = generate_json(["--simulate", "3", "--max-tokens", str(max_tokens), "--checkpoint-every", "0",
+    """The first `max_tokens` of one uninterrupted 3-rank run: max_tokens only sets the
+    budget, so a shorter run's tokens are this run's prefix."""
+    assert max_tokens <= REFERENCE_TOKENS, "the checkpoint came late: raise REFERENCE_TOKENS"
+    if mode not in _references:
+        got = generate_json(["--simulate", "3", "--max-tokens", str(REFERENCE_TOKENS), "--checkpoint-every", "0",
                              *SAMPLING[mode]], f"lv-{os.getpid()}-ref-{mode}")
-        _references[key] = got["tokens"]
-    return _references[key]
+        _references[mode] = got["tokens"]
+    return _references[mode][:max_tokens]
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])
@@ -153,4 +156,29 @@ def test_without_coordinator_own_step_deadline(tmp_path):
         assert f"rank {m.group(1)} exited with code {EXIT_PEER_LOST}" in out, out[-3000:]
     finally:
         reap(tag, proc)
+    assert not tagged(tag)
+
+
+def test_restart_resumes_without_the_lost_rank(tmp_path):
+    """--restart 1 --exclude failed: SIGKILL rank 2; the launcher relaunches on 2 ranks
+    from the checkpoint and the final tokens are the uninterrupted run's."""
+    tag = f"lv-{os.getpid()}-restart"
+    ck, err = tmp_path / "gen.json", tmp_path / "stderr"
+    argv = generate_cmd("--simulate", "3", "--restart", "1", "--exclude", "failed", "--json", "--max-tokens",
+                        str(REFERENCE_TOKENS), "--checkpoint-every", "4", "--checkpoint", str(ck))
+    proc = start(argv, tag, tmp_path / "stdout", err)
+    try:
+        pids = rank_pids(tag, 3)
+        wait_for(lambda: checkpoint_tokens(ck) >= 8, proc, 300, "a checkpoint of 8 tokens")
+        os.kill(pids[2], signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    finally:
+        reap(tag, proc)
+    text = err.read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    assert "mlx-kvshard: rank 2 (host 127.0.0.1) died at token" in text, text[-3000:]
+    assert f"mlx-kvshard: restart 1/1 on 2 rank(s) (127.0.0.1, 127.0.0.1): resuming from {ck}" in text, text[-3000:]
+    got = json.loads((tmp_path / "stdout").read_text().strip().splitlines()[-1])
+    assert got["world"] == 2 and got["resumed_tokens"] >= 8
+    assert got["tokens"] == uninterrupted("greedy", REFERENCE_TOKENS)
     assert not tagged(tag)
