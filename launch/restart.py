@@ -39,6 +39,21 @@ class Attempt:
     checkpoint: str | None  # the last checkpoint rank 0 reported
 
 
+def supervise(hosts: list[str], run: Callable[[dict[str, str]], int], peer_timeout: float, step_timeout: float,
+              bind: str = "127.0.0.1", advertise: str | None = None) -> Attempt:
+    """One attempt under a liveness coordinator in this (the launcher's) process. `run`
+    starts the ranks with the environment it is given and returns the exit code; a
+    rank that dies or stalls is named, every rank stops, and the code is EXIT_PEER_LOST.
+    On a cluster bind 0.0.0.0 and advertise `local_address_towards(first host's IP)`."""
+    from mlx_kvshard.coordinator import Coordinator
+
+    with Coordinator(len(hosts), peer_timeout, step_timeout, hosts=hosts, bind=bind, advertise=advertise) as coord:
+        code = run(coord.env())
+    lost = coord.failure is not None and code not in (0, 130)
+    return Attempt(EXIT_PEER_LOST if lost else code, coord.failure.rank if lost else None,
+                   coord.checkpoint[0] if coord.checkpoint else None)
+
+
 def with_resume(rank_args: list[str], path: str) -> list[str]:
     """`rank_args` continuing from `path`: any earlier --resume replaced."""
     out, skip = [], False

@@ -126,7 +126,8 @@ def simulate(args: argparse.Namespace) -> int:
     rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]
 
     def once(hosts: list[str], rank_args: list[str]) -> restart.Attempt:
-        return run_supervised(hosts, rank_args, args, run_local)
+        return restart.supervise(hosts, lambda env: run_local(len(hosts), rank_args, env=env),
+                                 args.peer_timeout, args.step_timeout)
 
     def say(text: str) -> None:
         print(f"mlx-kvshard: {text}", file=sys.stderr, flush=True)
@@ -134,14 +135,3 @@ def simulate(args: argparse.Namespace) -> int:
     return restart.run_with_restarts(once, ["127.0.0.1"] * args.simulate, rank_args, args.restart,
                                      args.exclude, say)
 
-
-def run_supervised(hosts: list[str], rank_args: list[str], args: argparse.Namespace, run_local) -> restart.Attempt:
-    """Run the ranks with a liveness coordinator in this (the launcher's) process: a
-    rank that dies or stalls is named, every rank stops, and the code is EXIT_PEER_LOST."""
-    from .coordinator import Coordinator
-
-    with Coordinator(len(hosts), args.peer_timeout, args.step_timeout, hosts=hosts) as coord:
-        code = run_local(len(hosts), rank_args, env=coord.env())
-    lost = coord.failure is not None and code not in (0, 130)
-    return restart.Attempt(liveness.EXIT_PEER_LOST if lost else code, coord.failure.rank if lost else None,
-                           coord.checkpoint[0] if coord.checkpoint else None)

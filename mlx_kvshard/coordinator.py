@@ -264,3 +264,11 @@ class Coordinator:
         r = self._who.pop(conn, None)
         if r is not None:
             self._ranks[r].conn = None
+
+
+def local_address_towards(ip: str) -> str:
+    """This machine's address on the route to `ip`, for ranks to reach the coordinator
+    (a UDP connect picks the route and sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((ip, 9))
+        return s.getsockname()[0]
