@@ -45,7 +45,7 @@ def brief(r: dict) -> dict:
 
 
 def run_world(world: int, model_dir: Path, cfg: dict, prompt: str, a, tmp: Path) -> dict:
-    systems = {"ours": lambda: B.run_ours(model_dir, world, prompt, a.max_tokens, a.timeout)}
+    systems = {"ours": lambda: B.run_ours(model_dir, world, prompt, a.max_tokens, a.timeout, pin=a.pin)}
     skipped = {}
     if world == 1:
         systems["mlx_lm"] = lambda: B.run_mlxlm(model_dir, 1, prompt, a.max_tokens, a.timeout, False, tmp / "m1")
@@ -53,7 +53,7 @@ def run_world(world: int, model_dir: Path, cfg: dict, prompt: str, a, tmp: Path)
         why = shard_can_run(cfg, world)
         if why is None:
             systems["mlx_lm_shard"] = lambda: B.run_mlxlm(model_dir, world, prompt, a.max_tokens, a.timeout,
-                                                          True, tmp / f"s{world}")
+                                                          True, tmp / f"s{world}", pin=a.pin)
         else:
             skipped["mlx_lm_shard"] = why
     runs: dict[str, list[dict]] = {k: [] for k in systems}
@@ -85,24 +85,25 @@ def run_world(world: int, model_dir: Path, cfg: dict, prompt: str, a, tmp: Path)
 
 
 def ratios(results: dict) -> dict:
-    def dec(world, name):
+    """Throughput ratios from the medians and from the best runs (on a shared machine the
+    best run is the one least disturbed by other work)."""
+    def get(world, name, key, stat):
         s = results.get(str(world), {}).get("systems", {}).get(name)
-        return s["decode_tok_s"]["median"] if s else None
-
-    def pre(world, name):
-        s = results.get(str(world), {}).get("systems", {}).get(name)
-        return s["prefill_tok_s"]["median"] if s else None
+        return s[key][stat] if s else None
 
     out = {}
-    if dec(1, "ours") and dec(1, "mlx_lm"):
-        out["world1_ours_over_mlx_lm_decode"] = dec(1, "ours") / dec(1, "mlx_lm")
-        out["world1_ours_over_mlx_lm_prefill"] = pre(1, "ours") / pre(1, "mlx_lm")
-    for w in results:
-        if dec(w, "ours") and dec(w, "mlx_lm_shard"):
-            out[f"world{w}_ours_over_shard_decode"] = dec(w, "ours") / dec(w, "mlx_lm_shard")
-            out[f"world{w}_ours_over_shard_prefill"] = pre(w, "ours") / pre(w, "mlx_lm_shard")
-        if dec(w, "ours") and dec(1, "ours"):
-            out[f"world{w}_ours_over_ours_world1_decode"] = dec(w, "ours") / dec(1, "ours")
+    for stat in ("median", "max"):
+        r = {}
+        for w in results:
+            for other, label in (("mlx_lm", "mlx_lm"), ("mlx_lm_shard", "shard")):
+                for key, short in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                    a, b = get(w, "ours", key, stat), get(w, other, key, stat)
+                    if a and b:
+                        r[f"world{w}_ours_over_{label}_{short}"] = a / b
+            a, b = get(w, "ours", "decode_tok_s", stat), get(1, "ours", "decode_tok_s", stat)
+            if a and b and w != "1":
+                r[f"world{w}_ours_over_ours_world1_decode"] = a / b
+        out["best" if stat == "max" else stat] = r
     return out
 
 
@@ -111,7 +112,8 @@ def table(report: dict) -> str:
     lines = [
         f"**{report['machine_tag']}**: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, "
         f"{m['system']}, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, BLAS: {m['blas']}. "
-        f"Run {report['date']}; load average {m['load_avg_at_start'][0]:.1f} at start.",
+        f"Run {report['date']}; load average {m['load_avg_at_start'][0]:.1f} at start"
+        f"{'; ranks pinned to their own cores (both systems)' if report['pinned'] else '; ranks not pinned'}.",
         "",
         f"Model: preset `{report['preset']}` — hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
         f"{cfg['num_attention_heads']} q / {cfg['num_key_value_heads']} KV heads, intermediate "
@@ -119,7 +121,7 @@ def table(report: dict) -> str:
         f"float32 ({report['weight_gib']:.2f} GiB). Prompt {report['prompt_tokens']} tokens, "
         f"{report['max_tokens']} generated, greedy; median of {report['runs']} interleaved runs.",
         "",
-        "| world | system | decode tok/s | ms/token | prefill tok/s | TTFT s | coll./token | bytes/token "
+        "| world | system | decode tok/s median (range) | ms/token | prefill tok/s | TTFT s | coll./token | bytes/token "
         "| formula | peak memory per rank |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -138,25 +140,19 @@ def table(report: dict) -> str:
         for name, why in res["skipped"].items():
             lines.append(f"| {w} | {names[name]} | cannot run: {why} | | | | | | | |")
     rt = report["ratios"]
-    lines += ["", "Ratios (decode tok/s, medians):", ""]
-    for k, v in rt.items():
-        lines.append(f"- `{k}`: {v:.2f}")
+    lines += ["", "Ratios of tok/s (from the medians; from the best runs):", ""]
+    for k, v in rt["median"].items():
+        lines.append(f"- `{k}`: {v:.2f}; best {rt['best'][k]:.2f}")
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", choices=sorted(B.PRESETS))
-    p.add_argument("--worlds", default="1,2,4")
-    p.add_argument("--runs", type=int, default=3, help="interleaved runs per system and world")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--timeout", type=float, default=300, help="seconds per run")
-    p.add_argument("--out", default=str(B.REPO / "docs" / "bench"))
-    p.add_argument("--doc", default=str(B.REPO / "docs" / "benchmarks.md"), help="markdown to update ('' = none)")
-    p.add_argument("--machine-tag", default=B.machine_tag())
+    B.add_common_args(p, preset="small", worlds="1,2,4", max_tokens=32, prompt_tokens=128)
     a = p.parse_args()
-    worlds = [int(w) for w in a.worlds.split(",")]
+    if a.pin and a.machine_tag == B.machine_tag():  # ours and shard() alike pinned: a table of its own
+        a.machine_tag += "-pinned"
+    worlds = B.apply_common_args(a)
 
     t_start = time.time()
     cfg = B.preset_config(a.preset)
@@ -166,7 +162,7 @@ def main() -> int:
     report = {
         "machine_tag": a.machine_tag, "machine": B.machine(), "date": B.timestamp(), "preset": a.preset,
         "config": cfg, "params": B.param_count(cfg), "weight_gib": 4 * B.param_count(cfg) / 2**30,
-        "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "runs": a.runs,
+        "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "runs": a.runs, "pinned": a.pin,
         "formula_bytes_per_token": formula_bytes(cfg), "formula_collectives_per_token": 2 * cfg["num_hidden_layers"],
         "results": {},
     }
@@ -184,14 +180,7 @@ def main() -> int:
                      "collectives_equal_2L": c["collectives_per_token"] == want_c,
                      "same_tokens_all_systems": res["same_tokens"]}
     report["checks"] = checks
-    report["wall_s"] = time.time() - t_start
-    out = Path(a.out) / f"decode-{a.machine_tag}.json"
-    B.write_json(out, report)
-    print(table(report))
-    print(f"wrote {out} ({report['wall_s']:.0f} s)")
-    if a.doc:
-        B.replace_section(Path(a.doc), f"decode-{a.machine_tag}", table(report))
-        print(f"updated {a.doc}")
+    B.publish(a, "decode", report, table(report), t_start)
     return 0
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,10 +19,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+from ranks import OPENBLAS, free_port_base  # noqa: E402  (the tests' rank helpers)
 BENCH_VERSION = 1  # bump when a preset's recipe changes, so cached checkpoints are rebuilt
 
 # Llama proportions (GQA 4, MLP ~2.75x hidden, 32k vocab), scaled to the machine.
@@ -159,6 +158,30 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
+QUIET_WAIT_S = 0.0  # set from --quiet-wait: how long launch() waits for an idle machine
+WAITS: list[float] = []  # seconds each launch waited (the JSON reports them)
+
+
+def procs_running() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 1
+
+
+def wait_quiet(max_wait: float) -> float:
+    """Wait (at most `max_wait` s) until no other process is running: 4 samples in a row
+    with only this one runnable. The machine is shared; this keeps runs off others' bursts."""
+    if max_wait <= 0 or not os.path.exists("/proc/stat"):
+        return 0.0
+    t0, calm = time.monotonic(), 0
+    while time.monotonic() - t0 < max_wait and calm < 4:
+        calm = calm + 1 if procs_running() <= 1 else 0
+        time.sleep(0.25)
+    return time.monotonic() - t0
+
+
 # ---- rank processes -----------------------------------------------------------------------
 def _use_openblas() -> bool:
     return sys.platform.startswith("linux") and os.path.exists(OPENBLAS)
@@ -176,29 +199,12 @@ def rank_env(world: int, threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def free_port_base(n: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError("no free port range found")
-
-
 def launch(world: int, argv: list[str], timeout: float, threads: int | None = None, pin: bool = False) -> str:
     """Run `python argv...` on `world` local ranks (MLX's ring launcher; world 1 is a
     plain process) and return stdout; raise BenchError with the output if it fails.
     `pin`: each rank on its own cores (scripts/pin_rank.py)."""
     launcher = "from mlx._distributed_utils.launch import main; main()"
+    WAITS.append(wait_quiet(QUIET_WAIT_S))
     if pin:
         argv = [str(SCRIPTS / "pin_rank.py"), str(world), *argv]
     cmd = [sys.executable, *argv]
@@ -263,6 +269,33 @@ def summary(runs: list[dict], key: str) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def add_common_args(p, *, preset: str, worlds: str, max_tokens: int, runs: int | None = 3,
+                    prompt_tokens: int | None = 64) -> None:
+    """The options every benchmark script takes."""
+    p.add_argument("--preset", default=preset, choices=sorted(PRESETS))
+    p.add_argument("--worlds", default=worlds, help="comma-separated world sizes")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens generated per run")
+    if runs is not None:
+        p.add_argument("--runs", type=int, default=runs, help="runs per measured point (median reported)")
+    if prompt_tokens is not None:
+        p.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    p.add_argument("--pin", action="store_true", help="pin each rank to its own cores (scripts/pin_rank.py)")
+    p.add_argument("--out", default=str(REPO / "docs" / "bench"), help="folder for the JSON results")
+    p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"), help="markdown to update ('' = none)")
+    p.add_argument("--machine-tag", default=machine_tag(), help="tag for file and section names")
+    p.add_argument("--quiet-wait", type=float, default=20,
+                   help="before each run, wait up to this many seconds for no other process to be running "
+                        "(a shared machine); 0 = don't wait")
+
+
+def apply_common_args(a) -> list[int]:
+    """Apply the common options; return the world sizes."""
+    global QUIET_WAIT_S
+    QUIET_WAIT_S = a.quiet_wait
+    return [int(w) for w in a.worlds.split(",")]
+
+
 def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
@@ -270,6 +303,20 @@ def timestamp() -> str:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def publish(a, kind: str, report: dict, text: str, t0: float) -> Path:
+    """Write docs/bench/<kind>-<machine>.json, print the table, update the doc's section."""
+    report["wall_s"] = time.time() - t0
+    report["quiet_wait"] = {"max_s": QUIET_WAIT_S, "launches": len(WAITS), "waited_s": round(sum(WAITS), 1),
+                            "gave_up": sum(w >= QUIET_WAIT_S > 0 for w in WAITS)}
+    path = Path(a.out) / f"{kind}-{a.machine_tag}.json"
+    write_json(path, report)
+    print(text)
+    print(f"wrote {path} ({report['wall_s']:.0f} s)")
+    if a.doc:
+        replace_section(Path(a.doc), f"{kind}-{a.machine_tag}", text)
+    return path
 
 
 def replace_section(doc: Path, marker: str, body: str) -> None:
@@ -293,4 +340,7 @@ def fmt(v, spec: str = ".1f", none: str = "n/a") -> str:
 
 
 def mib(n) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+    if n is None:
+        return "n/a"
+    m = n / 2**20
+    return f"{m:.0f} MiB" if m >= 10 else f"{m:.2f} MiB"
