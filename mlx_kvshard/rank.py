@@ -13,6 +13,22 @@ from .errors import UserError
 from .generate import DecodeTimings, SamplingParams, StopChecker, generate_tokens
 
 
+def eos_token_ids(model_dir: Path, cfg: ModelConfig) -> list[int] | None:
+    """End-of-turn ids as mlx-lm takes them: generation_config.json first, then config.json
+    (Llama 3 instruct ends turns with <|eot_id|>, which is not the tokenizer's eos_token)."""
+    gen = Path(model_dir) / "generation_config.json"
+    ids = None
+    if gen.exists():
+        try:
+            ids = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            ids = None
+    ids = ids if ids is not None else cfg.raw.get("eos_token_id")
+    if ids is None:
+        return None
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+
+
 def prepare_prompt(args, ck=None):
     """Resolve the model, tokenize the prompt and check it fits. Deterministic, so every
     rank reaches the same verdict without talking to the others. `ck`, a generation
@@ -24,7 +40,7 @@ def prepare_prompt(args, ck=None):
     model_dir = resolve_model_dir(args.model)
     cfg = ModelConfig.from_file(model_dir)
     try:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, cfg))
     except Exception as e:
         raise UserError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from None
     if ck is not None:  # its ids mean something only with its model and tokenizer

@@ -75,3 +75,20 @@ def test_plan_tiny_table():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "KV heads" in proc.stdout and "uneven split [2, 1, 1]" in proc.stdout
+
+
+def test_generation_config_eos_ids_end_generation(tmp_path):
+    """Instruct models end turns with ids listed in generation_config.json (Llama 3's
+    <|eot_id|>), not only the tokenizer's eos_token."""
+    import shutil
+
+    from mlx_kvshard.tiny import tiny_model_dir
+
+    base = generate("--model", "tiny", "--max-tokens", "12", "--simulate", "1")["tokens"]
+    model = tmp_path / "tiny-eot"
+    shutil.copytree(tiny_model_dir(), model)
+    k = base.index(base[6])
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, base[6]]}))
+    out = generate("--model", str(model), "--max-tokens", "12", "--simulate", "1")
+    assert out["finish_reason"] == "stop"
+    assert out["tokens"] == base[: k + 1]
