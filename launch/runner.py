@@ -77,11 +77,12 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
             tmp.mkdir(exist_ok=True)
             # MLX's launch script leaves its pidfile and MLX_HOSTFILE in $TMPDIR: keep local ones in the run dir.
             local_env = {**os.environ, "TMPDIR": str(tmp)}
+            preexec = _die_with_parent()
             for launch in spec.ranks:  # start them all before any reader thread exists (fork safety)
                 log = open(run_dir / f"rank{launch.rank}-{launch.host.label}.log", "wb")
                 proc = Popen(launch.launch_argv, stdin=PIPE, stdout=PIPE, stderr=PIPE,
                              env=local_env if launch.host.is_local else None,
-                             start_new_session=True, preexec_fn=_die_with_parent())
+                             start_new_session=True, preexec_fn=preexec)
                 ranks.append(_Rank(launch, proc, log, time.monotonic()))
             for r in ranks:
                 raw = quiet_ranks and r.launch.rank == 0
