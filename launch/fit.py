@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from mlx_kvshard import capacity
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
 from mlx_kvshard.plan import ShardPlan, human_bytes
 
 GiB = 1 << 30
-# MLX, Python, the tokenizer and activations: an allowance per rank, not a measurement.
-RUNTIME_BYTES = 512 << 20
-# macOS lets the GPU wire about 75% of RAM by default (iogpu.wired_limit_mb raises it).
-USABLE_FRACTION = 0.75
+# The planner's allowance for MLX, Python, the tokenizer and activations (an estimate).
+RUNTIME_BYTES = int(capacity.DEFAULT_OVERHEAD_GB * GiB)
 DEFAULT_CONTEXT = 8192
 
 
@@ -72,7 +71,12 @@ def rank_needs(cfg: ModelConfig, world: int, request: ModelRequest, context: int
 
 
 def usable_bytes(memory_bytes: float) -> int:
-    return int(memory_bytes * USABLE_FRACTION)
+    """What macOS lets the GPU wire by default: the planner's rule (capacity.USABLE_RULE)."""
+    return int(memory_bytes * capacity.usable_fraction(memory_bytes / GiB))
+
+
+def usable_share(memory_bytes: float) -> str:
+    return f"{capacity.usable_fraction(memory_bytes / GiB):.0%}"
 
 
 def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: ModelConfig,
@@ -94,7 +98,8 @@ def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: Mo
             "it does not fit on any number of hosts like these; use a smaller or quantized model")
     raise UserError(
         f"too few hosts for the model: rank {need.rank} ({label}) needs {need.describe()} but has "
-        f"{human_bytes(usable)} usable ({USABLE_FRACTION:.0%} of {memory_gb[need.rank]:g} GB); {hint}, "
+        f"{human_bytes(usable)} usable ({usable_share(memory_gb[need.rank] * GiB)} of "
+        f"{memory_gb[need.rank]:g} GB); {hint}, "
         f"or lower --max-context")
 
 

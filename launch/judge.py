@@ -15,7 +15,7 @@ from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
 from mlx_kvshard.plan import human_bytes
 
-from .fit import GiB, USABLE_FRACTION, ModelRequest, context_for, rank_needs, usable_bytes
+from .fit import GiB, ModelRequest, context_for, rank_needs, usable_bytes, usable_share
 from .probe import parse_bridge0
 from .spec import LaunchSpec
 
@@ -200,7 +200,7 @@ def memory(spec: LaunchSpec, probes: list[Probe], cfg: ModelConfig | None, reque
         per_rank = "; ".join(f"rank {r.rank} {needs[r.rank].describe()}" for r in ranks)
         status = "PASS" if need <= usable else "FAIL"
         checks.append(Check(label, "memory", status, f"needs {human_bytes(need)} of {human_bytes(usable)} usable "
-                            f"({USABLE_FRACTION:.0%} of {source}): {per_rank}", MEMORY_FIX))
+                            f"({usable_share(mem)} of {source}): {per_rank}", MEMORY_FIX))
     return checks
 
 

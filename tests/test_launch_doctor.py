@@ -97,7 +97,7 @@ def test_version_mismatch_missing_file_and_memory_misfit_each_fail_with_a_fix(tm
     assert fix == f"on mini-c: rsync -a --delete mini-a:{dirs['mini-a']}/models/m/ {dirs['mini-c']}/models/m/"
 
     status, detail, fix = rows["mini-d"]["memory"]
-    assert re.match(r"needs 52\d\.\d\d MiB of 192\.00 MiB usable \(75% of memory_gb 0\.25\)", detail), detail
+    assert re.match(r"needs 1\.0\d GiB of 170\.67 MiB usable \(67% of memory_gb 0\.25\)", detail), detail
     assert "lower --max-context" in fix
 
     for name in ("ssh", "versions", "model", "memory", "ring link"):
