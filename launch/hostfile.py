@@ -18,7 +18,7 @@ from typing import Any
 from mlx_kvshard.errors import UserError
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring")
-HOST_FIELDS = ("ssh", "ips", "rdma", "label", "memory_gb", "python", "cwd")
+HOST_FIELDS = ("ssh", "ips", "rdma", "label", "memory_gb", "chip", "python", "cwd")
 TOP_FIELDS = ("backend", "envs", "hosts", "cables")
 # Hosts the launcher runs without ssh, as mlx.launch does for 127.0.0.1.
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -51,6 +51,7 @@ class HostSpec:
     memory_gb: float | None = None
     python: str | None = None
     cwd: str | None = None
+    chip: str | None = None  # a chip profile name (configs/chips), for the planner
 
     @property
     def is_local(self) -> bool:
@@ -174,6 +175,10 @@ def _parse_host(i: int, h: Any, problems: list[str]) -> HostSpec | None:
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         problems.append(f"{where}: memory_gb must be a positive number of GB, got {mem!r}")
         mem = None
+    chip = h.get("chip")
+    if chip is not None and (not isinstance(chip, str) or not chip):
+        problems.append(f"{where}: chip must be a chip profile name like \"m4pro\", got {chip!r}")
+        chip = None
     python, cwd = h.get("python"), h.get("cwd")
     for name, v in (("python", python), ("cwd", cwd)):
         if v is not None and (not isinstance(v, str) or not v or "\n" in v):
@@ -182,7 +187,7 @@ def _parse_host(i: int, h: Any, problems: list[str]) -> HostSpec | None:
             # MLX's launch script quotes paths, so the remote shell never expands ~.
             problems.append(f"{where}: {name} {v!r}: write the absolute path (e.g. /Users/me/...); ~ is not "
                             f"expanded on the host")
-    return HostSpec(i, ssh, list(ips), list(rdma), label, mem, python, cwd)
+    return HostSpec(i, ssh, list(ips), list(rdma), label, mem, python, cwd, chip)
 
 
 def _is_ip(text: str) -> bool:

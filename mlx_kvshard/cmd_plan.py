@@ -62,7 +62,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 def read_hostfile(path: str) -> tuple[list[dict], str | None]:
     """Hosts of an MLX hostfile ({"backend", "envs", "hosts": [...]} or a bare list) and its backend.
 
-    Only what the planner needs; the launcher's parser (launch/hostfile.py) should absorb this.
+    Only what the planner needs, and looser than the launcher's parser (launch/hostfile.py):
+    planning comes before the cabling, so IPs and RDMA matrices may still be missing.
     """
     p = Path(path).expanduser()
     try:
