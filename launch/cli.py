@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlx_kvshard.errors import UserError
 
+from . import restart
 from .hostfile import BACKENDS, load_hostfile
 
 EPILOG = """examples:
@@ -51,6 +52,7 @@ def register(sub) -> None:
                    help="rank 0's stdout unprefixed, other ranks' stdout to their logs only")
     p.add_argument("--finish-timeout", type=float, default=30.0,
                    help="seconds the others may run on after one rank finished before they count as hung")
+    restart.add_arguments(p)
     p.add_argument("rank_command", nargs=argparse.REMAINDER,
                    help="-- then the mlx-kvshard subcommand every rank runs, e.g. generate --prompt hi")
     p.set_defaults(func=run)
@@ -71,7 +73,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cluster = load_hostfile(args.hostfile, backend=args.backend)
     cables = load_topology(args.topology, cluster) if args.topology else None
     wiring = wire(cluster, cables)
-    request = request_from(_parse_rank_command(rank_args), args.model)
+    rank_ns = _parse_rank_command(rank_args)
+    restart.check_arguments(args, rank_ns)
+    request = request_from(rank_ns, args.model)
     cfg = _local_config(request.model)
     if cfg is not None:  # declared memory_gb already tells whether the model can fit
         labels = [h.label for h in wiring.hosts]
@@ -106,7 +110,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import runner
 
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
-    return runner.run(spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
+    if restart.liveness_timeouts(rank_ns) is None:  # only `generate` ranks keep a liveness side channel
+        return runner.run(spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
+
+    def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int) -> int:
+        """One (re)launch: the hosts left, --resume, the coordinator's address (restart.py)."""
+        sub_spec = build_spec(wire(sub, sub_cables), cluster.backend, attempt_args,
+                              envs=[*envs, *(f"{k}={v}" for k, v in env.items())],
+                              ssh_command=ssh_command(args.ssh_command), python=args.python, cwd=args.cwd,
+                              starting_port=args.starting_port, connections_per_ip=args.connections_per_ip)
+        return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
+                          quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
+
+    return restart.run_launch(cluster, cables, rank_args, rank_ns, args.restart, args.exclude, start,
+                              lambda text: print(f"mlx-kvshard launch: {text}", file=sys.stderr, flush=True))
 
 
 def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser, rank_args: list[str]) -> None:
