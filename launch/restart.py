@@ -133,9 +133,10 @@ def run_launch(cluster, cables, rank_args: list[str], rank_ns, restarts: int, ex
     from .topology import wire
 
     peer_timeout, step_timeout = liveness_timeouts(rank_ns)
-    local = all(h.is_local for h in cluster.hosts)
+    remote = [h for h in cluster.hosts if not h.is_local]
     # Remote ranks reach the launcher at its address on the route to them.
-    bind, advertise = ("127.0.0.1", None) if local else ("0.0.0.0", local_address_towards(cluster.hosts[0].ips[0]))
+    bind, advertise = ("127.0.0.1", None) if not remote else (
+        "0.0.0.0", local_address_towards(remote[0].ips[0] if remote[0].ips else remote[0].ssh.split("@")[-1]))
     attempts = 0
 
     def once(kept: list, attempt_args: list[str]) -> Attempt:

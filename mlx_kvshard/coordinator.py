@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from .liveness import DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ENV_COORDINATOR, JOIN_TIMEOUT_S, where
+from .liveness import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ENV_COORDINATOR, EXIT_PEER_LOST,
+                       JOIN_TIMEOUT_S, where)
 
 TICK_S = 0.2
 # Before prefill a rank imports, tokenizes and loads; on a busy machine that starves the
@@ -167,9 +168,11 @@ class Coordinator:
             rk.done = True
             if code == 0:
                 self.finished.add(r)
-            elif self.failure is None:
-                why = msg.get("why") or f"rank {r} (host {rk.host}) failed with exit code {code} {self._where(rk)}"
-                self._fail(r, str(why).split("; stopping")[0])
+            elif code == EXIT_PEER_LOST and msg.get("why") and self.failure is None:
+                # that rank saw a peer go (MLX's connection error, or its own step deadline) first
+                self._fail(r, str(msg["why"]).split("; stopping")[0])
+            # Any other code is the rank's own error (bad input, agreed by every rank at start-up,
+            # or a bug): it printed why, and its peers see its connections close. Its exit code stands.
 
     def _hello(self, conn: socket.socket, msg: dict, now: float) -> None:
         r = msg.get("rank")

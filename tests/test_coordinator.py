@@ -97,13 +97,26 @@ def test_silent_rank_is_named_after_peer_timeout(cluster):
     assert 0.6 <= time.monotonic() - t0 < 2.0
 
 
-def test_failed_rank_and_finished_ranks(cluster):
+def test_a_rank_that_saw_a_peer_go_first_is_the_verdict(cluster):
     coord, ranks = cluster()
     decode(ranks, 3)
-    ranks[1].send(t="bye", code=0)
-    ranks[0].send(t="bye", code=2)
+    why = "rank 0 (host 127.0.0.1) lost its connection to a peer at token 3 ([ring] lost); stopping."
+    ranks[0].send(t="bye", code=75, why=why)
     f = wait_failure(coord)
-    assert f and f.rank == 0 and "rank 0 (host 127.0.0.1) failed with exit code 2 at token 3" in f.message
+    assert f and f.rank == 0
+    assert f.message == "mlx-kvshard: rank 0 (host 127.0.0.1) lost its connection to a peer at token 3 ([ring] lost); " \
+                        "stopping all ranks."
+    assert ranks[1].recv()["t"] == "stop"
+
+
+def test_a_rank_ending_with_its_own_error_is_not_a_lost_peer(cluster):
+    """A bad model file fails every rank at start-up with exit 2: that code must stand."""
+    coord, ranks = cluster(peer_timeout=0.6)
+    for rk in ranks:
+        rk.send(t="bye", code=2)
+        rk.sock.close()
+    time.sleep(1.0)
+    assert coord.failure is None and coord.finished == set()
 
 
 def test_everyone_finishing_is_no_failure(cluster):
