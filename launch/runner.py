@@ -20,6 +20,8 @@ from pathlib import Path
 from subprocess import DEVNULL, PIPE, Popen, TimeoutExpired
 from typing import BinaryIO
 
+from mlx_kvshard.liveness import EXIT_PEER_LOST
+
 from .spec import LaunchSpec, RankLaunch
 
 TAIL_LINES = 15
@@ -162,8 +164,9 @@ def _verdict(ranks: list[_Rank], run_dir: Path, stopped: list[_Rank], t_stop: fl
     stopped_note = (f"; stopped {', '.join(r.who for r in stopped)} in {t_stop:.2f}s" if stopped else "")
     if interrupted:
         return 130, f"interrupted: stopped all {len(ranks)} rank(s) in {t_stop:.2f}s; logs in {run_dir}"
+    # A rank that exited PEER_LOST only reports another's failure: blame the cause first.
     failed = sorted((r for r in ranks if r.returncode not in (None, 0) and not r.stopped),
-                    key=lambda r: r.ended or 0.0)
+                    key=lambda r: (r.returncode == EXIT_PEER_LOST, r.ended or 0.0))
     if failed:
         first = failed[0]
         lines = [f"{first.who} failed: {_describe_exit(first)} after {first.ended - first.started:.1f}s"
