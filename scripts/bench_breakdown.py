@@ -14,7 +14,7 @@ For each world size N, each measured on its own (medians of --runs):
 The remainder, world N - shards at once - all_sums alone, is time spent waiting in
 collectives for a slower peer and the ring's polling threads competing with compute.
 Every row is measured unpinned and with each rank pinned to its own cores
-(scripts/pin_rank.py). Writes docs/bench/breakdown-<machine>.json and a table.
+(scripts/rank_setup.py). Writes docs/bench/breakdown-<machine>.json and a table.
 
     python scripts/bench_breakdown.py            # ~7 min on 2 cores
 """
@@ -42,10 +42,10 @@ def shards_at_once(model_dir: Path, world: int, ranks: list[int], a, pin: bool) 
     for r in ranks:
         argv = [str(B.SCRIPTS / "shard_compute.py"), str(model_dir), str(world), str(r),
                 str(a.prompt_tokens), str(a.max_tokens)]
-        if pin:
-            argv = [str(B.SCRIPTS / "pin_rank.py"), str(world), *argv]
+        if pin or B.NICE:
+            argv = [str(B.SCRIPTS / "rank_setup.py"), str(world), str(int(pin)), str(B.NICE), *argv]
         env = B.rank_env(world)
-        env["MLX_RANK"] = str(r)  # read by pin_rank only: these processes form no group
+        env["MLX_RANK"] = str(r)  # read by rank_setup only: these processes form no group
         procs.append(subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=B.REPO))
     times = []

@@ -46,19 +46,25 @@ def plot(report: dict, path: Path) -> bool:
     rows = report["rows"]
     worlds = sorted({r["world"] for r in rows})
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for w in worlds:
+    markers = "os^vD"
+    for i, w in enumerate(worlds):
         rs = [r for r in rows if r["world"] == w]
         ctx = [r["context"] for r in rs]
-        if w > 1:
-            a.plot(ctx, [r["bytes_per_token"] for r in rs], "o-", label=f"head-sharded, world {w} (measured)")
-            a.plot(ctx, [r["kv_allgather_bytes_per_token"] for r in rs], "x--",
+        m = markers[i % len(markers)]
+        if w > 1:  # equal at every world size: later lines are drawn thinner so all show
+            a.plot(ctx, [r["bytes_per_token"] for r in rs], m + "-", lw=3 - 0.8 * i, ms=9 - 2 * i,
+                   label=f"head-sharded, world {w} (measured)")
+            a.plot(ctx, [r["kv_allgather_bytes_per_token"] for r in rs], m + "--",
                    label=f"KV all-gather, world {w} (formula)")
-        b.plot(ctx, [r["kv_bytes_max_rank"] / 2**20 for r in rs], "o-", label=f"world {w}")
-    a.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="bytes per decode token per rank",
-          title="Communication per decode token")
-    b.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache per rank (MiB, measured)",
-          title="KV cache bytes per rank")
+        b.plot(ctx, [r["kv_bytes_max_rank"] / 2**20 for r in rs], m + "-", label=f"world {w}")
+    a.set(yscale="log", ylabel="bytes per decode token per rank", title="Communication per decode token")
+    b.set(yscale="log", ylabel="KV cache per rank (MiB, measured)", title="KV cache bytes per rank")
+    contexts = sorted({r["context"] for r in rows})
     for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.minorticks_off()
+        ax.set_xlabel("context (tokens)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['preset']} preset on {report['machine_tag']}", fontsize=9)

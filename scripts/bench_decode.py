@@ -113,7 +113,8 @@ def table(report: dict) -> str:
         f"**{report['machine_tag']}**: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, "
         f"{m['system']}, MLX {m['mlx']}, mlx-lm {m['mlx_lm']}, BLAS: {m['blas']}. "
         f"Run {report['date']}; load average {m['load_avg_at_start'][0]:.1f} at start"
-        f"{'; ranks pinned to their own cores (both systems)' if report['pinned'] else '; ranks not pinned'}.",
+        f"{'; ranks pinned to their own cores' if report['pinned'] else '; ranks not pinned'}"
+        f"{', at nice %d' % report['nice'] if report.get('nice') else ''} (all systems alike).",
         "",
         f"Model: preset `{report['preset']}` — hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
         f"{cfg['num_attention_heads']} q / {cfg['num_key_value_heads']} KV heads, intermediate "
@@ -150,8 +151,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B.add_common_args(p, preset="small", worlds="1,2,4", max_tokens=32, prompt_tokens=128)
     a = p.parse_args()
-    if a.pin and a.machine_tag == B.machine_tag():  # ours and shard() alike pinned: a table of its own
-        a.machine_tag += "-pinned"
     worlds = B.apply_common_args(a)
 
     t_start = time.time()
@@ -162,7 +161,7 @@ def main() -> int:
     report = {
         "machine_tag": a.machine_tag, "machine": B.machine(), "date": B.timestamp(), "preset": a.preset,
         "config": cfg, "params": B.param_count(cfg), "weight_gib": 4 * B.param_count(cfg) / 2**30,
-        "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "runs": a.runs, "pinned": a.pin,
+        "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "runs": a.runs, "pinned": a.pin, "nice": a.nice,
         "formula_bytes_per_token": formula_bytes(cfg), "formula_collectives_per_token": 2 * cfg["num_hidden_layers"],
         "results": {},
     }

@@ -159,6 +159,7 @@ def load_avg() -> float:
 
 
 QUIET_WAIT_S = 0.0  # set from --quiet-wait: how long launch() waits for an idle machine
+NICE = 0  # set from --nice: priority increment for every rank process (negative: root only)
 WAITS: list[float] = []  # seconds each launch waited (the JSON reports them)
 
 
@@ -202,11 +203,11 @@ def rank_env(world: int, threads: int | None = None) -> dict[str, str]:
 def launch(world: int, argv: list[str], timeout: float, threads: int | None = None, pin: bool = False) -> str:
     """Run `python argv...` on `world` local ranks (MLX's ring launcher; world 1 is a
     plain process) and return stdout; raise BenchError with the output if it fails.
-    `pin`: each rank on its own cores (scripts/pin_rank.py)."""
+    `pin`: each rank on its own cores; with --nice, at that priority (scripts/rank_setup.py)."""
     launcher = "from mlx._distributed_utils.launch import main; main()"
     WAITS.append(wait_quiet(QUIET_WAIT_S))
-    if pin:
-        argv = [str(SCRIPTS / "pin_rank.py"), str(world), *argv]
+    if pin or NICE:
+        argv = [str(SCRIPTS / "rank_setup.py"), str(world), str(int(pin)), str(NICE), *argv]
     cmd = [sys.executable, *argv]
     if world > 1:
         cmd = [sys.executable, "-c", launcher, "-n", str(world), "--backend", "ring",
@@ -280,7 +281,10 @@ def add_common_args(p, *, preset: str, worlds: str, max_tokens: int, runs: int |
     if prompt_tokens is not None:
         p.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
     p.add_argument("--timeout", type=float, default=300, help="seconds per run")
-    p.add_argument("--pin", action="store_true", help="pin each rank to its own cores (scripts/pin_rank.py)")
+    p.add_argument("--pin", action="store_true", help="pin each rank to its own cores (scripts/rank_setup.py)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="priority increment for every rank of every system, e.g. -10 (root) to keep other "
+                        "work on a shared machine from preempting ranks mid-step")
     p.add_argument("--out", default=str(REPO / "docs" / "bench"), help="folder for the JSON results")
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"), help="markdown to update ('' = none)")
     p.add_argument("--machine-tag", default=machine_tag(), help="tag for file and section names")
@@ -291,8 +295,10 @@ def add_common_args(p, *, preset: str, worlds: str, max_tokens: int, runs: int |
 
 def apply_common_args(a) -> list[int]:
     """Apply the common options; return the world sizes."""
-    global QUIET_WAIT_S
-    QUIET_WAIT_S = a.quiet_wait
+    global QUIET_WAIT_S, NICE
+    QUIET_WAIT_S, NICE = a.quiet_wait, a.nice
+    if a.machine_tag == machine_tag():  # other settings, another table: don't overwrite the plain one
+        a.machine_tag += ("-pinned" if a.pin else "") + (f"-nice{a.nice}" if a.nice else "")
     return [int(w) for w in a.worlds.split(",")]
 
 
@@ -308,6 +314,7 @@ def write_json(path: Path, obj) -> None:
 def publish(a, kind: str, report: dict, text: str, t0: float) -> Path:
     """Write docs/bench/<kind>-<machine>.json, print the table, update the doc's section."""
     report["wall_s"] = time.time() - t0
+    report["nice"] = NICE
     report["quiet_wait"] = {"max_s": QUIET_WAIT_S, "launches": len(WAITS), "waited_s": round(sum(WAITS), 1),
                             "gave_up": sum(w >= QUIET_WAIT_S > 0 for w in WAITS)}
     path = Path(a.out) / f"{kind}-{a.machine_tag}.json"
