@@ -44,8 +44,22 @@ def brief(r: dict) -> dict:
             "weight_bytes": [k["weight_bytes"] for k in r["ranks"]]}
 
 
+def generate_has(flag: str) -> bool:
+    """Whether this checkout's `generate` takes `flag` (options land while benchmarks stay)."""
+    from mlx_kvshard import cmd_generate
+
+    parser = argparse.ArgumentParser()
+    cmd_generate.register(parser.add_subparsers())
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    return any(flag in act.option_strings for act in gen._actions)
+
+
 def run_world(world: int, model_dir: Path, cfg: dict, prompt: str, a, tmp: Path) -> dict:
     systems = {"ours": lambda: B.run_ours(model_dir, world, prompt, a.max_tokens, a.timeout, pin=a.pin)}
+    if world > 1 and a.vocab_parallel:
+        # lm_head split by vocabulary rows: each rank reads 1/N of it, plus one logits all_gather
+        systems["ours_vp"] = lambda: B.run_ours(model_dir, world, prompt, a.max_tokens, a.timeout,
+                                                ["--vocab-parallel"], pin=a.pin)
     skipped = {}
     if world == 1:
         systems["mlx_lm"] = lambda: B.run_mlxlm(model_dir, 1, prompt, a.max_tokens, a.timeout, False, tmp / "m1")
@@ -95,11 +109,12 @@ def ratios(results: dict) -> dict:
     for stat in ("median", "max"):
         r = {}
         for w in results:
-            for other, label in (("mlx_lm", "mlx_lm"), ("mlx_lm_shard", "shard")):
-                for key, short in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
-                    a, b = get(w, "ours", key, stat), get(w, other, key, stat)
-                    if a and b:
-                        r[f"world{w}_ours_over_{label}_{short}"] = a / b
+            for mine in ("ours", "ours_vp"):
+                for other, label in (("mlx_lm", "mlx_lm"), ("mlx_lm_shard", "shard")):
+                    for key, short in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                        a, b = get(w, mine, key, stat), get(w, other, key, stat)
+                        if a and b:
+                            r[f"world{w}_{mine}_over_{label}_{short}"] = a / b
             a, b = get(w, "ours", "decode_tok_s", stat), get(1, "ours", "decode_tok_s", stat)
             if a and b and w != "1":
                 r[f"world{w}_ours_over_ours_world1_decode"] = a / b
@@ -126,7 +141,8 @@ def table(report: dict) -> str:
         "| formula | peak memory per rank |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    names = {"ours": "mlx-kvshard", "mlx_lm": "mlx-lm (1 process)", "mlx_lm_shard": "mlx-lm `shard()`"}
+    names = {"ours": "mlx-kvshard", "ours_vp": "mlx-kvshard `--vocab-parallel`", "mlx_lm": "mlx-lm (1 process)",
+             "mlx_lm_shard": "mlx-lm `shard()`"}
     for w, res in report["results"].items():
         formula = report["formula_bytes_per_token"] if int(w) > 1 else 0
         for name, s in res["systems"].items():
@@ -136,7 +152,8 @@ def table(report: dict) -> str:
             lines.append(
                 f"| {w} | {names[name]} | {t['decode_tok_s']:.2f} ({spread['min']:.2f}–{spread['max']:.2f}) "
                 f"| {1e3 * t['time_per_output_token_s']:.1f} | {t['prefill_tok_s']:.1f} | {t['ttft_s']:.2f} "
-                f"| {c['collectives_per_token']:.0f} | {c['bytes_per_token']:.0f} | {formula} "
+                f"| {c['collectives_per_token']:.0f} | {c['bytes_per_token']:.0f} "
+                f"| {formula}{' + logits gather' if name == 'ours_vp' else ''} "
                 f"| {', '.join(B.mib(p) for p in r['peak_memory_bytes'])} |")
         for name, why in res["skipped"].items():
             lines.append(f"| {w} | {names[name]} | cannot run: {why} | | | | | | | |")
@@ -150,8 +167,11 @@ def table(report: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B.add_common_args(p, preset="small", worlds="1,2,4", max_tokens=32, prompt_tokens=128)
+    p.add_argument("--no-vocab-parallel", dest="vocab_parallel", action="store_false",
+                   help="skip the `generate --vocab-parallel` variant at world > 1")
     a = p.parse_args()
     worlds = B.apply_common_args(a)
+    a.vocab_parallel = a.vocab_parallel and generate_has("--vocab-parallel")
 
     t_start = time.time()
     cfg = B.preset_config(a.preset)
