@@ -84,7 +84,7 @@ def main() -> int:
         return B.last_json(out)["per_token_s"]
 
     report = {"machine_tag": a.machine_tag, "machine": B.machine(), "date": B.timestamp(), "preset": a.preset,
-              "config": cfg, "runs": a.runs, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens,
+              "config": cfg, "nice": a.nice, "runs": a.runs, "max_tokens": a.max_tokens, "prompt_tokens": a.prompt_tokens,
               "world1_s": median_of(lambda: ours(1, False), a.runs), "worlds": {}}
     print(f"world 1: {1e3 * report['world1_s']:.1f} ms/token", flush=True)
     for w in worlds:
@@ -118,7 +118,8 @@ ROWS = [
 
 def table(report: dict) -> str:
     cores = report["machine"]["cores"]
-    lines = [f"Preset `{report['preset']}`, {report['machine_tag']}, {report['date']}; ms per decode token, "
+    lines = [f"Preset `{report['preset']}`, {report['machine_tag']}, {report['date']}"
+             f"{', every rank at nice %d' % report['nice'] if report.get('nice') else ''}; ms per decode token, "
              f"medians of {report['runs']}. World 1 (whole model, one process, {cores} BLAS threads): "
              f"**{1e3 * report['world1_s']:.1f} ms**.", ""]
     head = "| | " + " | ".join(f"world {w} unpinned | world {w} pinned" for w in report["worlds"]) + " |"

@@ -81,7 +81,7 @@ def main() -> int:
     print(f"world 1: {1e3 * cal['time_per_output_token_s']:.1f} ms/token for {read1 / 2**20:.0f} MiB read "
           f"-> achieved {bw / 1e9:.2f} GB/s", flush=True)
     report = {"machine_tag": a.machine_tag, "machine": B.machine(), "date": B.timestamp(), "preset": a.preset,
-              "config": B.preset_config(a.preset), "pinned": a.pin, "runs_per_point": a.runs,
+              "config": B.preset_config(a.preset), "pinned": a.pin, "nice": a.nice, "runs_per_point": a.runs,
               "max_tokens": a.max_tokens, "context_mean": context,
               "calibration": {**cal, "bytes_read_per_token": read1, "achieved_bandwidth_Bps": bw},
               "rows": []}
@@ -123,7 +123,8 @@ def table(report: dict) -> str:
     c = report["calibration"]
     lines = [
         f"Preset `{report['preset']}`, {report['machine_tag']}, {report['date']}"
-        f"{', ranks pinned to cores' if report['pinned'] else ''}; median of {report['runs_per_point']} runs "
+        f"{', ranks pinned to cores' if report['pinned'] else ''}"
+        f"{', nice %d' % report['nice'] if report.get('nice') else ''}; median of {report['runs_per_point']} runs "
         f"of {report['max_tokens']} tokens. Calibration (world 1, steps serialized): "
         f"{1e3 * c['time_per_output_token_s']:.1f} ms/token for {c['bytes_read_per_token'] / 2**20:.0f} MiB read "
         f"per token = **{c['achieved_bandwidth_Bps'] / 1e9:.2f} GB/s** achieved; each of N simulated ranks "

@@ -25,14 +25,18 @@ def cores_for(rank: int, world: int, n_cores: int) -> set[int]:
 
 def main() -> None:
     world, pin, nice = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+    # Linux keeps priority and affinity per thread: set both on every thread there is
+    # (a preloaded OpenBLAS has started its workers already); later threads inherit them.
+    threads = [int(t) for t in os.listdir("/proc/self/task")]
     if nice:
-        os.nice(nice)
+        for tid in threads:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     if pin:
         rank = int(os.environ.get("MLX_RANK", "0"))
         cores = sorted(os.sched_getaffinity(0))
         mine = {cores[i] for i in cores_for(rank, world, len(cores))}
-        for tid in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(tid), mine)
+        for tid in threads:
+            os.sched_setaffinity(tid, mine)
     sys.argv = sys.argv[4:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name="__main__")
