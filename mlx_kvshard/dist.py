@@ -42,27 +42,27 @@ class Comm:
             time.sleep(owed)
         return owed
 
-    def all_sum(self, x: mx.array) -> mx.array:
-        if self.world == 1:
-            return x
+    def _issue(self, x: mx.array, kind: str) -> None:
+        """Count a collective where it is issued, and owe its emulated link time."""
         self.stats.collectives += 1
         self.stats.bytes += x.nbytes
         if self.link is not None:
-            from .capacity import allreduce_seconds
+            from . import capacity
 
-            self._owed_s += allreduce_seconds(self.link, self.world, x.nbytes)
+            seconds = capacity.allreduce_seconds if kind == "sum" else capacity.allgather_seconds
+            self._owed_s += seconds(self.link, self.world, x.nbytes)
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        if self.world == 1:
+            return x
+        self._issue(x, "sum")
         return mx.distributed.all_sum(x, group=self.group)
 
     def all_gather(self, x: mx.array) -> mx.array:
         """Concatenate `x` from every rank along axis 0 (rank order)."""
         if self.world == 1:
             return x
-        self.stats.collectives += 1
-        self.stats.bytes += x.nbytes
-        if self.link is not None:
-            from .capacity import allgather_seconds
-
-            self._owed_s += allgather_seconds(self.link, self.world, x.nbytes)
+        self._issue(x, "gather")
         return mx.distributed.all_gather(x, group=self.group)
 
     def gather_last_axis(self, x: mx.array, sizes: tuple[int, ...]) -> mx.array:

@@ -235,7 +235,7 @@ def format_stats(r: dict) -> str:
         f"decode {num(t['decode_tok_s'], '.2f')} tok/s "
         f"({num(t['time_per_output_token_s'] and 1000 * t['time_per_output_token_s'], '.2f')} ms/token)",
         f"[stats] per decode token: {c['collectives_per_token']:.0f} collectives, "
-        f"{human_bytes(c['bytes_per_token'])} all-reduce payload per rank",
+        f"{human_bytes(c['bytes_per_token'])} collective payload per rank",
     ]
     for k in r["ranks"]:
         lines.append(
