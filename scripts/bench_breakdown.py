@@ -16,7 +16,7 @@ collectives for a slower peer and the ring's polling threads competing with comp
 Every row is measured unpinned and with each rank pinned to its own cores
 (scripts/rank_setup.py). Writes docs/bench/breakdown-<machine>.json and a table.
 
-    python scripts/bench_breakdown.py            # ~7 min on 2 cores
+    python scripts/bench_breakdown.py            # ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def median_of(fn, runs: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_common_args(p, preset="small", worlds="2,4", max_tokens=24)
+    B.add_common_args(p, preset="small", worlds="2,4", max_tokens=16, runs=2)
     a = p.parse_args()
     worlds = B.apply_common_args(a)
 

@@ -7,7 +7,7 @@ evenly). Runs are interleaved (ours, mlx-lm, ours, ...) so load drift hits all a
 each system's median-decode run is reported. Writes docs/bench/decode-<machine>.json and
 the machine's table in docs/benchmarks.md.
 
-    python scripts/bench_decode.py                                 # 2-core default, ~6 min
+    python scripts/bench_decode.py --pin --nice -10                # 2 cores: ~5 min (~15 unpinned under load)
     python scripts/bench_decode.py --worlds 1,2,4,8 --preset device # the 16-core machine
 """
 
