@@ -13,10 +13,6 @@ class CommStats:
     collectives: int = 0
     bytes: int = 0  # payload bytes handed to collectives (per rank)
 
-    def reset(self) -> None:
-        self.collectives = 0
-        self.bytes = 0
-
 
 class Comm:
     """Wraps an `mx.distributed.Group`; every collective of a step goes through here."""

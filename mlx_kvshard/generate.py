@@ -4,7 +4,7 @@ so every rank issues the same collectives in the same order and samples the same
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -62,7 +62,6 @@ class DecodeTimings:
     decode_s: float = 0.0
     decode_steps: int = 0  # decode steps dispatched (one may run past an early stop)
     decode_tokens: int = 0  # tokens yielded after the first
-    extra: dict = field(default_factory=dict)
 
 
 def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
@@ -102,7 +101,7 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
     ids = mx.array(prompt, dtype=mx.uint32)
     for start in range(0, len(prompt) - 1, prefill_step):
         stop = min(start + prefill_step, len(prompt) - 1)
-        model(ids[start:stop][None], cache)
+        model(ids[start:stop][None], cache, last_only=True)  # only the cache is evaluated
         mx.eval([c.state for c in cache])
         if after_eval:
             after_eval()
