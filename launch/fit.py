@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from mlx_kvshard import capacity
+from mlx_kvshard.cmd_plan import parse_weights
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
 from mlx_kvshard.plan import ShardPlan, human_bytes
@@ -47,12 +48,7 @@ def request_from(ns: argparse.Namespace | None, model: str | None = None) -> Mod
     """What the rank command's parsed options (defaults included) ask for; `model`
     overrides (launch --check --model M without a rank command)."""
     get = (lambda k: getattr(ns, k, None)) if ns is not None else (lambda k: None)
-    shares = None
-    if get("weights"):
-        try:
-            shares = [float(x) for x in get("weights").split(",")]
-        except ValueError:
-            raise UserError(f"--weights {get('weights')!r}: expected comma-separated numbers like 64,24,16") from None
+    shares = parse_weights(get("weights"))
     dtype = None if get("dtype") in (None, "auto") else get("dtype")
     return ModelRequest(model or get("model"), shares, dtype, get("max_context"))
 

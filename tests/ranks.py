@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+from launch.simulate import OPENBLAS  # noqa: F401  (scripts/benchlib.py imports it from here)
 
 
 def free_port_base(n: int) -> int:
@@ -33,14 +33,14 @@ def free_port_base(n: int) -> int:
 
 
 def rank_env(world: int) -> dict[str, str]:
+    """The environment `generate --simulate` gives its ranks (OpenBLAS, BLAS threads), plus
+    this checkout on the path."""
+    from launch.simulate import simulation_env
+
     env = dict(os.environ)
+    env.update(kv.split("=", 1) for kv in simulation_env(world))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                          env.get("PYTHONPATH", "")])
-    threads = str(max(1, (os.cpu_count() or 1) // world))
-    env.setdefault("OPENBLAS_NUM_THREADS", threads)
-    env.setdefault("OMP_NUM_THREADS", threads)
-    if os.path.exists(OPENBLAS) and "LD_PRELOAD" not in env:
-        env["LD_PRELOAD"] = OPENBLAS
     return env
 
 
