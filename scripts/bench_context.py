@@ -26,7 +26,7 @@ import benchlib as B  # noqa: E402
 
 def kv_allgather_bytes(model_dir: Path, world: int, context: int) -> float:
     """Wire bytes per rank per token if the KV cache were all-gathered each token."""
-    from mlx_kvshard.capacity import Options, comm_per_token
+    from mlx_kvshard.planner.capacity import Options, comm_per_token
     from mlx_kvshard.config import ModelConfig
     from mlx_kvshard.plan import ShardPlan
 

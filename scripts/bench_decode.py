@@ -46,7 +46,7 @@ def brief(r: dict) -> dict:
 
 def generate_has(flag: str) -> bool:
     """Whether this checkout's `generate` takes `flag` (options land while benchmarks stay)."""
-    from mlx_kvshard import cmd_generate
+    from mlx_kvshard.cli import generate as cmd_generate
 
     parser = argparse.ArgumentParser()
     cmd_generate.register(parser.add_subparsers())

@@ -57,10 +57,10 @@ def main() -> int:
     worlds = B.apply_common_args(a)
     links = a.links.split(",")
 
-    from mlx_kvshard.capacity import allreduce_seconds, predict_decode, weight_bytes_read_per_token
+    from mlx_kvshard.planner.capacity import allreduce_seconds, predict_decode, weight_bytes_read_per_token
     from mlx_kvshard.config import ModelConfig
     from mlx_kvshard.plan import ShardPlan
-    from mlx_kvshard.profiles import ChipProfile, load_link
+    from mlx_kvshard.planner.profiles import ChipProfile, load_link
 
     t0 = time.time()
     model_dir = B.bench_model_dir(a.preset)
@@ -74,7 +74,7 @@ def main() -> int:
     cal = measure(model_dir, 1, prompt, a, str(zero))
     context = cal["prompt_tokens"] + a.max_tokens // 2  # mean KV length over the decode
     plan1 = ShardPlan.build(cfg, 1, compute_dtype="float32")
-    from mlx_kvshard.capacity import kv_bytes
+    from mlx_kvshard.planner.capacity import kv_bytes
 
     read1 = weight_bytes_read_per_token(plan1, 0) + kv_bytes(plan1, 0, context)
     bw = read1 / cal["time_per_output_token_s"]

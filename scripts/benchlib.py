@@ -46,7 +46,7 @@ class BenchError(RuntimeError):
 
 # ---- checkpoints ------------------------------------------------------------------------
 def preset_config(preset: str, **overrides) -> dict:
-    from mlx_kvshard.synth import llama_config
+    from mlx_kvshard.models.synth import llama_config
 
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -55,8 +55,8 @@ def preset_config(preset: str, **overrides) -> dict:
 
 def bench_model_dir(preset: str, **overrides) -> Path:
     """The preset's checkpoint, built once into the cache (MLX_KVSHARD_CACHE/bench)."""
-    from mlx_kvshard.synth import write_atomically
-    from mlx_kvshard.tiny import cache_root
+    from mlx_kvshard.models.synth import write_atomically
+    from mlx_kvshard.models.tiny import cache_root
 
     cfg = preset_config(preset, **overrides)
     tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
@@ -70,7 +70,7 @@ def _build_checkpoint(path: Path, cfg: dict) -> None:
     run generates exactly --max-tokens tokens. The compute is unchanged."""
     import mlx.core as mx
 
-    from mlx_kvshard.synth import write_checkpoint
+    from mlx_kvshard.models.synth import write_checkpoint
 
     write_checkpoint(path, cfg, seed=0)
     n_tokens = len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
@@ -94,7 +94,7 @@ def prompt_text(model_dir: Path, n_tokens: int) -> str:
     """Text that encodes (no chat template) to about `n_tokens` tokens."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from mlx_kvshard.synth import _CORPUS
+    from mlx_kvshard.models.synth import _CORPUS
 
     tok = load_tokenizer(model_dir)
     text = " ".join(_CORPUS.split())

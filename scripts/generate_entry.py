@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_kvshard import cmd_generate  # noqa: E402
+from mlx_kvshard.cli import generate as cmd_generate  # noqa: E402
 from mlx_kvshard.errors import UserError  # noqa: E402
 
 

@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from mlx_kvshard.config import ModelConfig  # noqa: E402
-from mlx_kvshard.dist import Comm  # noqa: E402
-from mlx_kvshard.generate import DecodeTimings, SamplingParams, generate_tokens  # noqa: E402
-from mlx_kvshard.loader import load_rank_model  # noqa: E402
+from mlx_kvshard.engine.dist import Comm  # noqa: E402
+from mlx_kvshard.engine.generate import DecodeTimings, SamplingParams, generate_tokens  # noqa: E402
+from mlx_kvshard.engine.loader import load_rank_model  # noqa: E402
 from mlx_kvshard.plan import ShardPlan  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from mlx_kvshard.synth import llama_config, write_atomically, write_checkpoint
+from mlx_kvshard.models.synth import llama_config, write_atomically, write_checkpoint
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}

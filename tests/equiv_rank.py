@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_kvshard.config import ModelConfig
-from mlx_kvshard.dist import init_comm
-from mlx_kvshard.generate import DecodeTimings, SamplingParams, generate_tokens
-from mlx_kvshard.loader import load_rank_model
+from mlx_kvshard.engine.dist import init_comm
+from mlx_kvshard.engine.generate import DecodeTimings, SamplingParams, generate_tokens
+from mlx_kvshard.engine.loader import load_rank_model
 from mlx_kvshard.plan import ShardPlan
-from mlx_kvshard.safetensors_io import Checkpoint
+from mlx_kvshard.engine.safetensors_reader import Checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 33, 2]
 N_TOKENS = 32

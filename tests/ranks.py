@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.simulate import OPENBLAS  # noqa: F401  (scripts/benchlib.py imports it from here)
+from mlx_kvshard.launch.simulate import OPENBLAS  # noqa: F401  (scripts/benchlib.py imports it from here)
 
 
 def free_port_base(n: int) -> int:
@@ -35,7 +35,7 @@ def free_port_base(n: int) -> int:
 def rank_env(world: int) -> dict[str, str]:
     """The environment `generate --simulate` gives its ranks (OpenBLAS, BLAS threads), plus
     this checkout on the path."""
-    from launch.simulate import simulation_env
+    from mlx_kvshard.launch.simulate import simulation_env
 
     env = dict(os.environ)
     env.update(kv.split("=", 1) for kv in simulation_env(world))

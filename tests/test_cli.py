@@ -82,7 +82,7 @@ def test_generation_config_eos_ids_end_generation(tmp_path):
     <|eot_id|>), not only the tokenizer's eos_token."""
     import shutil
 
-    from mlx_kvshard.tiny import tiny_model_dir
+    from mlx_kvshard.models.tiny import tiny_model_dir
 
     base = generate("--model", "tiny", "--max-tokens", "12", "--simulate", "1")["tokens"]
     model = tmp_path / "tiny-eot"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mlx_kvshard.coordinator import Coordinator
+from mlx_kvshard.liveness.coordinator import Coordinator
 
 
 class FakeRank:

@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step
 
 from checkpoints import checkpoint
 from equiv_rank import N_TOKENS, PROMPT
-from mlx_kvshard.oracle import load_oracle
+from mlx_kvshard.models.architectures import load_oracle
 from ranks import mlx_launch
 
 # (world, vocab-parallel lm_head) -> checkpoints run that way

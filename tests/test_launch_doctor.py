@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.judge import Check, Report, bridges, rdma
-from launch.probe import parse_bridge0
+from mlx_kvshard.launch.judge import Check, Report, bridges, rdma
+from mlx_kvshard.launch.probe import parse_bridge0
 from mlx_kvshard.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

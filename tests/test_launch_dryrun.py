@@ -11,7 +11,7 @@ import pytest
 
 from mlx_kvshard.cli import main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "hostfiles"
+EXAMPLES = Path(__file__).resolve().parent.parent / "mlx_kvshard" / "configs" / "hostfiles"
 PY = "/Users/me/mlx-venv/bin/python"
 # A hub id that is not on this machine: the dry run must not need the model.
 RANK_CMD = ["generate", "--model", "mlx-community/Some-Model-4bit", "--prompt", "hi"]

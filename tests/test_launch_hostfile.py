@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.fit import ModelRequest, check_enough_hosts
-from launch.hostfile import HostfileError, load_hostfile, parse_hostfile
+from mlx_kvshard.launch.fit import ModelRequest, check_enough_hosts
+from mlx_kvshard.launch.hostfile import HostfileError, load_hostfile, parse_hostfile
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
 

@@ -41,7 +41,7 @@ def env() -> dict[str, str]:
 def run_local_cmd(tmp_path: Path, world: int, mode: str, quiet: bool = True, finish_timeout: float = 30) -> list[str]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    code = (f"import sys; from launch.simulate import run_local; "
+    code = (f"import sys; from mlx_kvshard.launch.simulate import run_local; "
             f"sys.exit(run_local({world}, [], command=[sys.executable, {str(script)!r}, {mode!r}], "
             f"quiet_ranks={quiet}, run_dir={str(tmp_path / 'run')!r}, finish_timeout={finish_timeout}))")
     return [sys.executable, "-c", code]
@@ -181,10 +181,10 @@ def test_generate_on_remote_hosts_through_the_ssh_shim(tmp_path, monkeypatch):
 
 
 def test_a_failing_remote_rank_stops_the_other_through_its_pidfile(tmp_path, monkeypatch):
-    from launch import runner
-    from launch.hostfile import load_hostfile
-    from launch.spec import build_spec
-    from launch.topology import wire
+    from mlx_kvshard.launch import runner
+    from mlx_kvshard.launch.hostfile import load_hostfile
+    from mlx_kvshard.launch.spec import build_spec
+    from mlx_kvshard.launch.topology import wire
 
     hf, shim, log = shim_hostfile(tmp_path, monkeypatch)
     script = tmp_path / "rank.py"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.hostfile import parse_hostfile
-from launch.topology import load_topology, wire
+from mlx_kvshard.launch.hostfile import parse_hostfile
+from mlx_kvshard.launch.topology import load_topology, wire
 from mlx_kvshard.errors import UserError
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from liveness_procs import (alive, checkpoint_tokens, env_for, rank_pids, reap, start, tagged,
                             wait_for)
-from mlx_kvshard.liveness import EXIT_PEER_LOST
+from mlx_kvshard.liveness.client import EXIT_PEER_LOST
 from ranks import free_port_base
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank processes in /proc")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mlx_kvshard import cmd_plan
+from mlx_kvshard.cli import plan as cmd_plan
 from mlx_kvshard.errors import UserError
 
 LLAMA3_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,

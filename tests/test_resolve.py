@@ -9,7 +9,7 @@ import pytest
 
 from checkpoints import checkpoint
 from mlx_kvshard.errors import UserError
-from mlx_kvshard.resolve import resolve_model_dir
+from mlx_kvshard.models.resolve import resolve_model_dir
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from launch.restart import Attempt, next_hosts, run_with_restarts, with_resume
+from mlx_kvshard.launch.restart import Attempt, next_hosts, run_with_restarts, with_resume
 from mlx_kvshard.errors import UserError
-from mlx_kvshard.liveness import EXIT_PEER_LOST
+from mlx_kvshard.liveness.client import EXIT_PEER_LOST
 
 
 def test_with_resume_replaces_an_earlier_resume():

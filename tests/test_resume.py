@@ -11,11 +11,11 @@ from dataclasses import asdict
 import pytest
 
 from checkpoints import checkpoint
-from mlx_kvshard import gencheckpoint
+from mlx_kvshard.liveness import checkpoint as gencheckpoint
 from mlx_kvshard.cli import main
-from mlx_kvshard.gencheckpoint import GenCheckpoint, model_identity
-from mlx_kvshard.generate import SamplingParams
-from mlx_kvshard.tiny import tiny_model_dir
+from mlx_kvshard.liveness.checkpoint import GenCheckpoint, model_identity
+from mlx_kvshard.engine.generate import SamplingParams
+from mlx_kvshard.models.tiny import tiny_model_dir
 
 
 def make(tmp_path, model_dir=None, tokens=(5, 6, 7), name="ck.json", **sampling) -> tuple:

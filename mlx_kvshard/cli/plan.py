@@ -1,0 +1,181 @@
+"""`mlx-kvshard plan`: what each rank would own, whether it fits, how fast it would decode,
+and whether one Mac would do. Reads config.json only (plus checkpoint sizes when at hand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..planner import capacity
+from ..planner.capacity import Host, Options
+from ..config import ModelConfig
+from ..errors import UserError
+from ..models.resolve import _looks_like_hub_id
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="shard plan, memory fit, context and decode speed per rank "
+                                    "(reads config.json only)")
+    p.add_argument("--model", required=True, help="local model directory, HF hub id, or 'tiny'")
+    p.add_argument("--world", type=int, help="number of ranks (or give --hostfile)")
+    p.add_argument("--hostfile", help="MLX hostfile (JSON); per host optional memory_gb and chip")
+    p.add_argument("--weights", help="comma-separated per-rank split weights (default: usable memory)")
+    p.add_argument("--dtype", default=None, help="compute/KV dtype (default: the checkpoint's)")
+    p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence (default 8192)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--kv-bits", type=int, default=16, choices=capacity.KV_BITS,
+                   help="KV cache precision: 16 (compute dtype), 8 or 4 (mlx-lm quantized cache)")
+    p.add_argument("--memory", help="RAM per rank in GB, one value or comma-separated: 64 or 64,24,16")
+    p.add_argument("--chip", help="chip profile for every rank (m4pro) or comma-separated per rank")
+    p.add_argument("--link", help="link profile name or JSON file (default: from hostfile backend and chips)")
+    p.add_argument("--usable-fraction", type=float, default=None,
+                   help="fraction of RAM the GPU may use (default: macOS rule, 2/3 up to 36 GB, 3/4 above)")
+    p.add_argument("--overhead-gb", type=float, default=capacity.DEFAULT_OVERHEAD_GB,
+                   help=f"runtime overhead per rank in GiB (default {capacity.DEFAULT_OVERHEAD_GB})")
+    p.add_argument("--eta", type=float, default=capacity.DEFAULT_ETA,
+                   help=f"achieved fraction of memory bandwidth (default {capacity.DEFAULT_ETA})")
+    p.add_argument("--t-fixed-ms", type=float, default=capacity.DEFAULT_T_FIXED_S * 1e3,
+                   help=f"fixed per-token overhead in ms (default {capacity.DEFAULT_T_FIXED_S * 1e3:g})")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="split lm_head by vocabulary rows (one logits all_gather per token) instead of replicating it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def parse_numbers(text: str | None, flag: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated numbers like 64,24,16") from None
+    if any(not v > 0 for v in values):
+        raise UserError(f"{flag} {text!r}: every value must be positive")
+    return values
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    return parse_numbers(text, "--weights")
+
+
+def read_hostfile(path: str) -> tuple[list[dict], str | None]:
+    """Hosts of an MLX hostfile ({"backend", "envs", "hosts": [...]} or a bare list) and its backend.
+
+    Only what the planner needs, and looser than the launcher's parser (launch/hostfile.py):
+    planning comes before the cabling, so IPs and RDMA matrices may still be missing.
+    """
+    p = Path(path).expanduser()
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--hostfile {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--hostfile {path}: not valid JSON ({e})") from None
+    backend = d.get("backend") if isinstance(d, dict) else None
+    hosts = d.get("hosts") if isinstance(d, dict) else d
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, dict) for h in hosts):
+        raise UserError(f"--hostfile {path}: expected a non-empty list of host objects, "
+                        f'or {{"hosts": [...]}}')
+    for i, h in enumerate(hosts):
+        mem = h.get("memory_gb")
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
+            raise UserError(f"--hostfile {path}: host {i} memory_gb must be a positive number, got {mem!r}")
+        if h.get("chip") is not None and not isinstance(h["chip"], str):
+            raise UserError(f"--hostfile {path}: host {i} chip must be a profile name, got {h['chip']!r}")
+    return hosts, backend
+
+
+def _per_rank(values: list | None, world: int, flag: str) -> list | None:
+    if values is None or len(values) == world:
+        return values
+    if len(values) == 1:
+        return values * world
+    raise UserError(f"{flag}: got {len(values)} values for a world of {world}; give one, or one per rank")
+
+
+def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
+    """Hosts from --hostfile, --world, --memory and --chip (flags override the hostfile)."""
+    from ..planner.profiles import load_chip
+
+    entries, backend = read_hostfile(args.hostfile) if args.hostfile else ([], None)
+    memory = parse_numbers(args.memory, "--memory")
+    chips = args.chip.split(",") if args.chip else None
+    world = args.world
+    if world is None:
+        world = len(entries) or (len(memory) if memory else 0) or (len(chips) if chips else 0)
+    if not world:
+        raise UserError("give --world N or --hostfile FILE")
+    if world < 1:
+        raise UserError(f"--world must be at least 1, got {world}")
+    if entries and len(entries) != world:
+        raise UserError(f"--world {world} but --hostfile {args.hostfile} lists {len(entries)} hosts")
+    entries = entries or [{} for _ in range(world)]
+    memory = _per_rank(memory, world, "--memory") or [e.get("memory_gb") for e in entries]
+    chips = _per_rank(chips, world, "--chip") or [e.get("chip") for e in entries]
+    loaded = {name: load_chip(name.strip()) for name in set(chips) if name}
+    hosts = [Host(name=str(e.get("label") or e.get("ssh") or f"rank{r}"), memory_gb=memory[r],
+                  chip=loaded[chips[r]] if chips[r] else None)
+             for r, e in enumerate(entries)]
+    return hosts, backend
+
+
+def choose_link(args: argparse.Namespace, hosts: list[Host], backend: str | None):
+    """The --link profile, else one implied by the hostfile's backend and the chips' Thunderbolt."""
+    from ..planner.profiles import load_link
+
+    if args.link:
+        return load_link(args.link), "--link"
+    if len(hosts) == 1:
+        return None, "one rank: no link"
+    if backend in ("jaccl", "jaccl-ring"):
+        name = "tb5-rdma" if backend == "jaccl" else "tb5-rdma-ring"
+        return load_link(name), f"hostfile backend {backend}"
+    if hosts and all(h.chip is not None and h.chip.thunderbolt >= 5 for h in hosts):
+        return load_link("tb5-ring"), "default for Thunderbolt 5 Macs without RDMA; pass --link"
+    return load_link("tb4-ring"), "default; pass --link"
+
+
+def checkpoint_bytes(model: str, config_path: Path) -> tuple[int, str] | None:
+    """Tensor bytes the checkpoint declares (index total_size, or .safetensors sizes), if at hand."""
+    folder = config_path.parent
+    index = folder / "model.safetensors.index.json"
+    if not index.exists() and not any(folder.glob("*.safetensors")) and _looks_like_hub_id(model):
+        try:  # a hub id: the index is small; honours HF_HUB_OFFLINE (then only the cache)
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(model, "model.safetensors.index.json"))
+        except Exception:  # no index (single-file checkpoint), offline, no network: not needed
+            return None
+    if index.exists():
+        try:
+            total = json.loads(index.read_text())["metadata"]["total_size"]
+            return int(total), index.name
+        except (ValueError, KeyError, TypeError):
+            return None
+    files = list(folder.glob("*.safetensors"))
+    if files:
+        return sum(f.stat().st_size for f in files), f"{len(files)} .safetensors file(s)"
+    return None
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..planner.report import render_json, render_text
+    from ..models.resolve import resolve_config_path
+
+    config_path = resolve_config_path(args.model)
+    cfg = ModelConfig.from_file(config_path)
+    opts = Options(context=args.context, batch=args.batch, kv_bits=args.kv_bits, overhead_gb=args.overhead_gb,
+                   usable_fraction=args.usable_fraction, eta=args.eta, t_fixed_s=args.t_fixed_ms / 1e3,
+                   vocab_parallel=args.vocab_parallel)
+    opts.check()
+    hosts, backend = resolve_hosts(args)
+    link, link_why = choose_link(args, hosts, backend)
+    weights = _per_rank(parse_weights(args.weights), len(hosts), "--weights")
+    cluster = capacity.evaluate(cfg, hosts, link, opts, weights=weights, compute_dtype=args.dtype)
+    decision = capacity.decide(cfg, cluster, link, opts, compute_dtype=args.dtype)
+    ckpt = checkpoint_bytes(args.model, Path(config_path))
+    render = render_json if args.json else render_text
+    print(render(cluster, decision, link, link_why, opts, ckpt))
+    return 0
+

@@ -1,0 +1,175 @@
+"""Prefill and decode on one rank. Every rank runs this same loop on the same token ids,
+so every rank issues the same collectives in the same order and samples the same token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temp: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        def bad(flag, value, want):
+            raise UserError(f"{flag} {value}: must be {want}")
+
+        if self.max_tokens < 1:
+            bad("--max-tokens", self.max_tokens, "at least 1")
+        if not self.temp >= 0:
+            bad("--temp", self.temp, "0 (greedy) or positive")
+        if not 0 <= self.top_p <= 1:
+            bad("--top-p", self.top_p, "between 0 and 1 (0 disables it)")
+        if self.top_k < 0:
+            bad("--top-k", self.top_k, "0 (disabled) or a positive count")
+        if not 0 <= self.min_p <= 1:
+            bad("--min-p", self.min_p, "between 0 and 1 (0 disables it)")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            bad("--repetition-penalty", self.repetition_penalty, "positive (1.0 = none)")
+        if self.repetition_context_size < 1:
+            bad("--repetition-context-size", self.repetition_context_size, "at least 1")
+        if not 0 <= self.seed < 2**63:
+            bad("--seed", self.seed, "a non-negative integer below 2**63")
+        if any(not s for s in self.stop):
+            raise UserError("--stop: stop strings must not be empty")
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Randomness keyed by (seed, step): a run resumed at step k samples what an
+    uninterrupted run would, whatever happened before."""
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**63)
+
+
+@dataclass
+class DecodeTimings:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0  # prompt in, first token out (TTFT)
+    decode_s: float = 0.0
+    decode_steps: int = 0  # decode steps dispatched (one may run past an early stop)
+    decode_tokens: int = 0  # tokens yielded after the first
+
+
+def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
+                    prefill_step: int = 512, timings: DecodeTimings | None = None,
+                    on_prefill_done: Callable[[], None] | None = None,
+                    first_step: int = 0, after_eval: Callable[[], object] | None = None) -> Iterator[int]:
+    """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
+    stop string); it must do so identically on every rank, which holds because every rank
+    sees the same tokens. A resumed run passes the tokens generated so far at the end of
+    `prompt` and their count as `first_step`. `after_eval`, when given, runs after each
+    evaluated step and turns off the one-step pipelining (link emulation needs the steps
+    serialized, as real collectives would serialize them)."""
+    timings = timings or DecodeTimings()
+    sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
+    processors = make_logits_processors(
+        repetition_penalty=params.repetition_penalty,
+        repetition_context_size=params.repetition_context_size,
+    )
+    history = mx.array(prompt, dtype=mx.uint32)
+
+    def sample(logits: mx.array, step: int) -> mx.array:
+        nonlocal history
+        logits = logits[:, -1, :]
+        for proc in processors:
+            logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.random.seed(step_seed(params.seed, step))
+        y = sampler(logprobs).reshape(-1).astype(mx.uint32)
+        if processors:  # only they read the history; skip the concat otherwise
+            history = mx.concatenate([history, y])
+        return y
+
+    if first_step >= params.max_tokens:
+        return
+    budget = min(params.max_tokens - first_step, max_context - len(prompt))
+    t0 = time.perf_counter()
+    ids = mx.array(prompt, dtype=mx.uint32)
+    for start in range(0, len(prompt) - 1, prefill_step):
+        stop = min(start + prefill_step, len(prompt) - 1)
+        model(ids[start:stop][None], cache, last_only=True)  # only the cache is evaluated
+        mx.eval([c.state for c in cache])
+        if after_eval:
+            after_eval()
+    y = sample(model(ids[-1:][None], cache, last_only=True), first_step)
+    mx.eval(y)
+    if after_eval:
+        after_eval()
+    timings.prompt_tokens = len(prompt)
+    timings.prefill_s = time.perf_counter() - t0
+    if on_prefill_done:
+        on_prefill_done()
+    t1 = time.perf_counter()
+    step = 0
+    try:
+        while True:
+            # Dispatch step+1 before reading step's token so the host sync overlaps compute.
+            if step + 1 < budget:
+                next_y = sample(model(y[None], cache, last_only=True), first_step + step + 1)
+                timings.decode_steps += 1
+                if after_eval:
+                    mx.eval(next_y)
+                    after_eval()
+                else:
+                    mx.async_eval(next_y)
+            yield int(y.item())
+            step += 1
+            if step >= budget:
+                break
+            y = next_y
+    finally:
+        timings.decode_s = time.perf_counter() - t1
+        timings.decode_tokens = max(0, step - 1)
+
+
+class StopChecker:
+    """EOS and stop strings, evaluated identically on every rank."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.eos = set(tokenizer.eos_token_ids or [])
+        self.stop = stop
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.text = ""
+        self.finish_reason = "length"
+        self.cut_at_stop_string = False
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Return (new text to show, finished)."""
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return "", True
+        self.detok.add_token(token)
+        before = len(self.text)
+        self.text += self.detok.last_segment
+        for s in self.stop:
+            # only the tail can newly contain a stop string
+            i = self.text.find(s, max(0, before - len(s)))
+            if i >= 0:
+                self.text = self.text[:i]
+                self.finish_reason = "stop"
+                self.cut_at_stop_string = True
+                return self.text[before:] if i > before else "", True
+        return self.text[before:], False
+
+    def flush(self) -> str:
+        if self.cut_at_stop_string:  # the rest is past the stop string
+            return ""
+        self.detok.finalize()
+        rest = self.detok.last_segment
+        self.text += rest
+        return rest

@@ -1,0 +1,69 @@
+"""Build one rank's model and load only its slices of the checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .dist import Comm
+from ..errors import UserError
+from .model import ShardedModel
+from ..plan import ShardPlan
+from .safetensors_reader import Checkpoint
+from .sharding import tensor_slice
+
+
+def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtype | None = None,
+                    progress: Callable[[str], None] | None = None) -> ShardedModel:
+    """`progress`, when given, receives a line every few seconds while slices load."""
+    cfg = plan.config
+    shard = plan.shards[comm.rank]
+    ckpt = Checkpoint(model_dir)
+    vocab_sizes = [s.local_vocab(cfg.vocab_size) for s in plan.shards] if plan.vocab_parallel else None
+    model = ShardedModel(cfg, shard, comm, vocab_sizes)
+    if cfg.quantization:
+        q = cfg.quantization
+        # Quantize exactly the modules the checkpoint stores quantized (as mlx-lm does).
+        nn.quantize(model, group_size=q.group_size, bits=q.bits,
+                    class_predicate=lambda path, m: f"{path}.scales" in ckpt)
+    weights = []
+    params = tree_flatten(model.parameters())
+    t_last = time.monotonic()
+    loaded = 0
+    for i, (name, param) in enumerate(params):
+        if name not in ckpt:
+            raise UserError(f"{model_dir}: tensor {name} is missing from the checkpoint; "
+                            f"the weights do not match config.json ({cfg.model_type})")
+        sl = tensor_slice(name, shard, cfg)
+        full = list(ckpt.shape(name))
+        want = list(param.shape)
+        if sl.axis is not None:
+            want[sl.axis] = sl.global_extent
+        if full != want:
+            raise UserError(f"{model_dir}: tensor {name} has shape {full} but config.json implies "
+                            f"{want}; the checkpoint and config.json disagree")
+        if sl.zero:
+            arr = mx.zeros(param.shape, dtype=param.dtype if dtype is None else dtype)
+        else:
+            arr = ckpt.read(name, sl.axis, sl.start, sl.stop)
+        if dtype is not None and mx.issubdtype(arr.dtype, mx.floating):
+            arr = arr.astype(dtype)
+        mx.eval(arr)  # materialize slice by slice: peak memory stays at this rank's share
+        weights.append((name, arr))
+        loaded += arr.nbytes
+        if progress and time.monotonic() - t_last > 5:
+            t_last = time.monotonic()
+            progress(f"loading rank {comm.rank}'s shard: {i + 1}/{len(params)} tensors, "
+                     f"{loaded / 2**30:.2f} GiB")
+    model.load_weights(weights, strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
