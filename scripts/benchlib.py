@@ -56,7 +56,7 @@ def preset_config(preset: str, **overrides) -> dict:
 def bench_model_dir(preset: str, **overrides) -> Path:
     """The preset's checkpoint, built once into the cache (MLX_KVSHARD_CACHE/bench)."""
     from mlx_kvshard.models.synth import write_atomically
-    from mlx_kvshard.models.tiny import cache_root
+    from mlx_kvshard.paths import cache_root
 
     cfg = preset_config(preset, **overrides)
     tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))

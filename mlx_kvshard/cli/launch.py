@@ -8,11 +8,11 @@ import json
 import os
 import shlex
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import new_run_dir
 
 from ..launch import restart
 from ..launch.hostfile import BACKENDS, load_hostfile
@@ -47,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for every rank")
     p.add_argument("--starting-port", type=int, help="first ring/coordinator port (default 32323; free ports on loopback)")
     p.add_argument("--connections-per-ip", type=int, default=1, help="ring sockets per IP (as mlx.launch)")
-    p.add_argument("--run-dir", help="where per-rank logs go (default ~/.cache/mlx-kvshard/runs/<time>)")
+    p.add_argument("--run-dir", help="where per-rank logs go (default <cache>/runs/<time>-<pid>-*, cache: "
+                        "MLX_KVSHARD_CACHE or ~/.cache/mlx-kvshard)")
     p.add_argument("--quiet-ranks", action="store_true",
                    help="rank 0's stdout unprefixed, other ranks' stdout to their logs only")
     p.add_argument("--finish-timeout", type=float, default=30.0,
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from ..launch import runner
 
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir()
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
     if restart.liveness_timeouts(rank_ns) is None:  # only `generate` ranks keep a liveness side channel
         return runner.run(spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
@@ -170,7 +171,3 @@ def _local_config(model: str | None):
     return None
 
 
-def _default_run_dir() -> Path:
-    root = os.environ.get("MLX_KVSHARD_RUNS") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlx-kvshard", "runs")
-    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..paths import new_run_dir
 
 from . import runner
 from .hostfile import ClusterFile, HostSpec
@@ -55,7 +55,7 @@ def run_local(world: int, rank_args: list[str], env: dict[str, str] | None = Non
     spec = build_spec(wire(cluster), "ring", rank_args, envs=simulation_env(world, env), command=command,
                       module=module)
     keep = run_dir is not None
-    run_dir = Path(run_dir) if keep else Path(tempfile.mkdtemp(prefix="mlx-kvshard-sim-"))
+    run_dir = Path(run_dir) if keep else new_run_dir("sim-")
     code = runner.run(spec, run_dir, quiet_ranks=quiet_ranks, announce=False, finish_timeout=finish_timeout)
     if code == 0 and not keep:
         shutil.rmtree(run_dir, ignore_errors=True)

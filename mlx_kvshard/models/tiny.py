@@ -4,20 +4,14 @@ gibberish; it exists so the whole runtime runs anywhere with no download."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..paths import cache_root  # noqa: F401  (re-exported: older imports name it here)
 from .synth import llama_config, write_atomically, write_checkpoint
 
 TINY_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
 TINY_CONFIG = llama_config(hidden_size=256, num_hidden_layers=4, intermediate_size=512,
                            num_attention_heads=8, num_key_value_heads=4)
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MLX_KVSHARD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlx-kvshard")
-    return Path(base)
 
 
 def tiny_model_dir() -> Path:
