@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_kvshard.launch.judge import Check, Report, bridges, rdma
+from mlx_kvshard.launch.checks import Check, Report
+from mlx_kvshard.launch.judge import bridges, rdma
 from mlx_kvshard.launch.probe import parse_bridge0
 from mlx_kvshard.cli import main
 

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cluster = load_hostfile(args.hostfile, backend=args.backend)
     cables = load_topology(args.topology, cluster) if args.topology else None
     wiring = wire(cluster, cables)
-    rank_ns = _parse_rank_command(rank_args)
+    rank_ns = _parse_rank_command(parser, rank_args)
     restart.check_arguments(args, rank_ns)
     request = request_from(rank_ns, args.model)
     cfg = _local_config(request.model)
@@ -141,15 +141,14 @@ def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser, rank
             parser.error(f"launch: --env {e!r}: expected KEY=VALUE")
 
 
-def _parse_rank_command(rank_args: list[str]) -> argparse.Namespace | None:
-    """Parse the rank command with the runtime's own parser, here, once: a typo fails
-    now instead of on every Mac, and its defaults (e.g. the model) are known."""
+def _parse_rank_command(parser: argparse.ArgumentParser, rank_args: list[str]) -> argparse.Namespace | None:
+    """Parse the rank command with the runtime's own parser (`mlx-kvshard`'s, handed to
+    every subcommand), here, once: a typo fails now instead of on every Mac, and its
+    defaults (e.g. the model) are known."""
     if not rank_args:
         return None
-    from . import build_parser
-
     try:
-        return build_parser().parse_args(rank_args)
+        return parser.parse_args(rank_args)
     except SystemExit as e:  # argparse has printed why
         raise UserError(f"the command after -- does not parse ({shlex.join(rank_args)}); nothing was started") from e
 

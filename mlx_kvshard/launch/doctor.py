@@ -8,35 +8,16 @@ import shlex
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import probe
 from .fit import ModelRequest
-from .judge import Check, Report, judge
+from .checks import Check, Probe, Report
+from .judge import judge
 from .spec import LaunchSpec, RankLaunch
 
 PROBE_TIMEOUT = 30.0  # seconds for one host's probe, ssh connect included
 REACH_TIMEOUT = 2.0
-
-
-@dataclass
-class Probe:
-    """One probe run: every rank sharing a host, Python and cwd shares it."""
-
-    ranks: list[RankLaunch]
-    job: dict = field(default_factory=dict)
-    result: dict | None = None
-    failure: Check | None = None
-    seconds: float = 0.0
-
-    @property
-    def first(self) -> RankLaunch:
-        return self.ranks[0]
-
-    @property
-    def label(self) -> str:
-        return self.first.host.label
 
 
 def run_doctor(spec: LaunchSpec, request: ModelRequest, context: int | None = None) -> Report:

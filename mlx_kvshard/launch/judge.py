@@ -8,54 +8,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from ..config import ModelConfig
 from ..errors import UserError
 from ..plan import human_bytes
 
 from .fit import GiB, ModelRequest, context_for, rank_needs, usable_bytes, usable_share
+from .checks import Check, Probe, Report
 from .probe import parse_bridge0
 from .spec import LaunchSpec
-
-if TYPE_CHECKING:
-    from .doctor import Probe
-
-
-@dataclass
-class Check:
-    host: str
-    name: str
-    status: str  # PASS, WARN, FAIL or SKIP
-    detail: str
-    fix: str | None = None
-
-
-@dataclass
-class Report:
-    checks: list[Check]
-    header: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not any(c.status == "FAIL" for c in self.checks)
-
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if c.status == "FAIL"]
-
-    def format(self) -> str:
-        width = max([len(c.host) for c in self.checks] + [4])
-        lines = [self.header] if self.header else []
-        for c in self.checks:
-            lines.append(f"{c.status:<4}  {c.host:<{width}}  {c.name:<9} {c.detail}")
-            if c.fix and c.status in ("FAIL", "WARN"):
-                lines.append(f"{'':<4}  {'':<{width}}  {'fix:':<9} {c.fix}")
-        fails = len(self.failures())
-        warns = sum(c.status == "WARN" for c in self.checks)
-        lines.append(f"doctor: {fails} FAIL, {warns} WARN" +
-                     (" - fix the FAILs above and run `mlx-kvshard launch --check` again" if fails else " - ready"))
-        return "\n".join(lines)
 
 
 COMPONENTS = ("python", "mlx", "mlx-lm", "mlx-kvshard")
