@@ -190,3 +190,37 @@ def test_report_format_puts_the_fix_under_its_failure():
     assert text.splitlines() == ["doctor: 2 host(s)", "PASS  m1    ssh       ok", "FAIL  m2    model     missing x",
                                  "            fix:      copy x",
                                  "doctor: 1 FAIL, 0 WARN - fix the FAILs above and run `mlx-kvshard launch --check` again"]
+
+
+def test_plan_and_the_doctor_agree_on_the_same_cluster(tmp_path, shim, capsys):
+    """One memory rule: `plan --hostfile` and the doctor judge the same two hosts alike, at
+    the largest context that fits and one token past it, with --vocab-parallel honoured."""
+    big_vocab = {**CONFIG, "vocab_size": 65536, "tie_word_embeddings": False}  # lm_head 64 MiB in fp32: vocab-parallel matters
+    dirs = {n: host_dir(tmp_path, n) for n in ("mini-a", "mini-b")}
+    for d in dirs.values():
+        (d / "models" / "m" / "config.json").write_text(json.dumps(big_vocab))
+    hosts = [{"ssh": n, "ips": ["127.0.0.1"], "cwd": str(d), "python": sys.executable, "memory_gb": 1.75}
+             for n, d in dirs.items()]
+    hostfile = write_hostfile(tmp_path, hosts)
+    model = dirs["mini-a"] / "models" / "m"
+
+    def plan(context: int, *flags: str) -> dict:
+        assert main(["plan", "--model", str(model), "--hostfile", str(hostfile), "--context", str(context),
+                     "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def doctor_fits(context: int, *flags: str) -> bool:
+        code, rows, out = check(capsys, hostfile, shim, "--", "generate", "--model", "models/m",
+                                "--max-context", str(context), *flags)
+        statuses = {rows[h]["memory"][0] for h in dirs}
+        assert len(statuses) == 1 and code == (0 if statuses == {"PASS"} else 1), out
+        return statuses == {"PASS"}
+
+    largest = plan(1, "--vocab-parallel")["max_context"]["tokens"]
+    replicated = plan(1)["max_context"]["tokens"]
+    assert 0 < replicated < largest  # splitting lm_head leaves room for more context
+    for context in (largest, largest + 1):
+        fits = plan(context, "--vocab-parallel")["fits"]
+        assert fits == (context == largest)
+        assert doctor_fits(context, "--vocab-parallel") == fits
+    assert plan(largest)["fits"] is False and doctor_fits(largest) is False

@@ -61,7 +61,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..launch.doctor import run_doctor
-    from ..launch.fit import check_enough_hosts, context_for, request_from
+    from ..launch.fit import check_enough_hosts, context_for
     from ..launch.simulate import localhost_cluster, simulation_env
     from ..launch.spec import build_spec, format_dry_run, ssh_command
     from ..launch.topology import load_topology, wire
@@ -151,6 +151,18 @@ def _parse_rank_command(parser: argparse.ArgumentParser, rank_args: list[str]) -
         return parser.parse_args(rank_args)
     except SystemExit as e:  # argparse has printed why
         raise UserError(f"the command after -- does not parse ({shlex.join(rank_args)}); nothing was started") from e
+
+
+def request_from(ns: argparse.Namespace | None, model: str | None = None):
+    """What the rank command's parsed options (defaults included) ask for, memory-wise;
+    `model` overrides (launch --check --model M without a rank command)."""
+    from ..launch.fit import ModelRequest
+    from .plan import parse_weights
+
+    get = (lambda k: getattr(ns, k, None)) if ns is not None else (lambda k: None)
+    dtype = None if get("dtype") in (None, "auto") else get("dtype")
+    return ModelRequest(model or get("model"), parse_weights(get("weights")), dtype, get("max_context"),
+                        bool(get("vocab_parallel")))
 
 
 def _local_config(model: str | None):

@@ -1,20 +1,18 @@
-"""Memory each rank needs (ShardPlan weights + KV cache for the context) against the
-memory of the host it runs on. Pure Python: the launcher never loads weights."""
+"""The launcher's side of the memory rule. The rule itself is the planner's
+(planner/capacity.py: weights + KV for the context + runtime overhead, against what macOS
+lets the GPU wire), so `plan` and the doctor always agree; here is only what a launch
+adds: the rank command's request, its default context, and a refusal before anything
+starts. Pure Python: the launcher never loads weights."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from ..planner import capacity
-from ..cli.plan import parse_weights
 from ..config import ModelConfig
 from ..errors import UserError
 from ..plan import ShardPlan, human_bytes
+from ..planner import capacity
 
-GiB = 1 << 30
-# The planner's allowance for MLX, Python, the tokenizer and activations (an estimate).
-RUNTIME_BYTES = int(capacity.DEFAULT_OVERHEAD_GB * GiB)
 DEFAULT_CONTEXT = 8192
 
 
@@ -23,34 +21,10 @@ class ModelRequest:
     """What the rank command asks for, as far as memory is concerned."""
 
     model: str | None
-    shares: list[float] | None  # --weights: each rank's share of the split
+    shares: list[float] | None  # --weights: each rank's share of the split (None: even)
     dtype: str | None
     context: int | None  # --max-context
-
-
-@dataclass(frozen=True)
-class RankNeed:
-    rank: int
-    weight_bytes: int
-    kv_bytes: int
-    context: int
-
-    @property
-    def total(self) -> int:
-        return self.weight_bytes + self.kv_bytes + RUNTIME_BYTES
-
-    def describe(self) -> str:
-        return (f"{human_bytes(self.total)} (weights {human_bytes(self.weight_bytes)} + KV "
-                f"{human_bytes(self.kv_bytes)} for {self.context} tokens + {human_bytes(RUNTIME_BYTES)} runtime)")
-
-
-def request_from(ns: argparse.Namespace | None, model: str | None = None) -> ModelRequest:
-    """What the rank command's parsed options (defaults included) ask for; `model`
-    overrides (launch --check --model M without a rank command)."""
-    get = (lambda k: getattr(ns, k, None)) if ns is not None else (lambda k: None)
-    shares = parse_weights(get("weights"))
-    dtype = None if get("dtype") in (None, "auto") else get("dtype")
-    return ModelRequest(model or get("model"), shares, dtype, get("max_context"))
+    vocab_parallel: bool = False
 
 
 def context_for(cfg: ModelConfig, request: ModelRequest, override: int | None = None) -> int:
@@ -61,18 +35,20 @@ def context_for(cfg: ModelConfig, request: ModelRequest, override: int | None = 
     return min(cfg.max_position_embeddings or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
-def rank_needs(cfg: ModelConfig, world: int, request: ModelRequest, context: int) -> list[RankNeed]:
-    plan = ShardPlan.build(cfg, world, request.shares, compute_dtype=request.dtype)
-    return [RankNeed(r, plan.weight_bytes(r), plan.kv_bytes_per_token(r) * context, context) for r in range(world)]
+def options_for(request: ModelRequest, context: int) -> capacity.Options:
+    return capacity.Options(context=context, vocab_parallel=request.vocab_parallel)
 
 
-def usable_bytes(memory_bytes: float) -> int:
-    """What macOS lets the GPU wire by default: the planner's rule (capacity.USABLE_RULE)."""
-    return int(memory_bytes * capacity.usable_fraction(memory_bytes / GiB))
+def rank_needs(cfg: ModelConfig, world: int, request: ModelRequest, context: int) -> list[capacity.RankNeed]:
+    plan = ShardPlan.build(cfg, world, request.shares, compute_dtype=request.dtype,
+                           vocab_parallel=request.vocab_parallel)
+    return capacity.rank_needs(plan, options_for(request, context))
 
 
-def usable_share(memory_bytes: float) -> str:
-    return f"{capacity.usable_fraction(memory_bytes / GiB):.0%}"
+def usable(memory_bytes: float) -> tuple[int, str]:
+    """Bytes macOS lets the GPU wire out of `memory_bytes`, and that share as text ("67%")."""
+    gb = memory_bytes / capacity.GIB
+    return capacity.usable_bytes(capacity.Host("", gb)), f"{capacity.usable_fraction(gb):.0%}"
 
 
 def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: ModelConfig,
@@ -82,31 +58,20 @@ def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: Mo
     if not labels or any(m is None for m in memory_gb):
         return
     world = len(labels)
-    needs = rank_needs(cfg, world, request, context)
-    short = [(n, labels[n.rank], usable_bytes(memory_gb[n.rank] * GiB)) for n in needs
-             if n.total > usable_bytes(memory_gb[n.rank] * GiB)]
+    hosts = [capacity.Host(label, mem) for label, mem in zip(labels, memory_gb)]
+    opts = options_for(request, context)
+    shares = request.shares or [1.0] * world  # what the ranks will run with, not the planner's memory default
+    fits = capacity.evaluate(cfg, hosts, None, opts, weights=shares, compute_dtype=request.dtype).fits
+    short = [f for f in fits if not f.fits]
     if not short:
         return
-    need, label, usable = max(short, key=lambda s: s[0].total - s[2])
-    smallest = min(m for m in memory_gb if m is not None)
-    more = _hosts_needed(cfg, request, context, smallest, world)
+    worst = min(short, key=lambda f: f.headroom_bytes)
+    smallest = min(hosts, key=lambda h: h.memory_gb)
+    more = capacity.macs_needed(cfg, smallest, opts, request.dtype, start=world + 1)
     hint = (f"with hosts like these it needs at least {more}" if more else
             "it does not fit on any number of hosts like these; use a smaller or quantized model")
+    _, share = usable(worst.host.memory_gb * capacity.GIB)
     raise UserError(
-        f"too few hosts for the model: rank {need.rank} ({label}) needs {need.describe()} but has "
-        f"{human_bytes(usable)} usable ({usable_share(memory_gb[need.rank] * GiB)} of "
-        f"{memory_gb[need.rank]:g} GB); {hint}, "
+        f"too few hosts for the model: rank {worst.rank} ({worst.host.name}) needs {worst.need.describe()} but "
+        f"has {human_bytes(worst.usable_bytes)} usable ({share} of {worst.host.memory_gb:g} GB); {hint}, "
         f"or lower --max-context")
-
-
-def _hosts_needed(cfg: ModelConfig, request: ModelRequest, context: int, memory_gb: float, world: int) -> int | None:
-    usable = usable_bytes(memory_gb * GiB)
-    even = ModelRequest(request.model, None, request.dtype, request.context)
-    for k in range(world + 1, cfg.num_attention_heads + 1):
-        try:
-            needs = rank_needs(cfg, k, even, context)
-        except UserError:
-            continue
-        if max(n.total for n in needs) <= usable:
-            return k
-    return None

@@ -11,8 +11,9 @@ from collections import Counter
 from ..config import ModelConfig
 from ..errors import UserError
 from ..plan import human_bytes
+from ..planner.capacity import GIB
 
-from .fit import GiB, ModelRequest, context_for, rank_needs, usable_bytes, usable_share
+from .fit import ModelRequest, context_for, rank_needs, usable
 from .checks import Check, Probe, Report
 from .probe import parse_bridge0
 from .spec import LaunchSpec
@@ -151,16 +152,16 @@ def memory(spec: LaunchSpec, probes: list[Probe], cfg: ModelConfig | None, reque
     checks = []
     for ssh, ranks in by_host.items():
         label, declared = ranks[0].host.label, ranks[0].host.memory_gb
-        mem = declared * GiB if declared else measured.get(ssh)
+        mem = declared * GIB if declared else measured.get(ssh)
         if mem is None:
             checks.append(Check(label, "memory", "SKIP", "memory unknown (no probe answer)"))
             continue
-        usable, need = usable_bytes(mem), sum(needs[r.rank].total for r in ranks)
+        (limit, share), need = usable(mem), sum(needs[r.rank].total for r in ranks)
         source = f"memory_gb {declared:g}" if declared else f"{human_bytes(mem)} RAM"
         per_rank = "; ".join(f"rank {r.rank} {needs[r.rank].describe()}" for r in ranks)
-        status = "PASS" if need <= usable else "FAIL"
-        checks.append(Check(label, "memory", status, f"needs {human_bytes(need)} of {human_bytes(usable)} usable "
-                            f"({usable_share(mem)} of {source}): {per_rank}", MEMORY_FIX))
+        status = "PASS" if need <= limit else "FAIL"
+        checks.append(Check(label, "memory", status, f"needs {human_bytes(need)} of {human_bytes(limit)} usable "
+                            f"({share} of {source}): {per_rank}", MEMORY_FIX))
     return checks
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..config import DTYPE_BYTES, ModelConfig
 from ..errors import UserError
-from ..plan import ShardPlan
+from ..plan import ShardPlan, human_bytes
 from .profiles import ChipProfile, LinkProfile
 
 GIB = 1024**3
@@ -119,6 +119,31 @@ def weight_bytes_read_per_token(plan: ShardPlan, rank: int) -> int:
     return plan.decode_read_bytes(rank)
 
 
+@dataclass(frozen=True)
+class RankNeed:
+    """Memory one rank needs: the one rule, used by `plan` and by the launcher's doctor."""
+
+    rank: int
+    weight_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+    context: int
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
+
+    def describe(self) -> str:
+        return (f"{human_bytes(self.total)} (weights {human_bytes(self.weight_bytes)} + KV "
+                f"{human_bytes(self.kv_bytes)} for {self.context} tokens + {human_bytes(self.overhead_bytes)} runtime)")
+
+
+def rank_needs(plan: ShardPlan, opts: Options) -> list[RankNeed]:
+    overhead = int(opts.overhead_gb * GIB)
+    return [RankNeed(r, plan.weight_bytes(r), kv_bytes(plan, r, opts.context, opts.batch, opts.kv_bits), overhead,
+                     opts.context) for r in range(plan.world)]
+
+
 @dataclass
 class RankFit:
     rank: int
@@ -129,6 +154,7 @@ class RankFit:
     overhead_bytes: int
     headroom_bytes: int | None  # usable - overhead - weights - KV
     max_context: int | None  # largest context this rank holds at the batch size
+    need: RankNeed | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -138,17 +164,17 @@ class RankFit:
 def fit_ranks(plan: ShardPlan, hosts: Sequence[Host], opts: Options) -> list[RankFit]:
     if len(hosts) != plan.world:
         raise UserError(f"got {len(hosts)} hosts for a world of {plan.world}")
-    overhead = int(opts.overhead_gb * GIB)
     fits = []
-    for r, host in enumerate(hosts):
-        w = plan.weight_bytes(r)
-        kv = kv_bytes(plan, r, opts.context, opts.batch, opts.kv_bits)
+    for need, host in zip(rank_needs(plan, opts), hosts):
+        r = need.rank
         usable = usable_bytes(host, opts.usable_fraction)
         headroom = max_ctx = None
         if usable is not None:
-            headroom = usable - overhead - w - kv
-            max_ctx = max(0, (usable - overhead - w) // (opts.batch * kv_bytes_per_token(plan, r, opts.kv_bits)))
-        fits.append(RankFit(r, host, w, kv, usable, overhead, headroom, max_ctx))
+            headroom = usable - need.total
+            max_ctx = max(0, (usable - need.overhead_bytes - need.weight_bytes)
+                          // (opts.batch * kv_bytes_per_token(plan, r, opts.kv_bits)))
+        fits.append(RankFit(r, host, need.weight_bytes, need.kv_bytes, usable, need.overhead_bytes, headroom,
+                            max_ctx, need))
     return fits
 
 
@@ -325,9 +351,10 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
 
 
 def macs_needed(cfg: ModelConfig, host: Host, opts: Options, compute_dtype: str | None = None,
-                limit: int = 64) -> int | None:
-    """How many Macs like `host` hold the model at this context and batch (None: more than `limit`)."""
-    for k in range(1, min(limit, cfg.num_attention_heads) + 1):
+                limit: int = 64, start: int = 1) -> int | None:
+    """How many Macs like `host` (at least `start`) hold the model at this context and batch
+    (None: more than `limit`)."""
+    for k in range(start, min(limit, cfg.num_attention_heads) + 1):
         try:
             ev = evaluate(cfg, [host] * k, None, opts, compute_dtype=compute_dtype)
         except UserError:  # this world size cannot be planned (quantization groups, MLP split)
