@@ -1,12 +1,17 @@
-"""Where mlx-kvshard keeps its files: one cache root for everything (the `tiny` model,
-benchmark checkpoints, generation checkpoints, launch run directories)."""
+"""Where mlx-kvshard finds and keeps its files: the shipped configs (link and chip
+profiles, example hostfiles) and one cache root for everything it writes (the `tiny`
+model, benchmark checkpoints, generation checkpoints, launch run directories)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
+
+# Shipped inside the package (an installed wheel has them too); MLX_KVSHARD_CONFIGS overrides it.
+CONFIGS_DIR = Path(os.environ.get("MLX_KVSHARD_CONFIGS") or str(resources.files("mlx_kvshard") / "configs"))
 
 
 def cache_root() -> Path:

@@ -110,3 +110,10 @@ def test_usage_mistakes_are_refused(capsys):
     code = main(["launch", "--simulate", "2", "--dry-run", "--", "generate", "--no-such-flag"])
     assert code == 2
     assert "does not parse" in capsys.readouterr().err
+
+
+def test_a_shipped_example_by_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found in the package, not relative to the checkout
+    assert main(["launch", "--hostfile", "2-minis-thunderbolt-ring", "--dry-run", "--json", "--", *RANK_CMD]) == 0
+    by_name = json.loads(capsys.readouterr().out)
+    assert by_name == dry_run(capsys, "2-minis-thunderbolt-ring.json")

@@ -123,7 +123,7 @@ def test_bad_hostfiles(model, tmp_path):
     bad.write_text("{oops")
     with pytest.raises(UserError, match="not valid JSON"):
         plan("--model", str(model), "--hostfile", str(bad))
-    with pytest.raises(UserError, match="host 1 memory_gb must be a positive number"):
+    with pytest.raises(UserError, match=r"hosts\[1\]: memory_gb must be a positive number"):
         plan("--model", str(model), "--hostfile", hostfile(tmp_path, [{"ssh": "a"}, {"ssh": "b", "memory_gb": "lots"}]))
     with pytest.raises(UserError, match="--world 4 but --hostfile .* lists 3 hosts"):
         plan("--model", str(model), "--world", "4", "--hostfile", hostfile(tmp_path, minis(3)))
@@ -138,3 +138,20 @@ def test_malformed_config_is_a_user_error(tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         plan("--model", str(d), "--world", "2")
+
+
+def test_plan_reads_hostfiles_with_the_launchers_strict_reader(model, tmp_path, capsys):
+    # Planning precedes cabling: no IPs, no RDMA matrix, yet a typo is still caught.
+    with pytest.raises(UserError, match=r"hosts\[1\]: unknown field 'memroy_gb' \(did you mean 'memory_gb'\?\)"):
+        plan("--model", str(model), "--hostfile",
+             hostfile(tmp_path, [{"ssh": "a", "memory_gb": 64}, {"ssh": "b", "memroy_gb": 64}], backend="ring"))
+    with pytest.raises(UserError, match=r"duplicate host 'a'"):
+        plan("--model", str(model), "--hostfile", hostfile(tmp_path, [{"ssh": "a"}, {"ssh": "a"}], backend="ring"))
+
+
+def test_hostfile_by_the_name_of_a_shipped_example(model, capsys):
+    plan("--model", str(model), "--hostfile", "4-minis-tb5-jaccl", "--json")
+    d = json.loads(capsys.readouterr().out)
+    assert d["world"] == 4 and d["assumptions"]["link"]["why"] == "hostfile backend jaccl"
+    with pytest.raises(UserError, match=r"no such file; write one, name a shipped example \(2-minis-thunderbolt"):
+        plan("--model", str(model), "--hostfile", "5-minis")

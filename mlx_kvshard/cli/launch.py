@@ -18,7 +18,7 @@ from ..launch import restart
 from ..launch.hostfile import BACKENDS, load_hostfile
 
 EPILOG = """examples:
-  mlx-kvshard launch --hostfile configs/hostfiles/2-minis-thunderbolt-ring.json --dry-run -- generate --model M --prompt hi
+  mlx-kvshard launch --hostfile 2-minis-thunderbolt-ring --dry-run -- generate --model M --prompt hi
   mlx-kvshard launch --hostfile hosts.json --check --model M
   mlx-kvshard launch --simulate 3 -- generate --model tiny --prompt hi
 """
@@ -28,7 +28,8 @@ def register(sub) -> None:
     p = sub.add_parser("launch", help="start a subcommand on every host of a hostfile (or N local ranks)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--hostfile", help="MLX hostfile JSON (see configs/hostfiles/)")
+    where.add_argument("--hostfile", help="MLX hostfile JSON, or the name of an example shipped in "
+                       "mlx_kvshard/configs/hostfiles (e.g. 2-minis-thunderbolt-ring)")
     where.add_argument("--simulate", type=int, metavar="N", help="N ranks on this machine (ring on 127.0.0.1)")
     p.add_argument("--backend", choices=BACKENDS, help="override the hostfile's backend")
     p.add_argument("--topology", help="cables: JSON [[\"a\",\"b\"],...] or `mlx.distributed_config --dot` output")

@@ -19,7 +19,8 @@ def register(sub) -> None:
                                     "(reads config.json only)")
     p.add_argument("--model", required=True, help="local model directory, HF hub id, or 'tiny'")
     p.add_argument("--world", type=int, help="number of ranks (or give --hostfile)")
-    p.add_argument("--hostfile", help="MLX hostfile (JSON); per host optional memory_gb and chip")
+    p.add_argument("--hostfile", help="MLX hostfile (JSON), or the name of a shipped example; per host "
+                                     "optional memory_gb and chip (IPs and RDMA devices may be missing)")
     p.add_argument("--weights", help="comma-separated per-rank split weights (default: usable memory)")
     p.add_argument("--dtype", default=None, help="compute/KV dtype (default: the checkpoint's)")
     p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence (default 8192)")
@@ -59,33 +60,6 @@ def parse_weights(text: str | None) -> list[float] | None:
     return parse_numbers(text, "--weights")
 
 
-def read_hostfile(path: str) -> tuple[list[dict], str | None]:
-    """Hosts of an MLX hostfile ({"backend", "envs", "hosts": [...]} or a bare list) and its backend.
-
-    Only what the planner needs, and looser than the launcher's parser (launch/hostfile.py):
-    planning comes before the cabling, so IPs and RDMA matrices may still be missing.
-    """
-    p = Path(path).expanduser()
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--hostfile {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--hostfile {path}: not valid JSON ({e})") from None
-    backend = d.get("backend") if isinstance(d, dict) else None
-    hosts = d.get("hosts") if isinstance(d, dict) else d
-    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, dict) for h in hosts):
-        raise UserError(f"--hostfile {path}: expected a non-empty list of host objects, "
-                        f'or {{"hosts": [...]}}')
-    for i, h in enumerate(hosts):
-        mem = h.get("memory_gb")
-        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
-            raise UserError(f"--hostfile {path}: host {i} memory_gb must be a positive number, got {mem!r}")
-        if h.get("chip") is not None and not isinstance(h["chip"], str):
-            raise UserError(f"--hostfile {path}: host {i} chip must be a profile name, got {h['chip']!r}")
-    return hosts, backend
-
-
 def _per_rank(values: list | None, world: int, flag: str) -> list | None:
     if values is None or len(values) == world:
         return values
@@ -96,9 +70,11 @@ def _per_rank(values: list | None, world: int, flag: str) -> list | None:
 
 def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
     """Hosts from --hostfile, --world, --memory and --chip (flags override the hostfile)."""
+    from ..launch.hostfile import load_hostfile
     from ..planner.profiles import load_chip
 
-    entries, backend = read_hostfile(args.hostfile) if args.hostfile else ([], None)
+    cluster = load_hostfile(args.hostfile, planning=True) if args.hostfile else None
+    entries, backend = (cluster.hosts, cluster.backend) if cluster else ([], None)
     memory = parse_numbers(args.memory, "--memory")
     chips = args.chip.split(",") if args.chip else None
     world = args.world
@@ -110,13 +86,12 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
         raise UserError(f"--world must be at least 1, got {world}")
     if entries and len(entries) != world:
         raise UserError(f"--world {world} but --hostfile {args.hostfile} lists {len(entries)} hosts")
-    entries = entries or [{} for _ in range(world)]
-    memory = _per_rank(memory, world, "--memory") or [e.get("memory_gb") for e in entries]
-    chips = _per_rank(chips, world, "--chip") or [e.get("chip") for e in entries]
+    names = [h.label for h in entries] or [f"rank{r}" for r in range(world)]
+    memory = _per_rank(memory, world, "--memory") or [h.memory_gb for h in entries] or [None] * world
+    chips = _per_rank(chips, world, "--chip") or [h.chip for h in entries] or [None] * world
     loaded = {name: load_chip(name.strip()) for name in set(chips) if name}
-    hosts = [Host(name=str(e.get("label") or e.get("ssh") or f"rank{r}"), memory_gb=memory[r],
-                  chip=loaded[chips[r]] if chips[r] else None)
-             for r, e in enumerate(entries)]
+    hosts = [Host(name=names[r], memory_gb=memory[r], chip=loaded[chips[r]] if chips[r] else None)
+             for r in range(world)]
     return hosts, backend
 
 

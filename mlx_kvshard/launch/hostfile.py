@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..paths import CONFIGS_DIR
+from ..planner.profiles import available
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring")
 HOST_FIELDS = ("ssh", "ips", "rdma", "label", "memory_gb", "chip", "python", "cwd")
@@ -88,19 +91,36 @@ class ClusterFile:
         return None
 
 
-def load_hostfile(path: str | Path, backend: str | None = None) -> ClusterFile:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"hostfile {p}: no such file; write one (see configs/hostfiles/) or use --simulate N")
+def find_hostfile(name: str | Path, instead: str = "--simulate N") -> Path:
+    """A hostfile by path, else one of the examples shipped in the package by name
+    (`2-minis-thunderbolt-ring`, with or without .json)."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if os.sep not in str(name):
+        shipped = CONFIGS_DIR / "hostfiles" / (p.name if p.suffix == ".json" else f"{p.name}.json")
+        if shipped.is_file():
+            return shipped
+    examples = ", ".join(available("hostfiles")) or "none shipped"
+    raise UserError(f"hostfile {p}: no such file; write one, name a shipped example ({examples}), "
+                    f"or use {instead}")
+
+
+def load_hostfile(path: str | Path, backend: str | None = None, planning: bool = False) -> ClusterFile:
+    """`planning`: a hostfile for `plan`, written before the cabling, may lack the ring's
+    IPs and the RDMA matrix; everything else is checked as for a launch."""
+    p = find_hostfile(path, "--world N" if planning else "--simulate N")
     try:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HostfileError(str(p), [f"not valid JSON ({e})"]) from None
-    return parse_hostfile(data, str(p), backend=backend)
+    return parse_hostfile(data, str(p), backend=backend, planning=planning)
 
 
-def parse_hostfile(data: Any, source: str = "<hostfile>", backend: str | None = None) -> ClusterFile:
-    """`backend`, when given, overrides the file's (the CLI's --backend)."""
+def parse_hostfile(data: Any, source: str = "<hostfile>", backend: str | None = None,
+                   planning: bool = False) -> ClusterFile:
+    """`backend`, when given, overrides the file's (the CLI's --backend); `planning`: see
+    load_hostfile."""
     problems: list[str] = []
     if isinstance(data, list):
         data = {"hosts": data}
@@ -120,9 +140,10 @@ def parse_hostfile(data: Any, source: str = "<hostfile>", backend: str | None = 
     if len(hosts) == len(raw_hosts):  # indexes below are only meaningful with every host parsed
         _check_duplicates(hosts, problems)
         cables = parse_cables(data.get("cables", []), hosts, problems)
-        if backend == "ring":
+        # A plan comes before the cabling: IPs and RDMA devices are checked at launch.
+        if backend == "ring" and not planning:
             _check_ring_ips(hosts, cables, problems)
-        elif backend in ("jaccl", "jaccl-ring"):
+        elif backend in ("jaccl", "jaccl-ring") and not planning:
             _check_rdma(hosts, backend, problems)
     else:
         cables = []

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-
-# Shipped inside the package (an installed wheel has them too); MLX_KVSHARD_CONFIGS overrides it.
-CONFIGS_DIR = Path(os.environ.get("MLX_KVSHARD_CONFIGS") or str(resources.files("mlx_kvshard") / "configs"))
+from ..paths import CONFIGS_DIR
 
 ALGORITHMS = ("ring", "mesh")
 
