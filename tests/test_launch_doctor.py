@@ -187,8 +187,8 @@ def test_rdma_devices_for_jaccl():
 def test_report_format_puts_the_fix_under_its_failure():
     text = Report([Check("m1", "ssh", "PASS", "ok"), Check("m2", "model", "FAIL", "missing x", "copy x")],
                   "doctor: 2 host(s)").format()
-    assert text.splitlines() == ["doctor: 2 host(s)", "PASS  m1    ssh       ok", "FAIL  m2    model     missing x",
-                                 "            fix:      copy x",
+    assert text.splitlines() == ["doctor: 2 host(s)", "PASS  m1  ssh    ok", "FAIL  m2  model  missing x",
+                                 "          fix:   copy x",
                                  "doctor: 1 FAIL, 0 WARN - fix the FAILs above and run `mlx-kvshard launch --check` again"]
 
 

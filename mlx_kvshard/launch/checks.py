@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..table import columns
 from .spec import RankLaunch
 
 
@@ -30,12 +31,12 @@ class Report:
         return [c for c in self.checks if c.status == "FAIL"]
 
     def format(self) -> str:
-        width = max([len(c.host) for c in self.checks] + [4])
-        lines = [self.header] if self.header else []
+        rows = []
         for c in self.checks:
-            lines.append(f"{c.status:<4}  {c.host:<{width}}  {c.name:<9} {c.detail}")
+            rows.append((c.status, c.host, c.name, c.detail))
             if c.fix and c.status in ("FAIL", "WARN"):
-                lines.append(f"{'':<4}  {'':<{width}}  {'fix:':<9} {c.fix}")
+                rows.append(("", "", "fix:", c.fix))
+        lines = ([self.header] if self.header else []) + columns(rows, "llll")
         fails = len(self.failures())
         warns = sum(c.status == "WARN" for c in self.checks)
         lines.append(f"doctor: {fails} FAIL, {warns} WARN" +

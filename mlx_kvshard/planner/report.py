@@ -8,12 +8,8 @@ import json
 from . import capacity
 from .capacity import GIB, Decision, Evaluation, Options
 from ..plan import human_bytes
+from ..table import columns
 from .profiles import LinkProfile
-
-
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
 
 
 def _ms(seconds: float) -> str:
@@ -38,7 +34,7 @@ def fit_table(ev: Evaluation, opts: Options) -> list[str]:
             f"{f.max_context:,}" if known else "?",
         ))
     head = f"per rank at context {opts.context:,} x batch {opts.batch}, {_kv_label(ev, opts)}:"
-    return [head] + _columns(rows)
+    return [head] + columns(rows)
 
 
 def context_line(ev: Evaluation) -> str:
