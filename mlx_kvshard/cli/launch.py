@@ -8,14 +8,19 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..paths import new_run_dir
 
 from ..launch import restart
-from ..launch.hostfile import BACKENDS, load_hostfile
+from ..launch.hostfile import BACKENDS, Cable, ClusterFile, load_hostfile
+
+if TYPE_CHECKING:
+    from ..launch.fit import ModelRequest
+    from ..launch.spec import LaunchSpec
 
 EPILOG = """examples:
   mlx-kvshard launch --hostfile 2-minis-thunderbolt-ring --dry-run -- generate --model M --prompt hi
@@ -61,14 +66,40 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..launch.doctor import run_doctor
-    from ..launch.fit import check_enough_hosts, context_for
-    from ..launch.simulate import localhost_cluster, simulation_env
-    from ..launch.spec import build_spec, format_dry_run, ssh_command
-    from ..launch.topology import load_topology, wire
+    from ..launch.spec import format_dry_run
 
     rank_args = args.rank_command[1:] if args.rank_command[:1] == ["--"] else list(args.rank_command)
     _check_usage(args, parser, rank_args)
+    setup = _setup(args, parser, rank_args)
+    if args.dry_run:
+        print(json.dumps(setup.spec.to_dict(), indent=2) if args.json else format_dry_run(setup.spec))
+        return 0
+    if args.check or not args.skip_check:
+        code = _preflight(args, setup)
+        if args.check or code:
+            return code
+    return _launch(args, setup)
+
+
+@dataclass
+class _Setup:
+    """Everything decided before a rank starts."""
+
+    cluster: ClusterFile
+    cables: list[Cable] | None  # --topology
+    rank_args: list[str]
+    rank_ns: argparse.Namespace | None  # the rank command, parsed
+    request: ModelRequest
+    envs: list[str]
+    spec: LaunchSpec
+
+
+def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser, rank_args: list[str]) -> _Setup:
+    """Hostfile → wired ring → the rank command checked → memory → the exact per-rank commands."""
+    from ..launch.fit import check_enough_hosts, context_for
+    from ..launch.simulate import localhost_cluster, simulation_env
+    from ..launch.topology import load_topology, wire
+
     if args.simulate is not None:
         cluster = localhost_cluster(args.simulate)
     else:
@@ -80,51 +111,63 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     request = request_from(rank_ns, args.model)
     cfg = _local_config(request.model)
     if cfg is not None:  # declared memory_gb already tells whether the model can fit
-        labels = [h.label for h in wiring.hosts]
-        check_enough_hosts(labels, [h.memory_gb for h in wiring.hosts], cfg, request,
+        check_enough_hosts([h.label for h in wiring.hosts], [h.memory_gb for h in wiring.hosts], cfg, request,
                            context_for(cfg, request, args.context))
-
     envs = list(cluster.envs) + list(args.env)
     if args.simulate is not None:
         envs = simulation_env(args.simulate, dict(e.split("=", 1) for e in envs))
-    spec = build_spec(wiring, cluster.backend, rank_args, envs=envs, ssh_command=ssh_command(args.ssh_command),
+    spec = _spec(args, wiring, cluster.backend, rank_args, envs)
+    return _Setup(cluster, cables, rank_args, rank_ns, request, envs, spec)
+
+
+def _spec(args: argparse.Namespace, wiring, backend: str, rank_args: list[str], envs: list[str]):
+    from ..launch.spec import build_spec, ssh_command
+
+    return build_spec(wiring, backend, rank_args, envs=envs, ssh_command=ssh_command(args.ssh_command),
                       python=args.python, cwd=args.cwd, starting_port=args.starting_port,
                       connections_per_ip=args.connections_per_ip)
-    if args.dry_run:
-        print(json.dumps(spec.to_dict(), indent=2) if args.json else format_dry_run(spec))
-        return 0
-    if args.check or not args.skip_check:
-        report = run_doctor(spec, request, args.context)
-        if args.check:
-            print(json.dumps({"ok": report.ok, "checks": [asdict(c) for c in report.checks]}, indent=2)
-                  if args.json else report.format())
-            return 0 if report.ok else 1
-        if not report.ok or any(c.status == "WARN" for c in report.checks):
-            print(report.format(), file=sys.stderr)
-        else:
-            print(f"mlx-kvshard launch: doctor: {len(report.checks)} checks passed (--check lists them)",
-                  file=sys.stderr)
-        if not report.ok:
-            print("mlx-kvshard launch: not starting: the doctor found problems (--skip-check starts anyway)",
-                  file=sys.stderr)
-            return 1
 
+
+def _preflight(args: argparse.Namespace, setup: _Setup) -> int:
+    """The doctor: its report (all of it under --check, else only what is wrong); 1 if a FAIL."""
+    from ..launch.doctor import run_doctor
+
+    report = run_doctor(setup.spec, setup.request, args.context)
+    if args.check:
+        print(json.dumps({"ok": report.ok, "checks": [asdict(c) for c in report.checks]}, indent=2)
+              if args.json else report.format())
+        return 0 if report.ok else 1
+    if not report.ok or any(c.status == "WARN" for c in report.checks):
+        print(report.format(), file=sys.stderr)
+    else:
+        print(f"mlx-kvshard launch: doctor: {len(report.checks)} checks passed (--check lists them)",
+              file=sys.stderr)
+    if not report.ok:
+        print("mlx-kvshard launch: not starting: the doctor found problems (--skip-check starts anyway)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _launch(args: argparse.Namespace, setup: _Setup) -> int:
+    """Run the ranks; `generate` ranks (which keep a liveness side channel) may be
+    relaunched from their checkpoint (--restart)."""
     from ..launch import runner
+    from ..launch.topology import wire
 
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
-    if restart.liveness_timeouts(rank_ns) is None:  # only `generate` ranks keep a liveness side channel
-        return runner.run(spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
+    if restart.liveness_timeouts(setup.rank_ns) is None:
+        return runner.run(setup.spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
     def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int) -> int:
         """One (re)launch: the hosts left, --resume, the coordinator's address (restart.py)."""
-        sub_spec = build_spec(wire(sub, sub_cables), cluster.backend, attempt_args,
-                              envs=[*envs, *(f"{k}={v}" for k, v in env.items())],
-                              ssh_command=ssh_command(args.ssh_command), python=args.python, cwd=args.cwd,
-                              starting_port=args.starting_port, connections_per_ip=args.connections_per_ip)
+        envs = [*setup.envs, *(f"{k}={v}" for k, v in env.items())]
+        sub_spec = _spec(args, wire(sub, sub_cables), setup.cluster.backend, attempt_args, envs)
         return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
                           quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
-    return restart.run_launch(cluster, cables, rank_args, rank_ns, args.restart, args.exclude, start,
+    return restart.run_launch(setup.cluster, setup.cables, setup.rank_args, setup.rank_ns, args.restart,
+                              args.exclude, start,
                               lambda text: print(f"mlx-kvshard launch: {text}", file=sys.stderr, flush=True))
 
 

@@ -49,6 +49,14 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM to the launcher: tear down like Ctrl-C."""
 
 
+@dataclass
+class _Outcome:
+    interrupted: bool = False  # Ctrl-C or SIGTERM to the launcher
+    hung: bool = False  # a rank kept running finish_timeout after another finished
+    stopped: list[_Rank] = field(default_factory=list)  # torn down while still running
+    t_stop: float = 0.0  # seconds the teardown took
+
+
 def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out: BinaryIO | None = None,
         err: BinaryIO | None = None, grace: float = 3.0, finish_timeout: float | None = 30.0,
         announce: bool = True) -> int:
@@ -61,7 +69,6 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "launch.json").write_text(json.dumps(spec.to_dict(), indent=2))
     lock = threading.Lock()
-    wake = threading.Event()
 
     def say(text: str) -> None:
         with lock:
@@ -71,23 +78,25 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
     if announce:
         say(f"{spec.world} rank(s), backend {spec.backend}, logs in {run_dir}")
     ranks: list[_Rank] = []
-    interrupted = hung = False
+    outcome = _run_ranks(spec, run_dir, ranks, lock, quiet_ranks, out, err, grace, finish_timeout)
+    code, message = _verdict(ranks, run_dir, outcome, finish_timeout)
+    _write_result(run_dir, ranks, code)
+    if message:
+        say(message)
+    return code
+
+
+def _run_ranks(spec: LaunchSpec, run_dir: Path, ranks: list[_Rank], lock: threading.Lock, quiet_ranks: bool,
+               out: BinaryIO, err: BinaryIO, grace: float, finish_timeout: float | None) -> _Outcome:
+    """Start, supervise and tear down; `ranks` fills as they start, so an interrupt at
+    any point still reaches every rank started so far."""
+    outcome = _Outcome()
+    wake = threading.Event()
     old_term = _on_sigterm()
     try:
         try:
-            tmp = run_dir / "tmp"
-            tmp.mkdir(exist_ok=True)
-            # MLX's launch script leaves its pidfile and MLX_HOSTFILE in $TMPDIR: keep local ones in the run dir.
-            local_env = {**os.environ, "TMPDIR": str(tmp)}
-            die_with_parent = _die_with_parent()
-            cores = _local_core_shares(spec)
-            for launch in spec.ranks:  # start them all before any reader thread exists (fork safety)
-                log = open(run_dir / f"rank{launch.rank}-{launch.host.label}.log", "wb")
-                proc = Popen(launch.launch_argv, stdin=PIPE, stdout=PIPE, stderr=PIPE,
-                             env=local_env if launch.host.is_local else None, start_new_session=True,
-                             preexec_fn=_preexec(die_with_parent, cores.get(launch.rank)))
-                ranks.append(_Rank(launch, proc, log, time.monotonic()))
-            for r in ranks:
+            _start(spec, run_dir, ranks)
+            for r in ranks:  # reader threads only once every rank is forked (fork safety)
                 raw = quiet_ranks and r.launch.rank == 0
                 to_out = None if (quiet_ranks and r.launch.rank != 0) else out
                 r.threads = [
@@ -95,26 +104,37 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
                     _thread(_pump, r, r.proc.stderr, err, lock, False, False),
                     _thread(_wait, r, wake),
                 ]
-            hung = _supervise(ranks, wake, finish_timeout)
+            outcome.hung = _supervise(ranks, wake, finish_timeout)
         except KeyboardInterrupt:
-            interrupted = True
+            outcome.interrupted = True
         finally:
             # A second Ctrl-C must not cut the teardown short and leave ranks behind.
             with _signals_ignored():
                 t0 = time.monotonic()
-                stopped = _teardown(spec, ranks, grace)
-                t_stop = time.monotonic() - t0
+                outcome.stopped = _teardown(spec, ranks, grace)
+                outcome.t_stop = time.monotonic() - t0
     finally:
         _restore_sigterm(old_term)
         for r in ranks:
             for t in r.threads[:2]:
                 t.join(timeout=2.0)
             r.log.close()
-    code, message = _verdict(ranks, run_dir, stopped, t_stop, interrupted, hung, finish_timeout)
-    _write_result(run_dir, ranks, code)
-    if message:
-        say(message)
-    return code
+    return outcome
+
+
+def _start(spec: LaunchSpec, run_dir: Path, ranks: list[_Rank]) -> None:
+    tmp = run_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    # MLX's launch script leaves its pidfile and MLX_HOSTFILE in $TMPDIR: keep local ones in the run dir.
+    local_env = {**os.environ, "TMPDIR": str(tmp)}
+    die_with_parent = _die_with_parent()
+    cores = _local_core_shares(spec)
+    for launch in spec.ranks:
+        log = open(run_dir / f"rank{launch.rank}-{launch.host.label}.log", "wb")
+        proc = Popen(launch.launch_argv, stdin=PIPE, stdout=PIPE, stderr=PIPE,
+                     env=local_env if launch.host.is_local else None, start_new_session=True,
+                     preexec_fn=_preexec(die_with_parent, cores.get(launch.rank)))
+        ranks.append(_Rank(launch, proc, log, time.monotonic()))
 
 
 def _supervise(ranks: list[_Rank], wake: threading.Event, finish_timeout: float | None) -> bool:
@@ -160,10 +180,11 @@ def _teardown(spec: LaunchSpec, ranks: list[_Rank], grace: float) -> list[_Rank]
     return live
 
 
-def _verdict(ranks: list[_Rank], run_dir: Path, stopped: list[_Rank], t_stop: float, interrupted: bool,
-             hung: bool, finish_timeout: float | None) -> tuple[int, str | None]:
+def _verdict(ranks: list[_Rank], run_dir: Path, outcome: _Outcome,
+             finish_timeout: float | None) -> tuple[int, str | None]:
+    stopped, t_stop = outcome.stopped, outcome.t_stop
     stopped_note = (f"; stopped {', '.join(r.who for r in stopped)} in {t_stop:.2f}s" if stopped else "")
-    if interrupted:
+    if outcome.interrupted:
         return 130, f"interrupted: stopped all {len(ranks)} rank(s) in {t_stop:.2f}s; logs in {run_dir}"
     # A rank that exited PEER_LOST only reports another's failure: blame the cause first.
     failed = sorted((r for r in ranks if r.returncode not in (None, 0) and not r.stopped),
@@ -178,7 +199,7 @@ def _verdict(ranks: list[_Rank], run_dir: Path, stopped: list[_Rank], t_stop: fl
         lines += [f"    | {t}" for t in first.tail] or ["    | (no output)"]
         rc = first.returncode
         return (rc if 0 < rc < 256 else 1), "\n".join(lines)
-    if hung:
+    if outcome.hung:
         names = ", ".join(r.who for r in stopped)
         return 1, (f"{names} still running {finish_timeout:g}s after another rank finished; stopped "
                    f"(a rank left waiting on a collective its peers never issued hangs forever); logs in {run_dir}")
