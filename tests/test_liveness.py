@@ -50,7 +50,7 @@ def interrupted_run(tmp: Path, mode: str) -> dict:
         t0 = time.monotonic()
         os.kill(pids[2], SIGNAL[mode])
         detect_s = None
-        while proc.poll() is None and time.monotonic() - t0 < PEER_TIMEOUT + 30:
+        while proc.poll() is None and time.monotonic() - t0 < PEER_TIMEOUT + 60:
             if detect_s is None and b"mlx-kvshard: rank 2 (host" in err.read_bytes():
                 detect_s = time.monotonic() - t0
             time.sleep(0.02)
@@ -108,9 +108,10 @@ def test_lost_rank_stops_every_rank(runs, mode):
     assert not r["survivors"], f"rank processes still alive: {r['survivors']}"
     # bounds, not tight timings: detection by a closed connection is immediate, a stall takes
     # the peer timeout; the launcher then tears down (SIGTERM, 3 s grace, SIGKILL)
-    bound = 10 if mode == "greedy" else PEER_TIMEOUT + 10
+    # (generous: a loaded 2-core machine; the message names which detector fired)
+    bound = 20 if mode == "greedy" else PEER_TIMEOUT + 20
     assert r["detect_s"] is not None and r["detect_s"] < bound, TIMINGS
-    assert r["exit_s"] < bound + 5, TIMINGS
+    assert r["exit_s"] < bound + 10, TIMINGS
     print(f"\n[liveness] {TIMINGS[mode]}")
 
 
@@ -145,11 +146,17 @@ def test_without_coordinator_own_step_deadline(tmp_path):
         wait_for(lambda: checkpoint_tokens(ck) >= 4, proc, 300, "a checkpoint of 4 tokens")
         t0 = time.monotonic()
         os.kill(pids[2], signal.SIGSTOP)
-        wait_for(lambda: not alive(pids[0]) and not alive(pids[1]), None, 3 + 15, "ranks 0 and 1 to stop")
+        wait_for(lambda: not alive(pids[0]) and not alive(pids[1]), None, 3 + 60, "ranks 0 and 1 to stop")
         print(f"\n[liveness] no coordinator, SIGSTOP: ranks 0 and 1 exited after {time.monotonic() - t0:.2f} s")
-        time.sleep(0.5)
-        out = (tmp_path / "stdout").read_text(errors="replace") + (tmp_path / "stderr").read_text(errors="replace")
-        # the first to hit its deadline exits 75; mlx.launch then SIGTERMs the rest
+
+        def read_output() -> str:
+            return ((tmp_path / "stdout").read_text(errors="replace")
+                    + (tmp_path / "stderr").read_text(errors="replace"))
+
+        # the first to hit its deadline exits 75; mlx.launch then SIGTERMs the rest and says so
+        wait_for(lambda: f"exited with code {EXIT_PEER_LOST}" in read_output(), None, 60,
+                 "mlx.launch to report the exit")
+        out = read_output()
         m = re.search(r"mlx-kvshard: rank ([01]) \(host [^)]*\): no progress for 3 s at token \d+ "
                       r"\(a peer died or stalled\); stopping\.", out)
         assert m, out[-3000:]
