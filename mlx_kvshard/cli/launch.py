@@ -177,7 +177,7 @@ def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser, rank
     if not rank_args and not args.check:
         parser.error("launch: give the subcommand every rank runs after --, e.g. -- generate --model tiny --prompt hi")
     if rank_args and (rank_args[0].startswith("-") or rank_args[0] == "launch"):
-        parser.error(f"launch: after -- comes an mlx-kvshard subcommand (generate, serve, ...), got {rank_args[0]!r}")
+        parser.error(f"launch: after -- comes an mlx-kvshard subcommand (e.g. generate), got {rank_args[0]!r}")
     if args.connections_per_ip < 1:
         parser.error(f"launch: --connections-per-ip {args.connections_per_ip}: must be at least 1")
     for e in args.env:
