@@ -95,3 +95,7 @@ def reap(tag: str, proc: subprocess.Popen | None) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # SIGKILL is not instant (a stopped rank must be woken to die): wait until they are gone
+    deadline = time.monotonic() + 30
+    while tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
