@@ -122,14 +122,10 @@ def table(report: dict) -> str:
              f"{', every rank at nice %d' % report['nice'] if report.get('nice') else ''}; ms per decode token, "
              f"medians of {report['runs']}. World 1 (whole model, one process, {cores} BLAS threads): "
              f"**{1e3 * report['world1_s']:.1f} ms**.", ""]
-    head = "| | " + " | ".join(f"world {w} unpinned | world {w} pinned" for w in report["worlds"]) + " |"
-    lines += [head, "|---|" + "---:|" * (2 * len(report["worlds"]))]
-    for key, label in ROWS:
-        cells = []
-        for res in report["worlds"].values():
-            for pin in ("unpinned", "pinned"):
-                cells.append(f"{1e3 * res[pin][key]:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    head = [""] + [f"world {w} {pin}" for w in report["worlds"] for pin in ("unpinned", "pinned")]
+    rows = [[label] + [f"{1e3 * res[pin][key]:.1f}" for res in report["worlds"].values()
+                       for pin in ("unpinned", "pinned")] for key, label in ROWS]
+    lines += B.markdown_table(head, "l" + "r" * (len(head) - 1), rows)
     return "\n".join(lines)
 
 

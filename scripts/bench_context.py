@@ -82,15 +82,13 @@ def table(report: dict, png: str | None) -> str:
         f"{report['machine_tag']}, {report['date']}; {report['max_tokens']} generated tokens per run. "
         f"Formula bytes/token at world > 1: 2·L·B·hidden·4 = {report['formula_bytes_per_token']}.",
         "",
-        "| context | world | prompt tokens | coll./token | bytes/token (measured) | KV all-gather bytes/token "
-        "(formula) | KV bytes per rank (measured) | max rank vs world 1 |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['context']} | {r['world']} | {r['prompt_tokens']} | {r['collectives_per_token']:.0f} "
-            f"| {r['bytes_per_token']:.0f} | {r['kv_allgather_bytes_per_token']:.0f} "
-            f"| {', '.join(B.mib(x) for x in r['kv_bytes'])} | {r['kv_fraction_of_world1']:.3f} |")
+    head = ["context", "world", "prompt tokens", "coll./token", "bytes/token (measured)",
+            "KV all-gather bytes/token (formula)", "KV bytes per rank (measured)", "max rank vs world 1"]
+    lines += B.markdown_table(head, "rrrrrrlr", [
+        [str(r["context"]), str(r["world"]), str(r["prompt_tokens"]), f"{r['collectives_per_token']:.0f}",
+         f"{r['bytes_per_token']:.0f}", f"{r['kv_allgather_bytes_per_token']:.0f}",
+         ", ".join(B.mib(x) for x in r["kv_bytes"]), f"{r['kv_fraction_of_world1']:.3f}"] for r in report["rows"]])
     if png:
         lines += ["", f"![context sweep]({png})"]
     return "\n".join(lines)

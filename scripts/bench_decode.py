@@ -137,26 +137,26 @@ def table(report: dict) -> str:
         f"float32 ({report['weight_gib']:.2f} GiB). Prompt {report['prompt_tokens']} tokens, "
         f"{report['max_tokens']} generated, greedy; median of {report['runs']} interleaved runs.",
         "",
-        "| world | system | decode tok/s median (range) | ms/token | prefill tok/s | TTFT s | coll./token | bytes/token "
-        "| formula | peak memory per rank |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     names = {"ours": "mlx-kvshard", "ours_vp": "mlx-kvshard `--vocab-parallel`", "mlx_lm": "mlx-lm (1 process)",
              "mlx_lm_shard": "mlx-lm `shard()`"}
+    rows = []
     for w, res in report["results"].items():
         formula = report["formula_bytes_per_token"] if int(w) > 1 else 0
         for name, s in res["systems"].items():
             r = s["median_run"]
             t, c = r["timings"], r["comm"]
             spread = s["decode_tok_s"]
-            lines.append(
-                f"| {w} | {names[name]} | {t['decode_tok_s']:.2f} ({spread['min']:.2f}–{spread['max']:.2f}) "
-                f"| {1e3 * t['time_per_output_token_s']:.1f} | {t['prefill_tok_s']:.1f} | {t['ttft_s']:.2f} "
-                f"| {c['collectives_per_token']:.0f} | {c['bytes_per_token']:.0f} "
-                f"| {formula}{' + logits gather' if name == 'ours_vp' else ''} "
-                f"| {', '.join(B.mib(p) for p in r['peak_memory_bytes'])} |")
-        for name, why in res["skipped"].items():
-            lines.append(f"| {w} | {names[name]} | cannot run: {why} | | | | | | | |")
+            rows.append([
+                str(w), names[name], f"{t['decode_tok_s']:.2f} ({spread['min']:.2f}–{spread['max']:.2f})",
+                f"{1e3 * t['time_per_output_token_s']:.1f}", f"{t['prefill_tok_s']:.1f}", f"{t['ttft_s']:.2f}",
+                f"{c['collectives_per_token']:.0f}", f"{c['bytes_per_token']:.0f}",
+                f"{formula}{' + logits gather' if name == 'ours_vp' else ''}",
+                ", ".join(B.mib(p) for p in r["peak_memory_bytes"])])
+        rows += [[str(w), names[name], f"cannot run: {why}"] + [""] * 7 for name, why in res["skipped"].items()]
+    head = ["world", "system", "decode tok/s median (range)", "ms/token", "prefill tok/s", "TTFT s", "coll./token",
+            "bytes/token", "formula", "peak memory per rank"]
+    lines += B.markdown_table(head, "rlrrrrrrrl", rows)
     rt = report["ratios"]
     lines += ["", "Ratios of tok/s (from the medians; from the best runs):", ""]
     for k, v in rt["median"].items():

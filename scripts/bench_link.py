@@ -130,16 +130,14 @@ def table(report: dict) -> str:
         f"per token = **{c['achieved_bandwidth_Bps'] / 1e9:.2f} GB/s** achieved; each of N simulated ranks "
         f"gets 1/N of it.",
         "",
-        "| world | link | all_sum (profile) | predicted ms/token (memory + link) | measured ms/token | error "
-        "| zero-cost link ms/token | emulation added ms (predicted link ms) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['world']} | {r['link']} | {1e6 * r['allreduce_s']:.0f} µs | {1e3 * r['predicted_s']:.1f} "
-            f"({1e3 * r['predicted_memory_s']:.1f} + {1e3 * r['predicted_link_s']:.2f}) | {1e3 * r['measured_s']:.1f} "
-            f"| {100 * r['error']:+.0f}% | {1e3 * r['zero_link_s']:.1f} "
-            f"| {1e3 * r['emulated_link_added_s']:.2f} ({1e3 * r['predicted_link_s']:.2f}) |")
+    head = ["world", "link", "all_sum (profile)", "predicted ms/token (memory + link)", "measured ms/token", "error",
+            "zero-cost link ms/token", "emulation added ms (predicted link ms)"]
+    lines += B.markdown_table(head, "rlrrrrrr", [
+        [str(r["world"]), r["link"], f"{1e6 * r['allreduce_s']:.0f} µs",
+         f"{1e3 * r['predicted_s']:.1f} ({1e3 * r['predicted_memory_s']:.1f} + {1e3 * r['predicted_link_s']:.2f})",
+         f"{1e3 * r['measured_s']:.1f}", f"{100 * r['error']:+.0f}%", f"{1e3 * r['zero_link_s']:.1f}",
+         f"{1e3 * r['emulated_link_added_s']:.2f} ({1e3 * r['predicted_link_s']:.2f})"] for r in report["rows"]])
     lines += ["", f"Largest |error|: {100 * report['max_abs_error']:.0f}% (target: within 25%)."]
     return "\n".join(lines)
 

@@ -351,3 +351,11 @@ def mib(n) -> str:
         return "n/a"
     m = n / 2**20
     return f"{m:.0f} MiB" if m >= 10 else f"{m:.2f} MiB"
+
+
+def markdown_table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A markdown table: `align` has one letter per column, "l" or "r"."""
+    def line(cells: list[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    return [line(header), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"] + [line(r) for r in rows]
