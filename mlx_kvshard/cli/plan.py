@@ -12,6 +12,7 @@ from ..planner.capacity import Host, Options
 from ..config import ModelConfig
 from ..errors import UserError
 from ..models.resolve import _looks_like_hub_id
+from ..settings import parse_numbers
 
 
 def register(sub) -> None:
@@ -43,19 +44,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_numbers(text: str | None, flag: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated numbers like 64,24,16") from None
-    if any(not v > 0 for v in values):
-        raise UserError(f"{flag} {text!r}: every value must be positive")
-    return values
-
-
 def parse_weights(text: str | None) -> list[float] | None:
+    """Old name, kept for launch/fit.py until it moves to settings.parse_shares."""
     return parse_numbers(text, "--weights")
 
 
