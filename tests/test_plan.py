@@ -100,7 +100,7 @@ def test_quantized_head_split_off_group_boundary_is_refused():
 
 
 def test_bad_weights_and_world():
-    with pytest.raises(UserError, match="3 rank weights for a world of 2"):
+    with pytest.raises(UserError, match="3 rank shares for a world of 2"):
         ShardPlan.build(cfg(), 2, shares=[1, 2, 3])
     with pytest.raises(UserError, match="positive"):
         ShardPlan.build(cfg(), 2, shares=[1, 0])
