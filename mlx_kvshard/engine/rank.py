@@ -19,10 +19,10 @@ from .startup import (LoadedRank, check_context, encode_prompt, join_group, load
 OnResume = Callable[[object], tuple[RankSettings, SamplingParams]]
 
 
-def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, ck=None) -> list[int]:
-    """Resolve the model, tokenize the prompt and check it fits. Deterministic, so every
-    rank reaches the same verdict without talking to the others. `ck`, a generation
-    checkpoint to resume, brings the prompt ids instead."""
+def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, ck=None) -> tuple[list[int], object]:
+    """Resolve the model, tokenize the prompt and check it fits; the ids and the tokenizer.
+    Deterministic, so every rank reaches the same verdict without talking to the others.
+    `ck`, a generation checkpoint to resume, brings the prompt ids instead."""
     model_dir, cfg = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_dir, cfg)
     if ck is not None:  # its ids mean something only with its model and tokenizer
@@ -33,7 +33,7 @@ def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, 
     else:
         ids = encode_prompt(tokenizer, text, chat_template)
     check_context(len(ids), max_context_for(settings.model, cfg))
-    return ids
+    return ids, tokenizer
 
 
 def run_rank(settings: RankSettings, params: SamplingParams, prompt: str, chat_template: bool = True,
@@ -53,8 +53,8 @@ def generate_on_rank(settings: RankSettings, params: SamplingParams, prompt: str
     ck = load_on_ranks(settings.checkpoint.resume, comm) if settings.checkpoint.resume else None
     if ck:  # that run's model, sampling, dtype, context
         settings, params = (on_resume or (lambda c: resumed(c, settings, params)))(ck)
-    ids = check_prompt(settings, prompt, chat_template, ck)
-    rank = load_rank(settings, comm)
+    ids, tokenizer = check_prompt(settings, prompt, chat_template, ck)  # before the long load
+    rank = load_rank(settings, comm, tokenizer)
     run = _generate(rank, settings, params, ids, ck, live)
     _report(rank, settings, run)
     return 0

@@ -10,11 +10,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig
 from ..errors import UserError
 from ..plan import ShardPlan
 from ..settings import ModelSettings, RankSettings
+
+if TYPE_CHECKING:  # MLX-free at import: the CLI checks settings before any rank starts
+    import mlx.core as mx
+
+    from .dist import Comm, LinkCost
+    from .model import ShardedModel
 
 # Test-only hooks, read here and nowhere else. Never set them outside tests.
 # FAIL_LOAD_RANK=<r>: rank r alone fails loading its shard (the others must exit with its message).
@@ -26,13 +33,13 @@ TEST_PERTURB_LM_HEAD = "MLX_KVSHARD_TEST_PERTURB_LM_HEAD"
 @dataclass
 class LoadedRank:
     """One rank, joined and loaded, ready to prefill and decode."""
-    comm: object  # engine.dist.Comm
+    comm: Comm
     plan: ShardPlan
     cfg: ModelConfig
     model_dir: Path
     tokenizer: object  # mlx-lm TokenizerWrapper
-    model: object  # engine.model.ShardedModel
-    dtype: object  # mx.Dtype, or None for the checkpoint's own
+    model: ShardedModel
+    dtype: mx.Dtype | None  # None: the checkpoint's own
     dtype_name: str
     max_context: int
     load_s: float
@@ -92,14 +99,14 @@ def check_context(prompt_tokens: int, max_context: int) -> None:
                         f"shorten the prompt or raise --max-context")
 
 
-def mx_dtype(name: str):
+def mx_dtype(name: str) -> mx.Dtype | None:
     """The mx dtype for a settings dtype name; None for 'auto' (the checkpoint's own)."""
     import mlx.core as mx
 
     return None if name == "auto" else getattr(mx, name)
 
 
-def join_group(settings: RankSettings, live):
+def join_group(settings: RankSettings, live) -> Comm:
     """Join the group (through liveness, which guards the join) and emulate the link if asked."""
     from .dist import init_comm
 
@@ -109,7 +116,7 @@ def join_group(settings: RankSettings, live):
     return comm
 
 
-def link_cost(name: str):
+def link_cost(name: str) -> LinkCost:
     """cost(kind, world, nbytes) -> seconds for a link profile: the planner's model of it."""
     from ..planner import capacity
     from ..planner.profiles import load_link
@@ -128,8 +135,8 @@ def start_rank(settings: RankSettings, live) -> LoadedRank:
     return load_rank(settings, join_group(settings, live))
 
 
-def load_rank(settings: RankSettings, comm) -> LoadedRank:
-    """Resolve the model, load the tokenizer, plan the split and load this rank's shard.
+def load_rank(settings: RankSettings, comm: Comm, tokenizer=None) -> LoadedRank:
+    """Resolve the model, load the tokenizer (unless given), plan the split and load this rank's shard.
     Every rank shares its verdict before any collective of the model runs: one rank
     failing to load stops all of them with its message (DESIGN invariant 1)."""
     import mlx.core as mx
@@ -138,7 +145,7 @@ def load_rank(settings: RankSettings, comm) -> LoadedRank:
     from .loader import load_rank_model
 
     model_dir, cfg = resolve_model(settings.model)
-    tokenizer = load_tokenizer(model_dir, cfg)
+    tokenizer = tokenizer or load_tokenizer(model_dir, cfg)
     dtype = mx_dtype(settings.model.dtype_name)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
     plan = ShardPlan.build(cfg, comm.world, settings.sharding.shares, compute_dtype=dtype_name,
