@@ -73,7 +73,7 @@ class RankShard:
 class ShardPlan:
     config: ModelConfig
     world: int
-    weights: list[float]
+    shares: list[float]  # per-rank split shares (e.g. memory in GB); even = all 1.0
     shards: list[RankShard]
     # Element size of activations and KV cache (the run's compute dtype).
     compute_dtype: str = "float16"
@@ -82,30 +82,35 @@ class ShardPlan:
     # replicated: each rank stores and reads 1/N of it.
     vocab_parallel: bool = False
 
+    @property
+    def weights(self) -> list[float]:
+        """Old name of `shares` (kept for callers not yet renamed)."""
+        return self.shares
+
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def build(cls, config: ModelConfig, world: int, weights: Sequence[float] | None = None,
+    def build(cls, config: ModelConfig, world: int, shares: Sequence[float] | None = None,
               compute_dtype: str | None = None, vocab_parallel: bool = False) -> "ShardPlan":
         if world < 1:
             raise UserError(f"world size must be at least 1, got {world}")
-        if weights is None:
-            weights = [1.0] * world
-        weights = [float(w) for w in weights]
-        if len(weights) != world:
-            raise UserError(f"got {len(weights)} rank weights for a world of {world}; give one per rank")
-        if any(not w > 0 for w in weights):
-            raise UserError(f"rank weights must all be positive, got {weights}")
+        if shares is None:
+            shares = [1.0] * world
+        shares = [float(w) for w in shares]
+        if len(shares) != world:
+            raise UserError(f"got {len(shares)} rank shares for a world of {world}; give one per rank")
+        if any(not w > 0 for w in shares):
+            raise UserError(f"rank shares must all be positive, got {shares}")
         n_kv, g = config.num_key_value_heads, config.group_size_q
         notes: list[str] = []
         if world <= n_kv:
-            kv_counts = split_counts(n_kv, weights)
+            kv_counts = split_counts(n_kv, shares)
             kv_ranges = _ranges(kv_counts)
             q_ranges = [(a * g, b * g) for a, b in kv_ranges]
             sharers = [1] * world
             if n_kv % world:
                 notes.append(f"{n_kv} KV heads do not divide by {world} ranks: uneven split {kv_counts}")
         else:
-            kv_ranges, q_ranges, sharers = _share_kv_heads(config, world, weights)
+            kv_ranges, q_ranges, sharers = _share_kv_heads(config, world, shares)
             notes.append(
                 f"world {world} > {n_kv} KV heads: KV heads are replicated on the ranks that "
                 f"share them; each sharer computes part of that head's {g} query heads"
@@ -116,11 +121,11 @@ class ShardPlan:
             for r in range(world)
         ]
         vocab_parallel = vocab_parallel and world > 1
-        plan = cls(config, world, weights, shards_wo_mlp, compute_dtype=compute_dtype or config.dtype,
+        plan = cls(config, world, shares, shards_wo_mlp, compute_dtype=compute_dtype or config.dtype,
                    notes=notes, vocab_parallel=vocab_parallel)
         plan._check_quant_alignment()
         mlp = plan._split_mlp()
-        vocab = _ranges(split_counts(config.vocab_size, weights)) if vocab_parallel else [None] * world
+        vocab = _ranges(split_counts(config.vocab_size, shares)) if vocab_parallel else [None] * world
         plan.shards = [
             RankShard(s.rank, s.kv_heads, s.q_heads, mlp[s.rank], s.kv_sharers, vocab[s.rank])
             for s in shards_wo_mlp
@@ -161,11 +166,11 @@ class ShardPlan:
         per_unit = 3 * self._linear_bytes(align, cfg.hidden_size)
         attn = [self._attention_bytes(s) for s in self.shards]
         budget = sum(attn) + units * per_unit
-        wsum = sum(self.weights)
+        wsum = sum(self.shares)
         # Each rank's share of all layer bytes follows its weight; MLP fills what attention leaves.
-        want = [max(0.0, budget * w / wsum - a) / per_unit for w, a in zip(self.weights, attn)]
+        want = [max(0.0, budget * w / wsum - a) / per_unit for w, a in zip(self.shares, attn)]
         if sum(want) <= 0:
-            want = list(self.weights)
+            want = list(self.shares)
         counts = split_counts(units, want)
         return [(a * align, b * align) for a, b in _ranges(counts)]
 
@@ -251,7 +256,7 @@ class ShardPlan:
             "ranks": [
                 {
                     "rank": s.rank,
-                    "weight": self.weights[s.rank],
+                    "weight": self.shares[s.rank],
                     "kv_heads": list(s.kv_heads),
                     "q_heads": list(s.q_heads),
                     "mlp_cols": list(s.mlp_cols),

@@ -5,7 +5,45 @@ Pure Python, no MLX."""
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
+
+from .errors import UserError
+
+# Liveness timing (liveness/client.py sends heartbeats; the coordinator judges silence).
+HEARTBEAT_S = 0.5
+DEFAULT_PEER_TIMEOUT_S = 10.0
+DEFAULT_STEP_TIMEOUT_S = 20.0
+
+DEFAULT_CHECKPOINT_EVERY = 16
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+def default_dtype(requested: str | None) -> str:
+    """The compute dtype name to use ('auto' = the checkpoint's)."""
+    if requested:
+        return requested
+    # MLX's Linux build runs on the CPU, where half precision is slow and drifts.
+    return "float32" if platform.system() == "Linux" else "auto"
+
+
+def parse_numbers(text: str | None, flag: str) -> list[float] | None:
+    """'64,24,16' -> [64.0, 24.0, 16.0]; None or '' -> None."""
+    if not text:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated numbers like 64,24,16") from None
+    if any(not v > 0 for v in values):
+        raise UserError(f"{flag} {text!r}: every value must be positive")
+    return values
+
+
+def parse_shares(text: str | None, flag: str = "--shares") -> tuple[float, ...] | None:
+    """Per-rank split shares, e.g. memory in GB: '64,24,16'."""
+    values = parse_numbers(text, flag)
+    return tuple(values) if values is not None else None
 
 
 @dataclass(frozen=True)
@@ -15,6 +53,18 @@ class ModelSettings:
     dtype: str | None = None  # float32/float16/bfloat16/auto; None = the platform default
     max_context: int | None = None  # None = the model's max_position_embeddings
     prefill_step: int = 512  # prompt tokens per prefill chunk
+
+    @property
+    def dtype_name(self) -> str:
+        return default_dtype(self.dtype)
+
+    def validate(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        if self.prefill_step < 1:
+            raise UserError(f"--prefill-step {self.prefill_step}: must be at least 1")
+        if self.max_context is not None and self.max_context < 2:
+            raise UserError(f"--max-context {self.max_context}: must be at least 2")
 
 
 @dataclass(frozen=True)
@@ -28,16 +78,28 @@ class ShardingSettings:
 
 @dataclass(frozen=True)
 class LivenessSettings:
-    peer_timeout: float = 10.0
-    step_timeout: float = 20.0
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT_S  # a rank silent on the side channel this long is lost
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S  # a token taking longer stops every rank
+
+    def validate(self) -> None:
+        for flag, value in (("--peer-timeout", self.peer_timeout), ("--step-timeout", self.step_timeout)):
+            if not value > 0:
+                raise UserError(f"{flag} {value}: must be a positive number of seconds")
+        if self.peer_timeout < 4 * HEARTBEAT_S:
+            raise UserError(f"--peer-timeout {self.peer_timeout}: must be at least {4 * HEARTBEAT_S:g} s "
+                            f"(heartbeats go every {HEARTBEAT_S:g} s)")
 
 
 @dataclass(frozen=True)
 class CheckpointSettings:
     """Generation checkpoints (one-prompt `generate` only)."""
-    path: str | None = None  # where rank 0 writes it; None = a temporary file under the cache
-    every: int = 16  # tokens between writes; 0 = never
+    path: str | None = None  # where rank 0 writes it; None = the resume file, else a temporary one
+    every: int = DEFAULT_CHECKPOINT_EVERY  # tokens between writes; 0 = never
     resume: str | None = None  # a checkpoint to continue
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise UserError(f"--checkpoint-every {self.every}: must be 0 (never) or a token count")
 
 
 @dataclass(frozen=True)
@@ -50,9 +112,14 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class RankSettings:
-    """Everything one rank of a `generate` job needs, besides the prompt and sampling."""
+    """Everything one rank of a job needs, besides the prompt and sampling."""
     model: ModelSettings = field(default_factory=ModelSettings)
     sharding: ShardingSettings = field(default_factory=ShardingSettings)
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.liveness.validate()
+        self.checkpoint.validate()

@@ -58,7 +58,7 @@ def test_uneven_split_three_ranks_eight_kv_heads():
 
 
 def test_weighted_split_follows_memory():
-    plan = ShardPlan.build(cfg(), 3, weights=[64, 24, 16])
+    plan = ShardPlan.build(cfg(), 3, shares=[64, 24, 16])
     assert [s.local_kv_heads for s in plan.shards] == [5, 2, 1]
     w = [plan.weight_bytes(r) for r in range(3)]
     assert w[0] > w[1] > w[2]
@@ -100,10 +100,10 @@ def test_quantized_head_split_off_group_boundary_is_refused():
 
 
 def test_bad_weights_and_world():
-    with pytest.raises(UserError, match="3 rank weights for a world of 2"):
-        ShardPlan.build(cfg(), 2, weights=[1, 2, 3])
+    with pytest.raises(UserError, match="3 rank shares for a world of 2"):
+        ShardPlan.build(cfg(), 2, shares=[1, 2, 3])
     with pytest.raises(UserError, match="positive"):
-        ShardPlan.build(cfg(), 2, weights=[1, 0])
+        ShardPlan.build(cfg(), 2, shares=[1, 0])
     with pytest.raises(UserError, match="at least 1"):
         ShardPlan.build(cfg(), 0)
 

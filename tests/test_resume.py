@@ -16,6 +16,7 @@ from mlx_kvshard.cli import main
 from mlx_kvshard.liveness.checkpoint import GenCheckpoint, model_identity
 from mlx_kvshard.engine.generate import SamplingParams
 from mlx_kvshard.models.tiny import tiny_model_dir
+from mlx_kvshard.settings import CheckpointSettings
 
 
 def make(tmp_path, model_dir=None, tokens=(5, 6, 7), name="ck.json", **sampling) -> tuple:
@@ -38,15 +39,44 @@ def test_written_atomically_and_read_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.json"]  # the temp file was renamed over
     back = gencheckpoint.read(path)
     assert back == ck and back.params() == ck.params()
-    body = json.loads(path.read_text())
-    assert body["step"] == 3 and body["format"] == gencheckpoint.FORMAT
+    header, tokens = path.read_text().splitlines()
+    assert json.loads(header)["format"] == gencheckpoint.FORMAT
+    assert json.loads(tokens)["n"] == 3 and json.loads(tokens)["t"] == [5, 6, 7]
+
+
+def test_tokens_are_appended_and_a_torn_append_is_dropped(tmp_path):
+    """The prompt is written once; each later write appends one line. A crash cut at any
+    byte of the file leaves a checkpoint that reads back as the last whole state."""
+    params = SamplingParams(max_tokens=64)
+    ck = gencheckpoint.Writer.for_rank(CheckpointSettings(path=str(tmp_path / "ck.json"), every=4), 0,
+                                       tiny_model_dir(), [1, 2, 3], params, 4096, "float32", 2)
+    tokens = []
+    sizes = []
+    for t in range(10, 22):
+        tokens.append(t)
+        ck.step(tokens)
+        sizes.append(ck.path.stat().st_size if ck.path.exists() else 0)
+    ck.finish(tokens, "length")
+    text = ck.path.read_text()
+    assert text.count("\n") == 5 and text.count('"prompt"') == 1  # header + 3 appends + finish
+    assert sizes[3] < sizes[7] < sizes[11] and sizes[7] - sizes[3] < 100  # appends, not rewrites
+    whole = gencheckpoint.read(ck.path)
+    assert whole.tokens == tokens and whole.finish_reason == "length" and whole.prompt == [1, 2, 3]
+    header_end = text.index("\n") + 1
+    for cut in range(header_end, len(text)):
+        (tmp_path / "torn.json").write_text(text[:cut])
+        back = gencheckpoint.read(tmp_path / "torn.json")
+        line_ends = [i + 1 for i, c in enumerate(text[:cut]) if c == "\n"]
+        saved = {header_end: 0, **{end: n for end, n in zip(line_ends[1:], (4, 8, 12, 12))}}
+        assert back.tokens == tokens[:saved[line_ends[-1]]], cut
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t[: len(t) // 2], "corrupt generation checkpoint (not valid JSON"),
-    (lambda t: t.replace('"tokens":[5,6,7]', '"tokens":[5,6,8]'), "its checksum does not match"),
+    (lambda t: t.replace('"t":[5,6,7]', '"t":[5,6,8]'), "its checksum does not match"),
+    (lambda t: t.replace('"prompt":[1,2,3]', '"prompt":[1,2,4]'), "its checksum does not match"),
     (lambda t: json.dumps({"hello": 1}), "not an mlx-kvshard generation checkpoint"),
-    (lambda t: t.replace('"version":1', '"version":99'), "checkpoint format version 99"),
+    (lambda t: t.replace('"version":2', '"version":99'), "checkpoint format version 99"),
 ])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, damage, message):
     path, _ = make(tmp_path)

@@ -4,8 +4,6 @@ simulated local ranks (`--simulate N`)."""
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 
 from ..launch import restart
@@ -13,6 +11,8 @@ from ..launch import restart
 from ..liveness import checkpoint as gencheckpoint, client as liveness
 from ..errors import UserError
 from ..engine.generate import SamplingParams
+from ..settings import (DEFAULT_CHECKPOINT_EVERY, DTYPES, CheckpointSettings, LivenessSettings, ModelSettings,
+                        OutputSettings, RankSettings, ShardingSettings, default_dtype, parse_shares)
 
 
 def register(sub) -> None:
@@ -32,9 +32,11 @@ def register(sub) -> None:
                    help="max prompt + generated tokens (default: the model's max_position_embeddings)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: float32 on Linux CPU, the checkpoint's on macOS)")
-    p.add_argument("--weights", help="per-rank weights for the shard split, e.g. memory in GB: 64,24,16")
+    # dest stays "weights": launch/fit.py reads the rank command's namespace by that name
+    p.add_argument("--shares", "--weights", dest="weights", metavar="SHARES",
+                   help="per-rank shares of the split, e.g. memory in GB: 64,24,16 (--weights: old spelling)")
     p.add_argument("--vocab-parallel", action="store_true",
                    help="split lm_head by vocabulary rows across ranks (one logits all_gather per token)")
     p.add_argument("--backend", default="any", help="MLX distributed backend (ring, jaccl, any)")
@@ -45,10 +47,29 @@ def register(sub) -> None:
     p.add_argument("--link", metavar="PROFILE",
                    help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
-    gencheckpoint.add_arguments(p)
-    liveness.add_arguments(p)
+    add_checkpoint_arguments(p)
+    add_liveness_arguments(p)
     restart.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
+
+
+def add_checkpoint_arguments(p) -> None:
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="where rank 0 keeps the generation checkpoint (default: the --resume file, else a new "
+                        "file under the cache's checkpoints/ folder, removed when generation completes)")
+    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="K",
+                   help=f"write the checkpoint every K tokens (0: never; default {DEFAULT_CHECKPOINT_EVERY})")
+    p.add_argument("--resume", metavar="FILE",
+                   help="continue the generation saved in FILE (its model, prompt, sampling and seed)")
+
+
+def add_liveness_arguments(p) -> None:
+    p.add_argument("--peer-timeout", type=float, default=liveness.DEFAULT_PEER_TIMEOUT_S, metavar="S",
+                   help="a rank silent on the side channel for S seconds is declared lost (needs a "
+                        f"coordinator: --simulate or the launcher; default {liveness.DEFAULT_PEER_TIMEOUT_S:g})")
+    p.add_argument("--step-timeout", type=float, default=liveness.DEFAULT_STEP_TIMEOUT_S, metavar="S",
+                   help="a token taking longer than S seconds stops every rank "
+                        f"(default {liveness.DEFAULT_STEP_TIMEOUT_S:g})")
 
 
 def sampling_params(args) -> SamplingParams:
@@ -58,19 +79,46 @@ def sampling_params(args) -> SamplingParams:
         repetition_context_size=args.repetition_context_size, seed=args.seed, stop=tuple(args.stop),
     )
     params.validate()
-    if args.prefill_step < 1:
-        raise UserError(f"--prefill-step {args.prefill_step}: must be at least 1")
-    if args.max_context is not None and args.max_context < 2:
-        raise UserError(f"--max-context {args.max_context}: must be at least 2")
     return params
+
+
+def rank_settings(args: argparse.Namespace) -> RankSettings:
+    """The typed settings of one rank job; the namespace stops here."""
+    settings = RankSettings(
+        model=ModelSettings(args.model, args.dtype, args.max_context, args.prefill_step),
+        sharding=ShardingSettings(parse_shares(args.weights, "--shares"), args.vocab_parallel, args.backend,
+                                  args.link),
+        liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
+        checkpoint=CheckpointSettings(args.checkpoint, args.checkpoint_every, args.resume),
+        output=OutputSettings(args.json, args.stats, args.check_sync),
+    )
+    settings.validate()
+    return settings
+
+
+def apply_resume(ck, args: argparse.Namespace) -> None:
+    """Make `args` describe the checkpointed run: its model (unless --model names one),
+    sampling, seed, dtype and context. A flag set to another value is a mistake, except
+    --max-tokens, which may extend or shorten the run."""
+    default = args._parser.get_default
+    for dest, value in gencheckpoint.resumed_values(ck).items():
+        given = getattr(args, dest)
+        if given != default(dest) and given != value and not (dest == "dtype" and given == "auto"):
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"{flag} {given}: --resume continues a run that used {flag} {value}; "
+                            f"drop {flag} to reproduce it")
+        setattr(args, dest, value)
+    if args.model == default("model"):
+        args.model = ck.model["path"]
+    if args.max_tokens == default("max_tokens"):
+        args.max_tokens = ck.sampling["max_tokens"]
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
-    params = sampling_params(args)
-    gencheckpoint.check_arguments(args)
-    liveness.check_arguments(args)
+    sampling_params(args)
+    rank_settings(args)  # every flag checked before anything starts
     restart.check_arguments(args)
     if args.restart and args.simulate is None:
         raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
@@ -78,14 +126,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return simulate(args)
     from ..engine.rank import run_rank
 
-    return run_rank(args, params)
+    def on_resume(ck):  # on every rank, once rank 0 has shared the checkpoint
+        apply_resume(ck, args)
+        return rank_settings(args), sampling_params(args)
 
-
-def default_dtype(requested: str | None) -> str:
-    if requested:
-        return requested
-    # MLX's Linux build runs on the CPU, where half precision is slow and drifts.
-    return "float32" if platform.system() == "Linux" else "auto"
+    return run_rank(rank_settings(args), sampling_params(args), args.prompt,
+                    chat_template=not args.no_chat_template, on_resume=on_resume)
 
 
 def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:
@@ -97,7 +143,7 @@ def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set
         value = getattr(args, action.dest, action.default)
         if value == action.default:
             continue
-        flag = action.option_strings[-1]
+        flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             out.append(flag)
         elif isinstance(action, argparse._AppendAction):
@@ -112,16 +158,18 @@ def simulate(args: argparse.Namespace) -> int:
     """Check what can be checked once, build the model once, then start the ranks."""
     from ..launch.simulate import run_local
 
-    from ..engine.rank import prepare_prompt
+    from ..engine.rank import check_prompt
+    from ..engine.startup import resolve_model
 
     if args.simulate < 1:
         raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
     ck = None
     if args.resume:  # a corrupt or mismatched checkpoint fails here, before any rank starts
         ck = gencheckpoint.read(args.resume)
-        gencheckpoint.apply_checkpoint(ck, args, args._parser)
-    model_dir, cfg, _tok, _ids, _ctx = prepare_prompt(args, ck)  # fails fast before any rank starts
-    args.model = str(model_dir)
+        apply_resume(ck, args)
+    settings = rank_settings(args)
+    check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    args.model = str(resolve_model(settings.model)[0])
     args.dtype = default_dtype(args.dtype)
     rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]
 

@@ -201,11 +201,11 @@ def request_from(ns: argparse.Namespace | None, model: str | None = None):
     """What the rank command's parsed options (defaults included) ask for, memory-wise;
     `model` overrides (launch --check --model M without a rank command)."""
     from ..launch.fit import ModelRequest
-    from .plan import parse_weights
+    from ..settings import parse_shares
 
     get = (lambda k: getattr(ns, k, None)) if ns is not None else (lambda k: None)
     dtype = None if get("dtype") in (None, "auto") else get("dtype")
-    return ModelRequest(model or get("model"), parse_weights(get("weights")), dtype, get("max_context"),
+    return ModelRequest(model or get("model"), parse_shares(get("weights")), dtype, get("max_context"),
                         bool(get("vocab_parallel")))
 
 

@@ -12,6 +12,7 @@ from ..planner.capacity import Host, Options
 from ..config import ModelConfig
 from ..errors import UserError
 from ..models.resolve import _looks_like_hub_id
+from ..settings import parse_numbers
 
 
 def register(sub) -> None:
@@ -21,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--world", type=int, help="number of ranks (or give --hostfile)")
     p.add_argument("--hostfile", help="MLX hostfile (JSON), or the name of a shipped example; per host "
                                      "optional memory_gb and chip (IPs and RDMA devices may be missing)")
-    p.add_argument("--weights", help="comma-separated per-rank split weights (default: usable memory)")
+    p.add_argument("--shares", "--weights", dest="weights", metavar="SHARES",
+                   help="comma-separated per-rank shares of the split (default: usable memory; --weights: old spelling)")
     p.add_argument("--dtype", default=None, help="compute/KV dtype (default: the checkpoint's)")
     p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence (default 8192)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
@@ -42,22 +44,6 @@ def register(sub) -> None:
                    help="split lm_head by vocabulary rows (one logits all_gather per token) instead of replicating it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
-
-
-def parse_numbers(text: str | None, flag: str) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated numbers like 64,24,16") from None
-    if any(not v > 0 for v in values):
-        raise UserError(f"{flag} {text!r}: every value must be positive")
-    return values
-
-
-def parse_weights(text: str | None) -> list[float] | None:
-    return parse_numbers(text, "--weights")
 
 
 def _per_rank(values: list | None, world: int, flag: str) -> list | None:
@@ -146,7 +132,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     opts.check()
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)
-    weights = _per_rank(parse_weights(args.weights), len(hosts), "--weights")
+    weights = _per_rank(parse_numbers(args.weights, "--shares"), len(hosts), "--shares")
     cluster = capacity.evaluate(cfg, hosts, link, opts, weights=weights, compute_dtype=args.dtype)
     decision = capacity.decide(cfg, cluster, link, opts, compute_dtype=args.dtype)
     ckpt = checkpoint_bytes(args.model, Path(config_path))

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
+
+
+LinkCost = Callable[[str, int, int], float]  # (kind 'sum'|'gather', world, nbytes) -> seconds
 
 
 @dataclass
@@ -22,17 +27,17 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.world = group.size() if group is not None else 1
         self.stats = CommStats()
-        self.link = None  # a LinkProfile to emulate (simulation only)
+        # cost(kind, world, nbytes) -> seconds of an emulated link (simulation only);
+        # handed in by the caller so the per-token path imports no planner.
+        self.link_cost: LinkCost | None = None
         self._owed_s = 0.0
 
-    def emulate_link(self, link) -> None:
-        """Make each collective cost at least the link's time: owed at issue, paid by
-        `pay_link_time()` after the step that ran it is evaluated."""
-        self.link = link
+    def emulate_link(self, cost: "LinkCost") -> None:
+        """Make each collective cost at least `cost(kind, world, nbytes)` seconds ('sum' or
+        'gather'): owed at issue, paid by `pay_link_time()` after the step that ran it is evaluated."""
+        self.link_cost = cost
 
     def pay_link_time(self) -> float:
-        import time
-
         owed, self._owed_s = self._owed_s, 0.0
         if owed > 0:
             time.sleep(owed)
@@ -42,17 +47,24 @@ class Comm:
         """Count a collective where it is issued, and owe its emulated link time."""
         self.stats.collectives += 1
         self.stats.bytes += x.nbytes
-        if self.link is not None:
-            from ..planner import capacity
-
-            seconds = capacity.allreduce_seconds if kind == "sum" else capacity.allgather_seconds
-            self._owed_s += seconds(self.link, self.world, x.nbytes)
+        if self.link_cost is not None:
+            self._owed_s += self.link_cost(kind, self.world, x.nbytes)
 
     def all_sum(self, x: mx.array) -> mx.array:
         if self.world == 1:
             return x
         self._issue(x, "sum")
         return mx.distributed.all_sum(x, group=self.group)
+
+    def broadcast_from_rank0(self, y: mx.array) -> mx.array:
+        """Rank 0's integer `y` on every rank: an all_sum of (y on rank 0, zeros elsewhere).
+        Lazy like every collective here, so it joins the step's graph without a host sync."""
+        if self.world == 1:
+            return y
+        # Multiply, not zeros_like: the zeros must depend on y, or this all_sum could be
+        # scheduled before the step's other collectives on some ranks (a deadlock).
+        mine = y.astype(mx.int32) * (1 if self.rank == 0 else 0)
+        return self.all_sum(mine).astype(y.dtype)
 
     def all_gather(self, x: mx.array) -> mx.array:
         """Concatenate `x` from every rank along axis 0 (rank order)."""

@@ -1,5 +1,6 @@
 """Prefill and decode on one rank. Every rank runs this same loop on the same token ids,
-so every rank issues the same collectives in the same order and samples the same token."""
+so every rank issues the same collectives in the same order; the caller's `agree` makes
+the next token rank 0's on every rank (replicated sampling can round differently)."""
 
 from __future__ import annotations
 
@@ -64,40 +65,42 @@ class DecodeTimings:
     decode_tokens: int = 0  # tokens yielded after the first
 
 
-def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
-                    prefill_step: int = 512, timings: DecodeTimings | None = None,
-                    on_prefill_done: Callable[[], None] | None = None,
-                    first_step: int = 0, after_eval: Callable[[], object] | None = None) -> Iterator[int]:
-    """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
-    stop string); it must do so identically on every rank, which holds because every rank
-    sees the same tokens. A resumed run passes the tokens generated so far at the end of
-    `prompt` and their count as `first_step`. `after_eval`, when given, runs after each
-    evaluated step and turns off the one-step pipelining (link emulation needs the steps
-    serialized, as real collectives would serialize them)."""
-    timings = timings or DecodeTimings()
-    sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
-    processors = make_logits_processors(
-        repetition_penalty=params.repetition_penalty,
-        repetition_context_size=params.repetition_context_size,
-    )
-    history = mx.array(prompt, dtype=mx.uint32)
+class TokenSampler:
+    """Last-position logits -> the next token id: logits processors over the window of
+    history they read, then the sampler seeded by (seed, step). `agree`, when given, makes
+    the sampled token rank 0's on every rank (DESIGN invariant 6)."""
 
-    def sample(logits: mx.array, step: int) -> mx.array:
-        nonlocal history
+    def __init__(self, params: SamplingParams, context: list[int],
+                 agree: Callable[[mx.array], mx.array] | None = None):
+        self.params = params
+        self.sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
+        self.processors = make_logits_processors(
+            repetition_penalty=params.repetition_penalty,
+            repetition_context_size=params.repetition_context_size,
+        )
+        # The repetition penalty reads only the last repetition_context_size tokens: keep that window.
+        self.window = params.repetition_context_size
+        self.history = mx.array(context[-self.window:], dtype=mx.uint32)
+        self.agree = agree
+
+    def __call__(self, logits: mx.array, step: int) -> mx.array:
         logits = logits[:, -1, :]
-        for proc in processors:
-            logits = proc(history, logits)
+        for proc in self.processors:
+            logits = proc(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.random.seed(step_seed(params.seed, step))
-        y = sampler(logprobs).reshape(-1).astype(mx.uint32)
-        if processors:  # only they read the history; skip the concat otherwise
-            history = mx.concatenate([history, y])
+        mx.random.seed(step_seed(self.params.seed, step))
+        y = self.sampler(logprobs).reshape(-1).astype(mx.uint32)
+        if self.agree is not None:
+            y = self.agree(y)
+        if self.processors:  # only they read the history
+            self.history = mx.concatenate([self.history, y])[-self.window:]
         return y
 
-    if first_step >= params.max_tokens:
-        return
-    budget = min(params.max_tokens - first_step, max_context - len(prompt))
-    t0 = time.perf_counter()
+
+def prefill(model, cache: list, prompt: list[int], prefill_step: int,
+            after_eval: Callable[[], object] | None = None) -> mx.array:
+    """Run all but the last prompt token into the cache in chunks of `prefill_step`, then
+    return the last token's logits (lazy)."""
     ids = mx.array(prompt, dtype=mx.uint32)
     for start in range(0, len(prompt) - 1, prefill_step):
         stop = min(start + prefill_step, len(prompt) - 1)
@@ -105,7 +108,27 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
         mx.eval([c.state for c in cache])
         if after_eval:
             after_eval()
-    y = sample(model(ids[-1:][None], cache, last_only=True), first_step)
+    return model(ids[-1:][None], cache, last_only=True)
+
+
+def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParams, max_context: int,
+                    prefill_step: int = 512, timings: DecodeTimings | None = None,
+                    on_prefill_done: Callable[[], None] | None = None,
+                    first_step: int = 0, after_eval: Callable[[], object] | None = None,
+                    agree: Callable[[mx.array], mx.array] | None = None) -> Iterator[int]:
+    """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
+    stop string); it must do so identically on every rank, which holds because every rank
+    sees the same tokens. A resumed run passes the tokens generated so far at the end of
+    `prompt` and their count as `first_step`. `after_eval`, when given, runs after each
+    evaluated step and turns off the one-step pipelining (link emulation needs the steps
+    serialized, as real collectives would serialize them). `agree`: see TokenSampler."""
+    timings = timings or DecodeTimings()
+    if first_step >= params.max_tokens:
+        return
+    sample = TokenSampler(params, prompt, agree)
+    budget = min(params.max_tokens - first_step, max_context - len(prompt))
+    t0 = time.perf_counter()
+    y = sample(prefill(model, cache, prompt, prefill_step, after_eval), first_step)
     mx.eval(y)
     if after_eval:
         after_eval()
@@ -113,6 +136,12 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
     timings.prefill_s = time.perf_counter() - t0
     if on_prefill_done:
         on_prefill_done()
+    yield from _decode(model, cache, y, sample, first_step, budget, timings, after_eval)
+
+
+def _decode(model, cache: list, y: mx.array, sample: TokenSampler, first_step: int, budget: int,
+            timings: DecodeTimings, after_eval: Callable[[], object] | None) -> Iterator[int]:
+    """Yield `y`, then each next token, `budget` in all."""
     t1 = time.perf_counter()
     step = 0
     try:

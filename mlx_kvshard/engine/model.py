@@ -20,13 +20,13 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..config import ModelConfig
 from .dist import Comm
 from ..errors import UserError
-from ..models.architectures import oracle_model_class
+from ..models.architectures import mlx_lm_model_class
 from ..plan import RankShard
 
 
 def model_args(cfg: ModelConfig):
     """mlx-lm's own parsing of config.json (defaults, rope_parameters, ...)."""
-    _, args_cls = oracle_model_class(cfg.model_type)
+    _, args_cls = mlx_lm_model_class(cfg.model_type)
     args = args_cls.from_dict(cfg.raw)
     if any(t != "full_attention" for t in (getattr(args, "layer_types", None) or [])):
         raise UserError("sliding-window attention layers (layer_types) are not supported yet")

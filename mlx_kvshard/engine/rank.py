@@ -1,123 +1,86 @@
-"""One rank's whole job for `generate`: join the group, load its shard, generate, report."""
+"""One rank's whole job for `generate`: start the rank, generate one prompt, report."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
-from ..config import ModelConfig
 from ..errors import UserError
+from ..settings import RankSettings
 from .generate import DecodeTimings, SamplingParams, StopChecker, generate_tokens
+from .startup import (LoadedRank, check_context, encode_prompt, join_group, load_rank, load_tokenizer,
+                      max_context_for, probing_tokens, resolve_model)
+
+# on_resume(checkpoint) -> the settings and sampling of the run it continues (the CLI's
+# checks its flags against it); default: everything from the checkpoint.
+OnResume = Callable[[object], tuple[RankSettings, SamplingParams]]
 
 
-def eos_token_ids(model_dir: Path, cfg: ModelConfig) -> list[int] | None:
-    """End-of-turn ids as mlx-lm takes them: generation_config.json first, then config.json
-    (Llama 3 instruct ends turns with <|eot_id|>, which is not the tokenizer's eos_token)."""
-    gen = Path(model_dir) / "generation_config.json"
-    ids = None
-    if gen.exists():
-        try:
-            ids = json.loads(gen.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError):
-            ids = None
-    ids = ids if ids is not None else cfg.raw.get("eos_token_id")
-    if ids is None:
-        return None
-    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
-
-
-def prepare_prompt(args, ck=None):
-    """Resolve the model, tokenize the prompt and check it fits. Deterministic, so every
-    rank reaches the same verdict without talking to the others. `ck`, a generation
-    checkpoint to resume, brings the prompt ids instead."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    from ..models.resolve import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    cfg = ModelConfig.from_file(model_dir)
-    try:
-        tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, cfg))
-    except Exception as e:
-        raise UserError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from None
+def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, ck=None) -> tuple[list[int], object]:
+    """Resolve the model, tokenize the prompt and check it fits; the ids and the tokenizer.
+    Deterministic, so every rank reaches the same verdict without talking to the others.
+    `ck`, a generation checkpoint to resume, brings the prompt ids instead."""
+    model_dir, cfg = resolve_model(settings.model)
+    tokenizer = load_tokenizer(model_dir, cfg)
     if ck is not None:  # its ids mean something only with its model and tokenizer
         from ..liveness.checkpoint import check_model
 
-        check_model(ck, model_dir, args.resume)
-        ids = ck.prompt
-    elif not args.no_chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                            add_generation_prompt=True)
+        check_model(ck, model_dir, settings.checkpoint.resume)
+        ids = list(ck.prompt)
     else:
-        ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise UserError("the prompt is empty after tokenization; give some text with --prompt")
-    max_context = args.max_context or cfg.max_position_embeddings or 4096
-    if len(ids) >= max_context:
-        raise UserError(f"the prompt is {len(ids)} tokens, but the max context is {max_context}; "
-                        f"shorten the prompt or raise --max-context")
-    return model_dir, cfg, tokenizer, list(ids), max_context
+        ids = encode_prompt(tokenizer, text, chat_template)
+    check_context(len(ids), max_context_for(settings.model, cfg))
+    return ids, tokenizer
 
 
-def _dtype(name: str | None, cfg: ModelConfig):
-    import mlx.core as mx
-
-    from ..cli.generate import default_dtype
-
-    name = default_dtype(name)
-    return None if name == "auto" else getattr(mx, name)
-
-
-def run_rank(args, params: SamplingParams) -> int:
+def run_rank(settings: RankSettings, params: SamplingParams, prompt: str, chat_template: bool = True,
+             on_resume: OnResume | None = None) -> int:
     from ..liveness.client import for_rank
 
-    with for_rank(args) as live:  # side channel and own watchdog: a lost peer ends in one line, exit 75
-        return _run_rank(args, params, live)
+    with for_rank(settings.liveness) as live:  # side channel and own watchdog: a lost peer ends in one line, exit 75
+        return generate_on_rank(settings, params, prompt, chat_template, live, on_resume)
 
 
-def _run_rank(args, params: SamplingParams, live) -> int:
-    import mlx.core as mx
+def generate_on_rank(settings: RankSettings, params: SamplingParams, prompt: str, chat_template: bool, live,
+                     on_resume: OnResume | None = None) -> int:
+    """Setup, loop, report."""
+    from ..liveness.checkpoint import load_on_ranks, resumed
 
-    from ..cli.plan import parse_weights
-    from .dist import agree, gather_json, init_comm
-    from ..liveness.checkpoint import Writer, apply_checkpoint, load_on_ranks
-    from .loader import load_rank_model, parameter_bytes
-    from ..plan import ShardPlan
+    comm = join_group(settings, live)
+    ck = load_on_ranks(settings.checkpoint.resume, comm) if settings.checkpoint.resume else None
+    if ck:  # that run's model, sampling, dtype, context
+        settings, params = (on_resume or (lambda c: resumed(c, settings, params)))(ck)
+    ids, tokenizer = check_prompt(settings, prompt, chat_template, ck)  # before the long load
+    rank = load_rank(settings, comm, tokenizer)
+    run = _generate(rank, settings, params, ids, ck, live)
+    _report(rank, settings, run)
+    return 0
 
-    comm = live.join(lambda: init_comm(args.backend))
-    if args.link:
-        from ..planner.profiles import load_link
 
-        comm.emulate_link(load_link(args.link))
-    ck = load_on_ranks(args.resume, comm) if args.resume else None
-    if ck:
-        params = apply_checkpoint(ck, args, args._parser)  # that run's model, sampling, dtype, context
-    model_dir, cfg, tokenizer, prompt, max_context = prepare_prompt(args, ck)
-    dtype = _dtype(args.dtype, cfg)
-    dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
-    plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name,
-                           vocab_parallel=args.vocab_parallel)
-    mx.reset_peak_memory()  # peak then covers loading as well as generation
-    t_load = time.perf_counter()
-    error = None
-    try:
-        model = load_rank_model(Path(model_dir), plan, comm, dtype,
-                                progress=_to_stderr if comm.rank == 0 else None)
-    except UserError as e:
-        error = str(e)
-    agree(comm, error)  # a load failure on any rank stops all of them
-    load_s = time.perf_counter() - t_load
+@dataclass
+class _Run:
+    prompt: list[int]
+    stopper: StopChecker
+    tokens: list[int] = field(default_factory=list)
+    resumed_tokens: int = 0
+    timings: DecodeTimings = field(default_factory=DecodeTimings)
+    after_prefill: tuple[int, int] = (0, 0)  # comm collectives and bytes when prefill ended
+    probe: list = field(default_factory=list)  # test hook: (local token, agreed token) per step
+    cache: list = field(default_factory=list)
 
-    stopper = StopChecker(tokenizer, params.stop)
-    timings = DecodeTimings()
-    show = comm.rank == 0 and not args.json
-    tokens: list[int] = []
-    stats_after_prefill = {}
-    ckpt = Writer.for_rank(args, comm.rank, model_dir, prompt, params, max_context, dtype_name, comm.world,
-                           on_write=live.checkpoint_written)
+
+def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, prompt: list[int], ck, live):
+    from ..liveness.checkpoint import Writer
+
+    comm = rank.comm
+    run = _Run(prompt, StopChecker(rank.tokenizer, params.stop), resumed_tokens=len(ck.tokens) if ck else 0,
+               cache=rank.model.make_cache())
+    show = comm.rank == 0 and not settings.output.json
+    ckpt = Writer.for_rank(settings.checkpoint, comm.rank, rank.model_dir, prompt, params, rank.max_context,
+                           rank.dtype_name, comm.world, on_write=live.checkpoint_written)
 
     def emit(text: str) -> None:
         if show and text:
@@ -126,87 +89,125 @@ def _run_rank(args, params: SamplingParams, live) -> int:
 
     done = False
     for tok in ck.tokens if ck else []:  # resumed: the text so far, and whether it had ended
-        tokens.append(tok)
-        text, done = stopper.add(tok)
+        run.tokens.append(tok)
+        text, done = run.stopper.add(tok)
         emit(text)
         if done:
             break
-
-    def mark_prefill():
-        stats_after_prefill.update(collectives=comm.stats.collectives, bytes=comm.stats.bytes)
-
-    cache = model.make_cache()
-    pay_link = comm.pay_link_time if comm.link is not None else None
     live.phase("prefill")
-    context = prompt + tokens  # a resumed run re-prefills what it had generated
-    if not done and len(context) < max_context:
-        for tok in generate_tokens(model, cache, context, params, max_context, args.prefill_step, timings,
-                                   mark_prefill, after_eval=pay_link, first_step=len(tokens)):
-            tokens.append(tok)
-            live.progress(len(tokens))
-            ckpt.step(tokens)
-            text, done = stopper.add(tok)
+    context = prompt + run.tokens  # a resumed run re-prefills what it had generated
+    if not done and len(context) < rank.max_context:
+        for tok in _tokens(rank, settings, params, context, run):
+            run.tokens.append(tok)
+            live.progress(len(run.tokens))
+            ckpt.step(run.tokens)
+            text, done = run.stopper.add(tok)
             emit(text)
             if done:
                 break
     live.phase("finishing")
-    ckpt.finish(tokens, stopper.finish_reason)
-    tail = stopper.flush()
+    ckpt.finish(run.tokens, run.stopper.finish_reason)
+    tail = run.stopper.flush()
     if show:
         sys.stdout.write(tail + "\n")
         sys.stdout.flush()
+    return run
 
+
+def _tokens(rank: LoadedRank, settings: RankSettings, params: SamplingParams, context: list[int], run: _Run):
+    comm = rank.comm
+
+    def mark_prefill():
+        run.after_prefill = (comm.stats.collectives, comm.stats.bytes)
+
+    pay_link = comm.pay_link_time if comm.link_cost is not None else None
+    return generate_tokens(rank.model, run.cache, context, params, rank.max_context,
+                           settings.model.prefill_step, run.timings, mark_prefill, after_eval=pay_link,
+                           first_step=len(run.tokens), agree=_token_agreement(rank, run))
+
+
+def _token_agreement(rank: LoadedRank, run: _Run):
+    """Every rank continues with rank 0's token (DESIGN invariant 6): replicated final norm,
+    lm_head and sampler can round a near-tie differently on another chip. One 4-byte
+    all_sum per token, inside the lazy step graph (no extra host sync). Not needed on one
+    rank, nor with --vocab-parallel: there every rank samples from the same gathered logits."""
+    comm = rank.comm
+    if comm.world == 1 or rank.plan.vocab_parallel:
+        return None
+    if not probing_tokens():
+        return comm.broadcast_from_rank0
+
+    def agree(y):  # test hook: keep this rank's own token beside the agreed one
+        agreed = comm.broadcast_from_rank0(y)
+        run.probe.append((y, agreed))
+        return agreed
+
+    return agree
+
+
+def _report(rank: LoadedRank, settings: RankSettings, run: _Run) -> None:
+    """Gather every rank's facts; rank 0 prints the JSON report and/or the stats."""
+    from .dist import gather_json
+
+    comm = rank.comm
+    steps = max(1, run.timings.decode_steps)  # before the gather below, which is no decode traffic
+    per_token = {"collectives_per_token": (comm.stats.collectives - run.after_prefill[0]) / steps,
+                 "bytes_per_token": (comm.stats.bytes - run.after_prefill[1]) / steps}
+    ranks = gather_json(comm, _rank_facts(rank, run))
+    if settings.output.check_sync:
+        digests = {r["tokens_digest"] for r in ranks}
+        if len(digests) != 1:
+            raise UserError("ranks disagree on the generated tokens: " +
+                            ", ".join(f"rank {r['rank']}={r['tokens_digest']}" for r in ranks))
+    if comm.rank != 0:
+        return
     # every rank issued the same collectives: the KV cache shard sizes are local facts
-    decode_collectives = comm.stats.collectives - stats_after_prefill.get("collectives", 0)
-    decode_bytes = comm.stats.bytes - stats_after_prefill.get("bytes", 0)
-    steps = max(1, timings.decode_steps)
-    shard = plan.shards[comm.rank]
-    mine = {
+    report = {
+        "text": run.stopper.text,
+        "tokens": run.tokens,
+        "prompt_tokens": len(run.prompt),
+        "resumed_tokens": run.resumed_tokens,
+        "finish_reason": run.stopper.finish_reason,
+        "world": comm.world,
+        "model": str(rank.model_dir),
+        "dtype": rank.dtype_name,
+        "timings": _timings(run.timings, rank.load_s),
+        "comm": per_token,
+        "ranks": ranks,
+        "sync_checked": settings.output.check_sync,
+    }
+    if settings.output.json:
+        print(json.dumps(report))
+    if settings.output.stats:
+        print(format_stats(report), file=sys.stderr)
+
+
+def _rank_facts(rank: LoadedRank, run: _Run) -> dict:
+    import mlx.core as mx
+
+    from .loader import parameter_bytes
+
+    comm, cache, shard = rank.comm, run.cache, rank.plan.shards[rank.comm.rank]
+    facts = {
         "rank": comm.rank,
         "kv_heads": list(shard.kv_heads),
         "q_heads": list(shard.q_heads),
         "local_kv_heads": shard.local_kv_heads,
         "local_q_heads": shard.local_q_heads,
         "mlp_cols": list(shard.mlp_cols),
-        "weight_bytes": parameter_bytes(model),
-        "plan_weight_bytes": plan.weight_bytes(comm.rank),
+        "weight_bytes": parameter_bytes(rank.model),
+        "plan_weight_bytes": rank.plan.weight_bytes(comm.rank),
         "kv_bytes": sum(c.nbytes for c in cache),
-        "kv_tokens_allocated": cache[0].keys.shape[2] if cache[0].keys is not None else 0,
-        "kv_tokens": cache[0].offset,
-        "plan_kv_bytes_per_token": plan.kv_bytes_per_token(comm.rank),
+        "kv_tokens_allocated": cache[0].keys.shape[2] if cache and cache[0].keys is not None else 0,
+        "kv_tokens": cache[0].offset if cache else 0,
+        "plan_kv_bytes_per_token": rank.plan.kv_bytes_per_token(comm.rank),
         "peak_memory_bytes": mx.get_peak_memory(),
-        "tokens_digest": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16],
+        "tokens_digest": hashlib.sha256(json.dumps(run.tokens).encode()).hexdigest()[:16],
     }
-    ranks = gather_json(comm, mine)
-    if args.check_sync:
-        digests = {r["tokens_digest"] for r in ranks}
-        if len(digests) != 1:
-            raise UserError("ranks disagree on the generated tokens: " +
-                            ", ".join(f"rank {r['rank']}={r['tokens_digest']}" for r in ranks))
-    if comm.rank == 0:
-        report = {
-            "text": stopper.text,
-            "tokens": tokens,
-            "prompt_tokens": len(prompt),
-            "resumed_tokens": len(ck.tokens) if ck else 0,
-            "finish_reason": stopper.finish_reason,
-            "world": comm.world,
-            "model": str(model_dir),
-            "dtype": dtype_name,
-            "timings": _timings(timings, load_s),
-            "comm": {
-                "collectives_per_token": decode_collectives / steps,
-                "bytes_per_token": decode_bytes / steps,
-            },
-            "ranks": ranks,
-            "sync_checked": bool(args.check_sync),
-        }
-        if args.json:
-            print(json.dumps(report))
-        if args.stats:
-            print(format_stats(report), file=sys.stderr)
-    return 0
-
+    if run.probe:  # test hook: steps where this rank's own sampled token was not rank 0's
+        mx.eval(run.probe)
+        facts["local_token_disagreements"] = sum(int(a.item()) != int(b.item()) for a, b in run.probe)
+    return facts
 
 
 def _timings(t: DecodeTimings, load_s: float) -> dict:
@@ -243,7 +244,3 @@ def format_stats(r: dict) -> str:
             f"query heads {k['q_heads'][0]}-{k['q_heads'][1] - 1}, weights {human_bytes(k['weight_bytes'])}, "
             f"KV cache {human_bytes(k['kv_bytes'])}, peak memory {human_bytes(k['peak_memory_bytes'])}")
     return "\n".join(lines)
-
-
-def _to_stderr(line: str) -> None:
-    print(f"mlx-kvshard: {line}", file=sys.stderr, flush=True)

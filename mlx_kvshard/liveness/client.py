@@ -25,33 +25,13 @@ import sys
 import threading
 import time
 
+from ..settings import DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, HEARTBEAT_S, LivenessSettings
+
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a peer died or stalled; resuming from the checkpoint can succeed
 ENV_COORDINATOR = "MLX_KVSHARD_COORDINATOR"  # host:port of the coordinator, set by the launcher
 ENV_HOST = "MLX_KVSHARD_HOST"  # this rank's host label for messages (else the address seen)
-HEARTBEAT_S = 0.5
 GRACE_S = 2.0  # after MLX reports a lost peer, how long to wait for the coordinator to name it
 JOIN_TIMEOUT_S = 120.0  # every rank said hello, and mx.distributed.init returned, within this
-DEFAULT_PEER_TIMEOUT_S = 10.0
-DEFAULT_STEP_TIMEOUT_S = 20.0
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT_S, metavar="S",
-                   help="a rank silent on the side channel for S seconds is declared lost "
-                        f"(needs a coordinator: --simulate or the launcher; default {DEFAULT_PEER_TIMEOUT_S:g})")
-    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
-                   help=f"a token taking longer than S seconds stops every rank (default {DEFAULT_STEP_TIMEOUT_S:g})")
-
-
-def check_arguments(args) -> None:
-    from ..errors import UserError
-
-    for flag, value in (("--peer-timeout", args.peer_timeout), ("--step-timeout", args.step_timeout)):
-        if not value > 0:
-            raise UserError(f"{flag} {value}: must be a positive number of seconds")
-    if args.peer_timeout < 4 * HEARTBEAT_S:
-        raise UserError(f"--peer-timeout {args.peer_timeout}: must be at least {4 * HEARTBEAT_S:g} s "
-                        f"(heartbeats go every {HEARTBEAT_S:g} s)")
 
 
 def where(n: int, phase: str) -> str:
@@ -253,7 +233,7 @@ def is_connection_error(exc: BaseException) -> bool:
                                               or "connection" in text.lower())
 
 
-def for_rank(args) -> Liveness:
+def for_rank(settings: LivenessSettings) -> Liveness:
     """The liveness of this process: a coordinator when the launcher named one, else
     only our own step deadline (plain `mlx.launch`). A process outside any launch has
     no peers to wait for, so no deadline."""
@@ -261,4 +241,4 @@ def for_rank(args) -> Liveness:
     if "MLX_RANK" not in os.environ and not coordinator:
         return Liveness(0, float("inf"))
     rank = int(os.environ.get("MLX_RANK", "0"))  # a world of one runs without MLX_RANK
-    return Liveness(rank, args.step_timeout, coordinator, args.peer_timeout)
+    return Liveness(rank, settings.step_timeout, coordinator, settings.peer_timeout)

@@ -1,4 +1,5 @@
-"""The unsharded mlx-lm model classes: our correctness oracle and the synthetic checkpoint builder."""
+"""The mlx-lm model classes: their ModelArgs configure our sharded model, and the unsharded
+model is the correctness oracle and the synthetic checkpoint builder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib
 _MLX_LM_MODULE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def oracle_model_class(model_type: str):
+def mlx_lm_model_class(model_type: str):
     mod = importlib.import_module(f"mlx_lm.models.{_MLX_LM_MODULE[model_type]}")
     return mod.Model, mod.ModelArgs
 

@@ -83,7 +83,7 @@ def write_checkpoint(path: str | Path, config: dict, seed: int = 0,
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from .architectures import oracle_model_class
+    from .architectures import mlx_lm_model_class
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def write_checkpoint(path: str | Path, config: dict, seed: int = 0,
     config.setdefault("vocab_size", n_tokens)
     if config["vocab_size"] < n_tokens:
         raise ValueError(f"vocab_size {config['vocab_size']} < tokenizer's {n_tokens} tokens")
-    model_cls, args_cls = oracle_model_class(config["model_type"])
+    model_cls, args_cls = mlx_lm_model_class(config["model_type"])
     model = model_cls(args_cls.from_dict(config))
     dtype = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[config["torch_dtype"]]
     keys = mx.random.split(mx.random.key(seed), len(tree_flatten(model.parameters())))
