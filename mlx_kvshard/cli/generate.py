@@ -9,6 +9,7 @@ import platform
 import sys
 
 from ..launch import restart
+from . import batch
 
 from ..liveness import checkpoint as gencheckpoint, client as liveness
 from ..errors import UserError
@@ -48,6 +49,7 @@ def register(sub) -> None:
     gencheckpoint.add_arguments(p)
     liveness.add_arguments(p)
     restart.add_arguments(p)
+    batch.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
 
 
@@ -66,6 +68,8 @@ def sampling_params(args) -> SamplingParams:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.prompts_file:  # many prompts through the serving engine
+        return batch.run(args, parser)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     params = sampling_params(args)

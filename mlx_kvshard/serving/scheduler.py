@@ -1,0 +1,147 @@
+"""Rank 0's scheduler: what runs each step. Pure Python (no MLX): it sees requests as
+token ids and reservations, and writes `wire.Step`s.
+
+Each step: remove finished and cancelled sequences, join the ones whose first token was
+sampled last step, decode every running row, then spend the prefill budget
+(`prefill_step` prompt tokens) on prompts in arrival order, admitting waiting requests
+while the batch and the KV cache have room. A prompt prefilled in several chunks never
+freezes the running rows: they decode in every one of those steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..settings import EngineSettings
+from .prefix_cache import PrefixIndex
+from .wire import Prefill, Step
+
+
+@dataclass
+class Seq:
+    """One admitted-or-waiting request, as the scheduler tracks it."""
+    uid: int
+    prompt: list[int]
+    budget: int  # tokens it may generate (max_tokens, clamped by the context)
+    state: Any = None  # the engine's per-request state (sampler, stop checker, handle)
+    prefilled: int = 0  # prompt positions in its KV
+    cached: int = 0  # of those, reused from the prefix cache
+    entry: int = -1  # prefix entry used (-1: none)
+    generated: list[int] = field(default_factory=list)
+    on_ranks: bool = False  # a prefill chunk went out: the ranks hold KV for it
+    phase: str = "waiting"  # waiting, prefill, ready (first token sampled), running
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt) + self.budget
+
+
+class Scheduler:
+    def __init__(self, settings: EngineSettings, kv_capacity: int, prefix: PrefixIndex | None):
+        self.settings = settings
+        self.kv_capacity = kv_capacity  # KV tokens every rank can hold (the smallest rank's)
+        self.prefix = prefix
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []  # admitted, in arrival order
+        self.ready: list[Seq] = []  # prefilled, first token sampled, joining next step
+        self.running: list[Seq] = []  # batch rows, in row order (every rank's order)
+        self.to_remove: list[Seq] = []
+        self.step_index = 0
+
+    # ---- admission --------------------------------------------------------------------
+
+    def admitted(self) -> list[Seq]:
+        return self.prefilling + self.ready + self.running
+
+    def kv_needed(self, seqs: list[Seq]) -> int:
+        """KV tokens these sequences can come to hold per rank: the batch cache is left-padded,
+        so every row is as long as the longest (an upper bound; rows leave as they finish)."""
+        return len(seqs) * max((s.reserve for s in seqs), default=0)
+
+    def never_fits(self, prompt_tokens: int, budget: int) -> str | None:
+        if prompt_tokens + budget > self.kv_capacity:
+            return (f"the request needs {prompt_tokens} prompt + {budget} new tokens = {prompt_tokens + budget} KV "
+                    f"tokens, but a rank holds at most {self.kv_capacity}; shorten the prompt or lower max_tokens")
+        return None
+
+    def _can_admit(self, seq: Seq) -> bool:
+        admitted = self.admitted()
+        return (len(admitted) < self.settings.max_batch
+                and self.kv_needed(admitted + [seq]) <= self.kv_capacity)
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def next_step(self) -> Step:
+        step = Step(index=self.step_index)
+        self.step_index += 1
+        for seq in self.to_remove:
+            if seq.on_ranks:
+                step.remove.append(seq.uid)
+            for group in (self.prefilling, self.ready, self.running):
+                if seq in group:
+                    group.remove(seq)
+        self.to_remove = []
+        for seq in self.ready:
+            seq.phase = "running"
+            step.join.append(seq.uid)
+            self.running.append(seq)
+        self.ready = []
+        step.decode = [(s.uid, s.generated[-1]) for s in self.running]
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.phase = "prefill"
+            self.prefilling.append(seq)
+        self._plan_prefill(step)
+        # debug: every rank reports its rows and KV after each change (freed on every rank?)
+        step.audit = self.settings.check_sync and bool(step.remove or step.join)
+        return step
+
+    def control_step(self, idle: bool = False, stop: bool = False) -> Step:
+        step = Step(index=self.step_index, idle=idle, stop=stop)
+        self.step_index += 1
+        return step
+
+    def _plan_prefill(self, step: Step) -> None:
+        budget = self.settings.prefill_step
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            hit = None
+            if seq.prefilled == 0 and self.prefix is not None:  # decided as its first chunk goes out
+                hit = self.prefix.lookup(seq.prompt)
+                if hit:
+                    seq.prefilled = seq.cached = hit.tokens
+                    seq.entry = hit.entry
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            last = seq.prefilled + n == len(seq.prompt)
+            step.prefill.append(Prefill(seq.uid, seq.prefilled, seq.prompt[seq.prefilled:seq.prefilled + n], last,
+                                        hit.entry if hit else -1, hit.tokens if hit else 0))
+            seq.prefilled += n
+            seq.on_ranks = True
+            budget -= n
+            if last and self.prefix is not None:
+                entry, evict = self.prefix.insert(seq.prompt)
+                step.drop += evict
+                if entry is not None:
+                    step.put.append((entry, seq.uid, len(seq.prompt)))
+
+    # ---- after the step ---------------------------------------------------------------
+
+    def prefilled(self, seq: Seq) -> None:
+        """Its first token is sampled: it joins the batch next step (unless it is already done)."""
+        self.prefilling.remove(seq)
+        seq.phase = "ready"
+        self.ready.append(seq)
+
+    def finish(self, seq: Seq) -> None:
+        """Finished or cancelled: leave at the start of the next step, on every rank."""
+        if seq.phase == "waiting":
+            self.waiting.remove(seq)
+        elif seq not in self.to_remove:
+            self.to_remove.append(seq)
+        seq.phase = "done"
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove)
