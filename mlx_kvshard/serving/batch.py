@@ -88,7 +88,7 @@ class BatchState:
         return self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
 
     def _prefill(self, p) -> mx.array | None:
-        if p.start == 0:
+        if p.start == p.hit:  # its first chunk (after the positions a prefix hit reuses)
             self.pending[p.uid] = self._start_cache(p.entry, p.hit)
         cache = self.pending[p.uid]
         if cache[0].offset != p.start:
@@ -135,11 +135,14 @@ class BatchState:
         return n
 
     def report(self) -> dict:
-        lens = []
+        lens, allocated = [], 0
         if self.cache:
             c = self.cache[0]
             lens = (mx.array(c._idx) - c.left_padding).tolist()  # each row's real tokens
-        return {"rank": self.comm.rank, "rows": self.rows, "row_tokens": lens,
+            allocated = c.keys.shape[2] if c.keys is not None else 0
+        return {"rank": self.comm.rank, "rows": list(self.rows), "row_tokens": lens,
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
-                "kv_bytes": self.kv_bytes(), "entries": sorted(self.entries),
+                "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
+                "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
+                "entries": sorted(self.entries),
                 "entry_bytes": sum(k.nbytes + v.nbytes for e in self.entries.values() for k, v in e)}

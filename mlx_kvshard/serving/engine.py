@@ -141,6 +141,11 @@ class Engine:
         if self.tokenizer.chat_template:
             self.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}], add_generation_prompt=True)
         self.tokenizer.detokenizer.add_token(0)
+        # mlx-lm's samplers are mx.compile'd: on MLX's CPU backend the first call builds a kernel (seconds)
+        from ..engine.generate import SamplingParams
+
+        logits = mx.zeros((1, self.loaded.cfg.vocab_size))
+        sample_rows(logits, [RowSampler(SamplingParams(temp=0.7, top_p=0.9, top_k=5, min_p=0.05), [0])], [0], [0])
 
     # ---- the API (any thread) ------------------------------------------------------------
 
@@ -309,7 +314,7 @@ class Engine:
         self.live.progress(step.index + 1)
         self.metrics.step(StepRecord(step.index, len(step.decode), sum(len(p.tokens) for p in step.prefill),
                                      time.perf_counter() - t0, self.comm.stats.collectives - c0,
-                                     self.comm.stats.bytes - b0))
+                                     self.comm.stats.bytes - b0, step.audit))
         self._gauges()
 
     def _sample(self, step: wire.Step, out: StepOutput) -> None:
@@ -360,9 +365,9 @@ class Engine:
         st.handle._emit(Event(seq.uid, "done", text=tail, finish_reason=reason, usage=usage, tag=st.request.tag))
 
     def _check_audit(self, reports: list[dict]) -> None:
-        first = {k: v for k, v in reports[0].items() if k not in ("rank", "kv_bytes", "entry_bytes")}
+        first = {k: v for k, v in reports[0].items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
         for r in reports[1:]:
-            mine = {k: v for k, v in r.items() if k not in ("rank", "kv_bytes", "entry_bytes")}
+            mine = {k: v for k, v in r.items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
             if mine != first:
                 raise AssertionError(f"rank {r['rank']} holds {mine}, rank 0 holds {first}: ranks out of sync")
         self.audits.append({"step": self.scheduler.step_index - 1, "reports": reports})

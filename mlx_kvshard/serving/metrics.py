@@ -27,6 +27,7 @@ class StepRecord:
     wall_s: float
     collectives: int
     bytes: int  # collective payload per rank
+    audit: bool = False  # a --check-sync audit (one gather) ran in it
 
 
 class Metrics:

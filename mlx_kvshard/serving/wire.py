@@ -14,8 +14,9 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
     JOIN    uid                           a prefilled sequence becomes the last batch row
     DECODE  n, uid*n, token*n             one decode step for the batch rows (in row order)
     PREFILL uid, start, entry, hit, last, n, token*n
-                                          a prompt chunk at position `start`; at start 0 the
-                                          sequence starts from `hit` tokens of `entry` (-1: none)
+                                          a prompt chunk at position `start`; the first chunk
+                                          (start == hit) starts from `hit` positions of prefix
+                                          entry `entry` (-1, 0: none)
     PUT     entry, uid, n                 keep the first n tokens of uid's KV as a prefix entry
     AUDIT                                 every rank reports its rows and KV (a gather)
 """
