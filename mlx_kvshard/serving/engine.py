@@ -14,7 +14,7 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -99,7 +99,6 @@ class _Live:
     t_submit: float
     t_first: float | None = None
     t_last: float | None = None
-    logprobs: list = field(default_factory=list)
 
 
 class Engine:
