@@ -153,6 +153,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--long-prompt", type=int, default=2048)
     p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--no-generate", action="store_true", help="skip the one-prompt `generate` reference rows")
     a = p.parse_args()
     worlds = B.apply_common_args(a)
     t0 = time.time()
@@ -165,6 +166,14 @@ def main() -> int:
                 rows.append({"system": "mlx-kvshard engine", "world": world, "c": int(c), **summarize(v["stamps"], v["wall_s"])})
             if "long_prompt" in r:
                 inter[world] = interference(r["long_prompt"])
+            if not a.no_generate:  # the one-prompt path: what the engine's per-step token round trip costs
+                g = raw[f"generate-{world}"] = B.run_ours(model_dir, world, B.prompt_text(model_dir, a.prompt_tokens),
+                                                          a.max_tokens, a.timeout)
+                t = g["timings"]
+                rows.append({"system": "mlx-kvshard generate (one prompt)", "world": world, "c": 1,
+                             "tok_s": a.max_tokens / (t["ttft_s"] + (a.max_tokens - 1) * t["time_per_output_token_s"]),
+                             "ttft_p50": t["ttft_s"], "ttft_p95": t["ttft_s"], "tpot_p50": t["time_per_output_token_s"],
+                             "tpot_p95": t["time_per_output_token_s"], "tokens": a.max_tokens, "wall_s": None})
             print(f"world {world} done", flush=True)
         r = raw["mlxlm"] = run_mlxlm(model_dir, a, Path(tmp))
         for c, v in r["concurrency"].items():
