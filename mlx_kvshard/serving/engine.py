@@ -353,7 +353,7 @@ class Engine:
 
     def _finish(self, seq: Seq, reason: str) -> None:
         st = seq.state
-        self.scheduler.finish(seq)
+        self.scheduler.finish(seq, keep=reason != "cancelled")
         del self._open[seq.uid]
         tail = st.stopper.flush() if reason != "cancelled" else ""
         usage = Usage(len(seq.prompt), len(seq.generated), seq.cached)
