@@ -34,7 +34,7 @@ class _Live:
     """Rank 0's per-request state beside the scheduler's `Seq`."""
     request: Request
     handle: RequestHandle
-    sampler: RowSampler
+    sampler: RowSampler | None  # built on the engine thread (MLX arrays stay on one thread)
     stopper: StopChecker
     t_submit: float
     t_first: float | None = None
@@ -62,6 +62,7 @@ class Engine:
         self.metrics = Metrics()
         self.size = wire.capacity(settings.max_batch, settings.prefill_step)
         self._cond = threading.Condition()
+        self._tokenizer_lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._cancels: set[int] = set()
         self._open: dict[int, Seq] = {}  # every request not yet done, by id
@@ -108,8 +109,7 @@ class Engine:
             uid = self._next_id
             self._next_id = self._next_id % (2**31 - 1) + 1
             handle = RequestHandle(self, uid, on_event)
-            sampler = RowSampler(request.params, prompt)
-            state = _Live(request, handle, sampler, StopChecker(self.tokenizer, request.params.stop),
+            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop),
                           time.perf_counter())
             seq = Seq(uid, prompt, budget, state)
             self._open[uid] = seq
@@ -154,7 +154,8 @@ class Engine:
             raise RequestError(_openai_names(str(e))) from None
         if not 0 <= request.top_logprobs <= 20:
             raise RequestError(f"top_logprobs {request.top_logprobs}: must be between 0 and 20")
-        ids = self._tokenize(request)
+        with self._tokenizer_lock:  # a Hugging Face fast tokenizer must not run on two threads at once
+            ids = self._tokenize(request)
         if not ids:
             raise RequestError("the prompt is empty after tokenization")
         if len(ids) >= self.max_context:
@@ -234,6 +235,7 @@ class Engine:
 
     def _take_inbox(self) -> None:
         for seq in self._inbox:
+            seq.state.sampler = RowSampler(seq.state.request.params, seq.prompt)
             self.scheduler.waiting.append(seq)
         self._inbox = []
         for uid in self._cancels:
@@ -271,7 +273,7 @@ class Engine:
                                         [len(s.generated) for s in rows],
                                         [s.state.request.top_logprobs for s in rows])
         now = time.perf_counter()
-        with self._cond:
+        with self._cond, self._tokenizer_lock:  # detokenizing may call the tokenizer submit() uses
             for seq, tok, lp, alt in zip(rows, tokens, lps, alts):
                 if seq.phase == "prefill":
                     self.scheduler.prefilled(seq)
