@@ -114,10 +114,11 @@ class Scheduler:
         s = self.settings
         if not self.running or not s.prefill_decode_ratio:
             return s.prefill_step
+        least = min(s.min_prefill_chunk, s.prefill_step)  # the step message holds prefill_step tokens
         if self.decode_s is None or self.prefill_token_s is None:
-            return s.min_prefill_chunk
+            return least
         fit = int(s.prefill_decode_ratio * self.decode_s / self.prefill_token_s)
-        return max(s.min_prefill_chunk, min(s.prefill_step, fit))
+        return max(least, min(s.prefill_step, fit))
 
     def measured(self, decode_s: float, prefill_s: float, prefill_tokens: int) -> None:
         """Learn the step costs (moving averages) from a finished step's forwards."""
