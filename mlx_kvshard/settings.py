@@ -123,3 +123,34 @@ class RankSettings:
         self.model.validate()
         self.liveness.validate()
         self.checkpoint.validate()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The serving engine's knobs (rank 0 schedules with them; every rank sizes its step
+    message buffer from them, so they must be the same on every rank)."""
+    max_batch: int = 16  # sequences decoding together
+    max_waiting: int = 64  # admitted-later requests held in the queue; past it, submit refuses
+    prefill_step: int = 512  # prompt tokens per engine step (the prefill budget), all requests together
+    max_kv_tokens: int | None = None  # KV tokens one rank may hold; None = measured from free memory
+    kv_memory_fraction: float = 0.8  # share of a rank's free memory (after loading) the KV cache may use
+    prefix_cache_bytes: int = 256 << 20  # per rank, for cached prompt prefixes; 0 = off
+    min_prefix_tokens: int = 16  # shorter shared prefixes are recomputed, not looked up
+    # While rows decode, a step's prefill is cut to about this many decode steps' time (0 = always
+    # prefill_step), so streaming requests slow down at most ~(1 + factor)x while a long prompt prefills.
+    prefill_decode_ratio: float = 2.0
+    min_prefill_chunk: int = 16
+    check_sync: bool = False  # debug: after every removal, every rank reports its rows and KV; rank 0 compares
+
+    def validate(self) -> None:
+        from .errors import UserError
+
+        for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
+                                 ("--prefill-step", self.prefill_step, 1),
+                                 ("--prefix-cache-bytes", self.prefix_cache_bytes, 0)):
+            if value < low:
+                raise UserError(f"{flag} {value}: must be at least {low}")
+        if self.prefill_decode_ratio < 0 or self.min_prefill_chunk < 1:
+            raise UserError("prefill_decode_ratio must be >= 0 and min_prefill_chunk >= 1")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < 2:
+            raise UserError(f"--max-kv-tokens {self.max_kv_tokens}: must be at least 2")

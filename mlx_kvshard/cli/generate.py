@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..launch import restart
+from . import batch
 
 from ..liveness import checkpoint as gencheckpoint, client as liveness
 from ..errors import UserError
@@ -50,6 +51,7 @@ def register(sub) -> None:
     add_checkpoint_arguments(p)
     add_liveness_arguments(p)
     restart.add_arguments(p)
+    batch.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
 
 
@@ -115,6 +117,8 @@ def apply_resume(ck, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.prompts_file:  # many prompts through the serving engine
+        return batch.run(args, rank_settings(args), sampling_params(args), simulate)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     sampling_params(args)

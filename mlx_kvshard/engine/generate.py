@@ -25,6 +25,8 @@ class SamplingParams:
     repetition_context_size: int = 20
     seed: int = 0
     stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None  # OpenAI's additive penalties, over the last 20 tokens (mlx-lm's)
+    frequency_penalty: float | None = None
 
     def validate(self) -> None:
         def bad(flag, value, want):
@@ -46,6 +48,10 @@ class SamplingParams:
             bad("--repetition-context-size", self.repetition_context_size, "at least 1")
         if not 0 <= self.seed < 2**63:
             bad("--seed", self.seed, "a non-negative integer below 2**63")
+        for flag, value in (("--presence-penalty", self.presence_penalty),
+                            ("--frequency-penalty", self.frequency_penalty)):
+            if value is not None and not -2 <= value <= 2:
+                bad(flag, value, "between -2 and 2")
         if any(not s for s in self.stop):
             raise UserError("--stop: stop strings must not be empty")
 
@@ -77,6 +83,8 @@ class TokenSampler:
         self.processors = make_logits_processors(
             repetition_penalty=params.repetition_penalty,
             repetition_context_size=params.repetition_context_size,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
         )
         # The repetition penalty reads only the last repetition_context_size tokens: keep that window.
         self.window = params.repetition_context_size

@@ -63,6 +63,8 @@ class Liveness:
         self._exit_lock = threading.Lock()
         self._go = threading.Event()
         self._verdict = threading.Event()
+        self._wake = threading.Event()  # the serving engine's idle ranks block on it (see wait_wake)
+        self.before_exit = None  # optional callable(message), run just before the process ends on a verdict
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -117,6 +119,17 @@ class Liveness:
         if self._sock is not None:
             self._send_line(b'{"t":"s","n":%d}\n' % tokens)
 
+    def wake_all(self) -> None:
+        """Rank 0 of an idle serving engine: ask the coordinator to wake every rank (the
+        coordinator reaches every rank; on a cluster ring addresses reach only neighbours)."""
+        self._send({"t": "wake"})
+
+    def wait_wake(self) -> None:
+        """Block (no CPU) until the coordinator forwards rank 0's wake. Heartbeats go on
+        from the watchdog thread, and a verdict still ends the process from there."""
+        self._wake.wait()
+        self._wake.clear()
+
     def checkpoint_written(self, path: str, tokens: int) -> None:
         self.resume_hint = f" Resume with --resume {path} ({tokens} tokens saved)."
         self._send({"t": "ckpt", "path": path, "n": tokens})
@@ -155,6 +168,11 @@ class Liveness:
         """Print one line and end the process at once, from any thread, even while the
         main thread is blocked inside a collective."""
         self._exit_lock.acquire()  # never released: the first caller's line is the one
+        if self.before_exit is not None:
+            try:
+                self.before_exit(message)
+            except Exception:
+                pass  # ending the process matters more than telling a client
         print(f"mlx-kvshard: {message}", file=sys.stderr, flush=True)
         if report and self._sock is not None and not self._closed:
             self._send({"t": "bye", "code": EXIT_PEER_LOST, "why": message}, flush=True)
@@ -220,6 +238,8 @@ class Liveness:
             return
         if msg.get("t") == "go":
             self._go.set()
+        elif msg.get("t") == "wake":
+            self._wake.set()
         elif msg.get("t") == "stop" and not self._closed:
             self._verdict.set()
             self._exit(str(msg.get("message", "stopped by the coordinator")).removeprefix("mlx-kvshard: "),

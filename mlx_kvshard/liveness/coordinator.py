@@ -161,6 +161,10 @@ class Coordinator:
                 rk.phase, rk.t_phase = "decode", now
         elif kind == "phase":
             rk.phase, rk.t_phase, rk.t_tokens = str(msg.get("phase")), now, now
+        elif kind == "wake":  # a serving engine's rank 0 leaves idle: forward to every rank
+            for other in self._ranks.values():
+                if other.conn is not None and not other.done:
+                    self._send(other.conn, {"t": "wake"})
         elif kind == "ckpt":
             self.checkpoint = (str(msg.get("path")), int(msg.get("n", 0)))
         elif kind == "bye":

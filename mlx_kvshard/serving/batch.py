@@ -1,0 +1,159 @@
+"""One rank's side of the engine: its slice of every sequence's KV cache, and the
+batched forward. Every rank executes the same step message in the same order, so every
+rank issues the same collectives and holds the same rows.
+
+Running sequences share one mlx-lm `BatchKVCache` per layer (left-padded rows, with
+per-row RoPE offsets and padding masks): one sharded forward decodes the whole batch with
+the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
+`KVCache` (chunk by chunk, interleaved with decode steps), then merged into the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from .wire import Step
+
+
+@dataclass
+class StepOutput:
+    """What rank 0 samples from (None elsewhere, unless the logits gather needed every rank)."""
+    decode_logits: mx.array | None = None  # [rows, vocab], in row order
+    first_logits: dict[int, mx.array] = field(default_factory=dict)  # uid -> [vocab], prompts just prefilled
+    audit: list | None = None  # every rank's report, on an AUDIT step
+    decode_s: float = 0.0  # time of the decode forward (evaluated: collectives included)
+    prefill_s: float = 0.0  # time of the prefill forwards
+
+
+class BatchState:
+    def __init__(self, model, comm, needs_logits: bool):
+        """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
+        gather is a collective every rank must run)."""
+        self.model = model
+        self.comm = comm
+        self.needs_logits = needs_logits
+        self.rows: list[int] = []  # uid of each batch row
+        self.cache: list[BatchKVCache] | None = None
+        self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache, until it joins
+        self.entries: dict[int, list[tuple[mx.array, mx.array]]] = {}  # prefix entry -> per-layer (keys, values)
+
+    def apply(self, step: Step) -> StepOutput:
+        out = StepOutput()
+        for entry, uid, n in step.save:
+            i = self.rows.index(uid)
+            self.entries[entry] = [(k[..., :n, :], v[..., :n, :])
+                                   for k, v in ((c.keys, c.values) for c in (b.extract(i) for b in self.cache))]
+            mx.eval(self.entries[entry])
+        for uid in step.remove:
+            self._remove(uid)
+        for uid in step.join:
+            self._join(uid)
+        t0 = time.perf_counter()
+        if step.decode:
+            out.decode_logits = self._decode(step.decode)
+        t1 = time.perf_counter()
+        for p in step.prefill:
+            logits = self._prefill(p)
+            if logits is not None:
+                out.first_logits[p.uid] = logits
+        out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
+        for entry, uid, n in step.put:
+            self.entries[entry] = [(mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :]))
+                                   for c in self.pending[uid]]
+            mx.eval(self.entries[entry])
+        for entry in step.drop:  # after this step's prefills: a hit taken this step has copied its slice
+            del self.entries[entry]
+        if step.audit:
+            from ..engine.dist import gather_json
+
+            out.audit = gather_json(self.comm, self.report(), max_bytes=8192)
+        return out
+
+    # ---- steps ------------------------------------------------------------------------
+
+    def _forward(self, tokens: mx.array, cache: list, last: bool) -> mx.array | None:
+        """One forward, evaluated on its own so its all_sums run in the same order on every
+        rank whatever else the step holds. Every rank evaluates the same collectives: a
+        prompt chunk that is not the last evaluates only the cache (the last layer's
+        all_sums are skipped everywhere); otherwise the whole model, and the logits of the
+        last position where this rank samples (or joins the vocab-parallel gather)."""
+        if not last:
+            self.model.model(tokens, cache)
+            mx.eval([c.state for c in cache])
+            return None
+        if self.needs_logits:
+            logits = self.model(tokens, cache, last_only=True)[:, -1, :]
+            mx.eval(logits, [c.state for c in cache])
+            return logits
+        mx.eval(self.model.model(tokens, cache), [c.state for c in cache])
+        return None
+
+    def _decode(self, rows: list[tuple[int, int]]) -> mx.array | None:
+        uids, tokens = zip(*rows)
+        if list(uids) != self.rows:
+            raise AssertionError(f"decode rows {list(uids)} but this rank holds {self.rows}: ranks out of sync")
+        return self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
+
+    def _prefill(self, p) -> mx.array | None:
+        if p.start == p.hit:  # its first chunk (after the positions a prefix hit reuses)
+            self.pending[p.uid] = self._start_cache(p.entry, p.hit)
+        cache = self.pending[p.uid]
+        if cache[0].offset != p.start:
+            raise AssertionError(f"prefill of {p.uid} at {p.start}, but its cache holds {cache[0].offset}")
+        logits = self._forward(mx.array(p.tokens, dtype=mx.uint32)[None], cache, last=p.last)
+        return logits[0] if logits is not None else None
+
+    def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
+        caches = [KVCache() for _ in self.model.layers]
+        if entry >= 0:  # a prefix-cache hit: its first `hit` positions are this prompt's too
+            for c, (k, v) in zip(caches, self.entries[entry]):
+                c.keys, c.values = mx.contiguous(k[..., :hit, :]), mx.contiguous(v[..., :hit, :])
+                c.offset = hit
+        return caches
+
+    def _join(self, uid: int) -> None:
+        merged = [BatchKVCache.merge([c]) for c in self.pending.pop(uid)]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for mine, new in zip(self.cache, merged):
+                mine.extend(new)
+        self.rows.append(uid)
+
+    def _remove(self, uid: int) -> None:
+        if uid in self.pending:
+            del self.pending[uid]
+            return
+        i = self.rows.index(uid)
+        del self.rows[i]
+        if not self.rows:
+            self.cache = None
+            return
+        keep = mx.array([j for j in range(len(self.rows) + 1) if j != i])
+        for c in self.cache:
+            c.filter(keep)  # also trims the left padding the rows no longer need
+        mx.eval([c.state for c in self.cache])
+
+    # ---- facts ------------------------------------------------------------------------
+
+    def kv_bytes(self) -> int:
+        n = sum(c.nbytes for c in self.cache) if self.cache else 0
+        n += sum(c.nbytes for cache in self.pending.values() for c in cache)
+        return n
+
+    def report(self) -> dict:
+        lens, allocated = [], 0
+        if self.cache:
+            c = self.cache[0]
+            lens = (mx.array(c._idx) - c.left_padding).tolist()  # each row's real tokens
+            allocated = c.keys.shape[2] if c.keys is not None else 0
+        return {"rank": self.comm.rank, "rows": list(self.rows), "row_tokens": lens,
+                "pending": {str(u): c[0].offset for u, c in self.pending.items()},
+                "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
+                "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
+                "entries": sorted(self.entries),
+                "entry_bytes": sum(k.nbytes + v.nbytes for e in self.entries.values() for k, v in e)}

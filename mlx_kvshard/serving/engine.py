@@ -1,0 +1,347 @@
+"""The Engine API (rank 0): submit, stream, cancel; and the loop that runs the steps.
+
+Threading: `Engine.run()` owns rank 0's main thread (the model, the collectives, the
+sampler all run there). Everything else is thread-safe and returns at once: `submit`
+tokenizes and validates in the caller's thread and refuses a bad request there, before
+any rank sees it; events come back through a per-request queue (`RequestHandle`, a
+blocking iterator), a callback (`on_event`, called on the engine thread: keep it quick),
+or an asyncio queue (`submit_async`, for an HTTP server running its own event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..engine.generate import StopChecker
+from ..errors import UserError
+from ..settings import EngineSettings
+from . import wire
+from .batch import BatchState, StepOutput
+from .handles import AsyncRequestHandle, EventCallback, RequestHandle
+from .metrics import Metrics, RequestRecord, StepRecord
+from .prefix_cache import PrefixIndex
+from .requests import Completion, EngineStopped, Event, QueueFull, Request, RequestError, Usage
+from .sampling import RowSampler, sample_rows
+from .scheduler import Scheduler, Seq
+
+@dataclass
+class _Live:
+    """Rank 0's per-request state beside the scheduler's `Seq`."""
+    request: Request
+    handle: RequestHandle
+    sampler: RowSampler | None  # built on the engine thread (MLX arrays stay on one thread)
+    stopper: StopChecker
+    t_submit: float
+    t_first: float | None = None
+    t_last: float | None = None
+
+
+class Engine:
+    def __init__(self, loaded, live, settings: EngineSettings, kv_capacity: int, state: BatchState,
+                 rank_capacity: list[dict]):
+        self.loaded = loaded
+        self.comm = loaded.comm
+        self.tokenizer = loaded.tokenizer
+        self.max_context = loaded.max_context
+        self.settings = settings
+        self.live = live
+        self.state = state
+        self.kv_capacity = kv_capacity
+        self.rank_capacity = rank_capacity
+        plan = loaded.plan
+        self.kv_bytes_per_token = [plan.kv_bytes_per_token(r) for r in range(plan.world)]
+        prefix = None
+        if settings.prefix_cache_bytes > 0:
+            prefix = PrefixIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.min_prefix_tokens)
+        self.scheduler = Scheduler(settings, kv_capacity, prefix)
+        self.metrics = Metrics()
+        self.size = wire.capacity(settings.max_batch, settings.prefill_step)
+        self._cond = threading.Condition()
+        self._tokenizer_lock = threading.Lock()
+        self._inbox: list[Seq] = []
+        self._cancels: set[int] = set()
+        self._open: dict[int, Seq] = {}  # every request not yet done, by id
+        self._next_id = 1
+        self._stopping = False
+        self._stopped = False
+        self.error: str | None = None
+        self.audits: list[dict] = []  # with check_sync: every rank's rows and KV after each join and removal
+        live.before_exit = self._lost
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """The tokenizer's first call imports and compiles (seconds, holding the GIL): pay it
+        now, not while the first requests' steps run."""
+        self.tokenizer.encode("warm up")
+        if self.tokenizer.chat_template:
+            self.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}], add_generation_prompt=True)
+        self.tokenizer.detokenizer.add_token(0)
+        # mlx-lm's samplers are mx.compile'd: on MLX's CPU backend the first call builds a kernel (seconds)
+        from ..engine.generate import SamplingParams
+
+        logits = mx.zeros((1, self.loaded.cfg.vocab_size))
+        sample_rows(logits, [RowSampler(SamplingParams(temp=0.7, top_p=0.9, top_k=5, min_p=0.05), [0])], [0], [0])
+
+    # ---- the API (any thread) ------------------------------------------------------------
+
+    def submit(self, request: Request, on_event: EventCallback | None = None) -> RequestHandle:
+        """Validate, tokenize and queue `request`; raise RequestError (bad request, can never
+        fit), QueueFull or EngineStopped without any rank seeing it."""
+        try:
+            prompt, budget = self._prepare(request)
+        except RequestError:
+            self.metrics.refused()
+            raise
+        with self._cond:
+            if self._stopping or self._stopped:
+                raise EngineStopped(self.error or "the engine is shutting down")
+            room = self.settings.max_waiting + self.settings.max_batch - len(self._open)
+            if room <= 0:
+                self.metrics.refused()
+                raise QueueFull(f"{len(self._open)} requests are running or waiting "
+                                f"(--max-batch {self.settings.max_batch} + --max-waiting "
+                                f"{self.settings.max_waiting}); retry later")
+            uid = self._next_id
+            self._next_id = self._next_id % (2**31 - 1) + 1
+            handle = RequestHandle(self, uid, on_event)
+            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop),
+                          time.perf_counter())
+            seq = Seq(uid, prompt, budget, state)
+            self._open[uid] = seq
+            self._inbox.append(seq)
+            self._cond.notify()
+        return handle
+
+    def submit_async(self, request: Request) -> AsyncRequestHandle:
+        """From a coroutine: the events arrive on the running event loop."""
+        return AsyncRequestHandle(self, request, asyncio.get_running_loop())
+
+    def generate(self, request: Request) -> Completion:
+        """Submit and wait: the whole completion (from any thread but the engine's)."""
+        return self.submit(request).result()
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request: it ends with finish_reason "cancelled" and its KV is freed on every rank."""
+        with self._cond:
+            if request_id in self._open:
+                self._cancels.add(request_id)
+                self._cond.notify()
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Refuse new requests; stop the ranks once the open ones finish (or at once, cancelling them)."""
+        with self._cond:
+            self._stopping = True
+            if cancel:
+                self._cancels.update(self._open)
+            self._cond.notify()
+
+    def info(self) -> dict:
+        return {"model": str(self.loaded.model_dir), "world": self.comm.world, "max_context": self.max_context,
+                "dtype": self.loaded.dtype_name, "max_batch": self.settings.max_batch,
+                "kv_capacity_tokens": self.kv_capacity, "ranks": self.rank_capacity}
+
+    # ---- request preparation (caller's thread) -------------------------------------------
+
+    def _prepare(self, request: Request) -> tuple[list[int], int]:
+        try:
+            request.params.validate()
+        except UserError as e:
+            raise RequestError(_openai_names(str(e))) from None
+        if not 0 <= request.top_logprobs <= 20:
+            raise RequestError(f"top_logprobs {request.top_logprobs}: must be between 0 and 20")
+        with self._tokenizer_lock:  # a Hugging Face fast tokenizer must not run on two threads at once
+            ids = self._tokenize(request)
+        if not ids:
+            raise RequestError("the prompt is empty after tokenization")
+        if len(ids) >= self.max_context:
+            raise RequestError(f"the prompt is {len(ids)} tokens, but the max context is {self.max_context}; "
+                               f"shorten the prompt")
+        budget = min(request.params.max_tokens, self.max_context - len(ids))
+        why = self.scheduler.never_fits(len(ids), budget)
+        if why:
+            raise RequestError(why)
+        return ids, budget
+
+    def _tokenize(self, request: Request) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_ids")
+        tok = self.tokenizer
+        try:
+            if request.prompt_ids is not None:
+                ids = [int(t) for t in request.prompt_ids]
+                vocab = self.loaded.cfg.vocab_size
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                return ids
+            if request.messages is not None:
+                if not tok.chat_template:
+                    raise RequestError("this model's tokenizer has no chat template; send a text prompt")
+                return list(tok.apply_chat_template(request.messages, add_generation_prompt=True))
+            if request.chat_template and tok.chat_template:
+                return list(tok.apply_chat_template([{"role": "user", "content": request.prompt}],
+                                                    add_generation_prompt=True))
+            return list(tok.encode(request.prompt))
+        except RequestError:
+            raise
+        except Exception as e:  # a template or tokenizer that rejects this input
+            raise RequestError(f"could not tokenize the prompt ({type(e).__name__}: {e})") from None
+
+    # ---- the loop (rank 0's main thread) ------------------------------------------------
+
+    def run(self) -> None:
+        """Run steps until `shutdown()`; park every rank while there is nothing to do."""
+        sched = self.scheduler
+        try:
+            while True:
+                with self._cond:
+                    self._take_inbox()
+                    if not sched.busy():
+                        if self._stopping:
+                            self._broadcast(sched.control_step(stop=True))
+                            return
+                        self._idle()
+                        continue
+                    step = sched.next_step()
+                self._run_step(step)
+        except BaseException as e:
+            self._lost(f"the engine stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            with self._cond:
+                self._stopped = True
+
+    def _idle(self) -> None:
+        """Park: the other ranks leave the ring (which spins) for a socket wait; rank 0
+        sleeps on its condition until there is work, then wakes them through the coordinator."""
+        self._gauges()
+        if self.comm.world > 1:
+            self._broadcast(self.scheduler.control_step(idle=True))
+        self.live.phase("idle")
+        while not (self._inbox or self._cancels or self._stopping):
+            self._cond.wait()
+        if self.comm.world > 1:
+            self.live.wake_all()
+
+    def _broadcast(self, step: wire.Step) -> None:
+        if self.comm.world > 1:
+            mx.eval(self.comm.all_sum(mx.array(wire.encode(step, self.size))))
+
+    def _take_inbox(self) -> None:
+        for seq in self._inbox:
+            seq.state.sampler = RowSampler(seq.state.request.params, seq.prompt)
+            self.scheduler.waiting.append(seq)
+        self._inbox = []
+        for uid in self._cancels:
+            seq = self._open.get(uid)
+            if seq is not None:
+                self._finish(seq, "cancelled")
+        self._cancels = set()
+
+    def _run_step(self, step: wire.Step) -> None:
+        t0 = time.perf_counter()
+        c0, b0 = self.comm.stats.collectives, self.comm.stats.bytes
+        self._broadcast(step)
+        out = self.state.apply(step)
+        self._sample(step, out)
+        if out.audit is not None:
+            self._check_audit(out.audit)
+        self.live.progress(step.index + 1)
+        wall = time.perf_counter() - t0
+        with self._cond:
+            self.scheduler.measured(out.decode_s if step.decode else 0.0, out.prefill_s,
+                                    sum(len(p.tokens) for p in step.prefill))
+        self.metrics.step(StepRecord(step.index, len(step.decode), sum(len(p.tokens) for p in step.prefill),
+                                     wall, self.comm.stats.collectives - c0,
+                                     self.comm.stats.bytes - b0, step.audit))
+        self._gauges()
+
+    def _sample(self, step: wire.Step, out: StepOutput) -> None:
+        rows, logits = [], []
+        if out.decode_logits is not None:
+            rows = [self._open[uid] for uid, _ in step.decode]
+            logits.append(out.decode_logits)
+        for uid, lg in out.first_logits.items():
+            rows.append(self._open[uid])
+            logits.append(lg[None])
+        if not rows:
+            return
+        samplers = [s.state.sampler for s in rows]
+        tokens, lps, alts = sample_rows(mx.concatenate(logits, axis=0), samplers,
+                                        [len(s.generated) for s in rows],
+                                        [s.state.request.top_logprobs for s in rows])
+        now = time.perf_counter()
+        with self._cond, self._tokenizer_lock:  # detokenizing may call the tokenizer submit() uses
+            for seq, tok, lp, alt in zip(rows, tokens, lps, alts):
+                if seq.phase == "prefill":
+                    self.scheduler.prefilled(seq)
+                self._accept(seq, tok, lp, alt, now)
+
+    def _accept(self, seq: Seq, token: int, logprob: float, alts, now: float) -> None:
+        st = seq.state
+        seq.generated.append(token)
+        st.t_first = st.t_first or now
+        st.t_last = now
+        text, done = st.stopper.add(token)
+        req = st.request
+        st.handle._emit(Event(seq.uid, "token", token, text, logprob if req.logprobs else None,
+                              alts if req.top_logprobs else None, tag=req.tag))
+        if done:
+            self._finish(seq, st.stopper.finish_reason)
+        elif len(seq.generated) >= seq.budget:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        st = seq.state
+        self.scheduler.finish(seq, keep=reason != "cancelled")
+        del self._open[seq.uid]
+        tail = st.stopper.flush() if reason != "cancelled" else ""
+        usage = Usage(len(seq.prompt), len(seq.generated), seq.cached)
+        n = len(seq.generated)
+        ttft = st.t_first - st.t_submit if st.t_first else None
+        tpot = (st.t_last - st.t_first) / (n - 1) if n > 1 else None
+        self.metrics.request(RequestRecord(seq.uid, reason, len(seq.prompt), seq.cached, n, ttft, tpot))
+        st.handle._emit(Event(seq.uid, "done", text=tail, finish_reason=reason, usage=usage, tag=st.request.tag))
+
+    def _check_audit(self, reports: list[dict]) -> None:
+        first = {k: v for k, v in reports[0].items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
+        for r in reports[1:]:
+            mine = {k: v for k, v in r.items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
+            if mine != first:
+                raise AssertionError(f"rank {r['rank']} holds {mine}, rank 0 holds {first}: ranks out of sync")
+        self.audits.append({"step": self.scheduler.step_index - 1, "reports": reports})
+
+    def _gauges(self) -> None:
+        sched = self.scheduler
+        used = sum(s.prefilled + len(s.generated) for s in sched.admitted())
+        self.metrics.set(queue_depth=len(sched.waiting) + len(self._inbox), running=len(sched.running),
+                         prefilling=len(sched.prefilling), kv_tokens_used=used,
+                         kv_tokens_reserved=sched.kv_needed(sched.admitted()), kv_tokens_capacity=self.kv_capacity,
+                         kv_bytes_used_per_rank=[used * b for b in self.kv_bytes_per_token],
+                         prefix_cache={"entries": len(sched.prefix), "bytes": sched.prefix.bytes,
+                                       "hits": sched.prefix.hits, "misses": sched.prefix.misses}
+                         if sched.prefix else None)
+
+    def _lost(self, message: str) -> None:
+        """The liveness client is ending the process (a rank was lost): tell every open request."""
+        self.error = message
+        for seq in list(self._open.values()):
+            seq.state.handle._emit(Event(seq.uid, "error", error=message, tag=seq.state.request.tag))
+
+
+_FLAG_NAMES = {"--max-tokens": "max_tokens", "--temp": "temperature", "--top-p": "top_p", "--top-k": "top_k",
+               "--min-p": "min_p", "--repetition-penalty": "repetition_penalty", "--seed": "seed",
+               "--presence-penalty": "presence_penalty", "--frequency-penalty": "frequency_penalty",
+               "--repetition-context-size": "repetition_context_size", "--stop": "stop"}
+
+
+def _openai_names(message: str) -> str:
+    """SamplingParams.validate speaks in command-line flags; requests use OpenAI's field names."""
+    flag = message.split(" ", 1)[0].rstrip(":")
+    return _FLAG_NAMES.get(flag, flag) + message[len(flag):] if flag in _FLAG_NAMES else message

@@ -1,0 +1,77 @@
+"""What the engine counts, for `/metrics` and `--stats`: per request, per step, and now.
+Rank 0 only; written by the engine thread, read from any thread through `snapshot()`."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RequestRecord:
+    request_id: int
+    outcome: str  # stop, length, cancelled, error
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    ttft_s: float | None
+    tpot_s: float | None  # mean time per output token after the first
+
+
+@dataclass
+class StepRecord:
+    index: int
+    batch: int  # rows decoded
+    prefill_tokens: int
+    wall_s: float
+    collectives: int
+    bytes: int  # collective payload per rank
+    audit: bool = False  # a --check-sync audit (one gather) ran in it
+
+
+class Metrics:
+    def __init__(self, keep: int = 4096):
+        self._lock = threading.Lock()
+        self.requests: deque[RequestRecord] = deque(maxlen=keep)
+        self.steps: deque[StepRecord] = deque(maxlen=keep)
+        self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                       "steps": 0, "decode_steps": 0, "collectives": 0, "bytes": 0, "refused": 0}
+        self.outcomes: dict[str, int] = {}
+        self.gauges: dict = {}  # queue depth, running, KV used/capacity, ...: the latest values
+
+    def request(self, r: RequestRecord) -> None:
+        with self._lock:
+            self.requests.append(r)
+            self.outcomes[r.outcome] = self.outcomes.get(r.outcome, 0) + 1
+            t = self.totals
+            t["requests"] += 1
+            t["prompt_tokens"] += r.prompt_tokens
+            t["cached_tokens"] += r.cached_tokens
+            t["generated_tokens"] += r.generated_tokens
+
+    def refused(self) -> None:
+        with self._lock:
+            self.totals["refused"] += 1
+
+    def step(self, s: StepRecord) -> None:
+        with self._lock:
+            self.steps.append(s)
+            t = self.totals
+            t["steps"] += 1
+            t["decode_steps"] += s.batch > 0
+            t["collectives"] += s.collectives
+            t["bytes"] += s.bytes
+
+    def set(self, **gauges) -> None:
+        with self._lock:
+            self.gauges.update(gauges)
+
+    def snapshot(self, recent: int = 0) -> dict:
+        """Totals, outcomes and gauges; with `recent`, the last requests and steps too."""
+        with self._lock:
+            out = {"totals": dict(self.totals), "outcomes": dict(self.outcomes), **self.gauges}
+            if recent:
+                out["recent_requests"] = [asdict(r) for r in list(self.requests)[-recent:]]
+                out["recent_steps"] = [asdict(s) for s in list(self.steps)[-recent:]]
+            return out

@@ -1,0 +1,83 @@
+"""What callers hand the engine and what they get back (plain data, no MLX)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..engine.generate import SamplingParams
+from ..errors import UserError
+
+
+class RequestError(UserError):
+    """The request is refused before any rank sees it (a bad parameter, a prompt past the
+    context, one that can never fit the KV cache, a tokenizer error): HTTP 400."""
+    exit_code = 2
+
+
+class QueueFull(RequestError):
+    """The waiting queue is at --max-waiting: try again later (HTTP 429)."""
+
+
+class EngineStopped(RequestError):
+    """The engine is shutting down or stopped: HTTP 503."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation. Give exactly one of `prompt` (text), `messages` (a chat, the chat
+    template applied) or `prompt_ids` (token ids, used as they are)."""
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    chat_template: bool = False  # apply the chat template to a text `prompt` (as `generate` does)
+    logprobs: bool = False  # report each token's log-probability
+    top_logprobs: int = 0  # and this many alternatives (at most 20)
+    tag: object = None  # the caller's own, carried back in every event (e.g. the input line)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+@dataclass
+class Event:
+    """One thing that happened to a request. `kind` is "token" (one generated token and
+    the text it completes, possibly ""), "done" (the last event: finish_reason "stop",
+    "length" or "cancelled", the usage and any text held back until the end) or "error"
+    (the last event: the engine stopped, e.g. a rank was lost)."""
+    request_id: int
+    kind: str
+    token: int | None = None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    tag: object = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("done", "error")
+
+
+@dataclass
+class Completion:
+    """A finished request, as `RequestHandle.result()` collects it."""
+    request_id: int
+    text: str
+    tokens: list[int]
+    finish_reason: str | None
+    usage: Usage | None
+    error: str | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None

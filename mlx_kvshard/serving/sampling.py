@@ -1,0 +1,79 @@
+"""Rank 0's sampler: one row of logits per sequence, each with its own parameters.
+
+Randomness is keyed by (request seed, token index), never by the step or the batch,
+so a request's tokens do not depend on which requests shared its batch (and equal a
+one-prompt `generate` with the same seed). mlx-lm's samplers and logits processors do
+the work, one row at a time; greedy rows take one argmax together.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from ..engine.generate import SamplingParams, step_seed
+
+
+class RowSampler:
+    """One sequence's sampling state: its parameters and the history its processors read."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int]):
+        self.params = params
+        self.greedy = params.temp == 0
+        self.sampler = None if self.greedy else make_sampler(params.temp, params.top_p, params.min_p,
+                                                              top_k=params.top_k)
+        self.processors = make_logits_processors(
+            repetition_penalty=params.repetition_penalty,
+            repetition_context_size=params.repetition_context_size,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
+        self.history = mx.array(prompt, dtype=mx.uint32) if self.processors else None
+
+    def logprobs(self, logits: mx.array) -> mx.array:
+        """[vocab] logits -> [1, vocab] log-probabilities after this sequence's processors."""
+        logits = logits[None]
+        for proc in self.processors:
+            logits = proc(self.history, logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def sample(self, logprobs: mx.array, index: int) -> mx.array:
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        mx.random.seed(step_seed(self.params.seed, index))  # the key is taken as the op is built
+        return self.sampler(logprobs)
+
+    def accept(self, token: int) -> None:
+        if self.processors:
+            self.history = mx.concatenate([self.history, mx.array([token], dtype=mx.uint32)])
+
+
+def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int],
+                top_logprobs: list[int]) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+    """Sample one token per row of `logits` [rows, vocab]; `indices[i]` is row i's token
+    index within its request. Returns the tokens, their log-probabilities and, for rows
+    asking `top_logprobs[i] > 0`, the top alternatives. Rows without logits processors are
+    normalized together and greedy rows take one argmax together (the common case: a
+    few ops per step, not per row)."""
+    if any(s.processors for s in samplers):
+        lp = mx.concatenate([s.logprobs(logits[i]) for i, s in enumerate(samplers)], axis=0)
+    else:
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tokens = mx.argmax(lp, axis=-1)
+    sampled = [i for i, s in enumerate(samplers) if not s.greedy]
+    if sampled:
+        picks = mx.concatenate([samplers[i].sample(lp[i:i + 1], indices[i]).reshape(1) for i in sampled])
+        tokens[mx.array(sampled)] = picks.astype(tokens.dtype)
+    chosen = mx.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    k = max(top_logprobs, default=0)
+    top = mx.argsort(-lp, axis=-1)[:, :k] if k else None
+    mx.eval(tokens, chosen, top if top is not None else [])
+    toks, probs = tokens.tolist(), chosen.tolist()
+    alts: list[list[tuple[int, float]]] = [[] for _ in samplers]
+    if top is not None:
+        top_ids = top.tolist()
+        top_lp = mx.take_along_axis(lp, top, axis=-1).tolist()
+        alts = [list(zip(top_ids[i][:n], top_lp[i][:n])) for i, n in enumerate(top_logprobs)]
+    for s, t in zip(samplers, toks):
+        s.accept(t)
+    return toks, probs, alts

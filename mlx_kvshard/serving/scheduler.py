@@ -1,0 +1,183 @@
+"""Rank 0's scheduler: what runs each step. Pure Python (no MLX): it sees requests as
+token ids and reservations, and writes `wire.Step`s.
+
+Each step: remove finished and cancelled sequences, join the ones whose first token was
+sampled last step, decode every running row, then spend the prefill budget
+(`prefill_step` prompt tokens) on prompts in arrival order, admitting waiting requests
+while the batch and the KV cache have room. A prompt prefilled in several chunks never
+freezes the running rows: they decode in every one of those steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..settings import EngineSettings
+from .prefix_cache import PrefixIndex
+from .wire import Prefill, Step
+
+
+@dataclass
+class Seq:
+    """One admitted-or-waiting request, as the scheduler tracks it."""
+    uid: int
+    prompt: list[int]
+    budget: int  # tokens it may generate (max_tokens, clamped by the context)
+    state: Any = None  # the engine's per-request state (sampler, stop checker, handle)
+    prefilled: int = 0  # prompt positions in its KV
+    cached: int = 0  # of those, reused from the prefix cache
+    entry: int = -1  # prefix entry used (-1: none)
+    generated: list[int] = field(default_factory=list)
+    on_ranks: bool = False  # a prefill chunk went out: the ranks hold KV for it
+    phase: str = "waiting"  # waiting, prefill, ready (first token sampled), running
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt) + self.budget
+
+
+class Scheduler:
+    def __init__(self, settings: EngineSettings, kv_capacity: int, prefix: PrefixIndex | None):
+        self.settings = settings
+        self.kv_capacity = kv_capacity  # KV tokens every rank can hold (the smallest rank's)
+        self.prefix = prefix
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []  # admitted, in arrival order
+        self.ready: list[Seq] = []  # prefilled, first token sampled, joining next step
+        self.running: list[Seq] = []  # batch rows, in row order (every rank's order)
+        self.to_remove: list[Seq] = []
+        self.saves: list[tuple[int, int, int]] = []  # prefix entries from finished rows, for the next step
+        self.drops: list[int] = []
+        self.step_index = 0
+        self.decode_s: float | None = None  # measured: a decode-only step's time
+        self.prefill_token_s: float | None = None  # measured: one prompt token's share of a step
+
+    # ---- admission --------------------------------------------------------------------
+
+    def admitted(self) -> list[Seq]:
+        return self.prefilling + self.ready + self.running
+
+    def kv_needed(self, seqs: list[Seq]) -> int:
+        """KV tokens these sequences can come to hold per rank: the batch cache is left-padded,
+        so every row is as long as the longest (an upper bound; rows leave as they finish)."""
+        return len(seqs) * max((s.reserve for s in seqs), default=0)
+
+    def never_fits(self, prompt_tokens: int, budget: int) -> str | None:
+        if prompt_tokens + budget > self.kv_capacity:
+            return (f"the request needs {prompt_tokens} prompt + {budget} new tokens = {prompt_tokens + budget} KV "
+                    f"tokens, but a rank holds at most {self.kv_capacity}; shorten the prompt or lower max_tokens")
+        return None
+
+    def _can_admit(self, seq: Seq) -> bool:
+        admitted = self.admitted()
+        return (len(admitted) < self.settings.max_batch
+                and self.kv_needed(admitted + [seq]) <= self.kv_capacity)
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def next_step(self) -> Step:
+        step = Step(index=self.step_index)
+        self.step_index += 1
+        step.save, step.drop, self.saves, self.drops = self.saves, self.drops, [], []
+        for seq in self.to_remove:
+            if seq.on_ranks:
+                step.remove.append(seq.uid)
+            for group in (self.prefilling, self.ready, self.running):
+                if seq in group:
+                    group.remove(seq)
+        self.to_remove = []
+        for seq in self.ready:
+            seq.phase = "running"
+            step.join.append(seq.uid)
+            self.running.append(seq)
+        self.ready = []
+        step.decode = [(s.uid, s.generated[-1]) for s in self.running]
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.phase = "prefill"
+            self.prefilling.append(seq)
+        self._plan_prefill(step)
+        # debug: every rank reports its rows and KV after each change (freed on every rank?)
+        step.audit = self.settings.check_sync and bool(step.remove or step.join)
+        return step
+
+    def control_step(self, idle: bool = False, stop: bool = False) -> Step:
+        step = Step(index=self.step_index, idle=idle, stop=stop)
+        self.step_index += 1
+        return step
+
+    def prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: all of --prefill-step when nothing decodes;
+        else what costs about `prefill_decode_ratio` decode forwards (at least a small chunk)."""
+        s = self.settings
+        if not self.running or not s.prefill_decode_ratio:
+            return s.prefill_step
+        least = min(s.min_prefill_chunk, s.prefill_step)  # the step message holds prefill_step tokens
+        if self.decode_s is None or self.prefill_token_s is None:
+            return least
+        fit = int(s.prefill_decode_ratio * self.decode_s / self.prefill_token_s)
+        return max(least, min(s.prefill_step, fit))
+
+    def measured(self, decode_s: float, prefill_s: float, prefill_tokens: int) -> None:
+        """Learn the step costs (moving averages) from a finished step's forwards."""
+        ema = lambda old, new: new if old is None else 0.7 * old + 0.3 * new  # noqa: E731
+        if decode_s > 0:
+            self.decode_s = ema(self.decode_s, decode_s)
+        if prefill_tokens:
+            self.prefill_token_s = ema(self.prefill_token_s, prefill_s / prefill_tokens)
+
+    def _plan_prefill(self, step: Step) -> None:
+        budget = self.prefill_budget()
+        done = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            hit = None
+            if seq.prefilled == 0 and self.prefix is not None:  # decided as its first chunk goes out
+                hit = self.prefix.lookup(seq.prompt)
+                if hit:
+                    seq.prefilled = seq.cached = hit.tokens
+                    seq.entry = hit.entry
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            last = seq.prefilled + n == len(seq.prompt)
+            step.prefill.append(Prefill(seq.uid, seq.prefilled, seq.prompt[seq.prefilled:seq.prefilled + n], last,
+                                        hit.entry if hit else -1, hit.tokens if hit else 0))
+            seq.prefilled += n
+            seq.on_ranks = True
+            budget -= n
+            if last:
+                done.append(seq)
+        for seq in done if self.prefix is not None else []:  # after the lookups: PUT runs after this step's prefills
+            entry, evict = self.prefix.insert(seq.prompt)
+            step.drop += evict
+            if entry is not None:
+                step.put.append((entry, seq.uid, len(seq.prompt)))
+
+    # ---- after the step ---------------------------------------------------------------
+
+    def prefilled(self, seq: Seq) -> None:
+        """Its first token is sampled: it joins the batch next step (unless it is already done)."""
+        self.prefilling.remove(seq)
+        seq.phase = "ready"
+        self.ready.append(seq)
+
+    def finish(self, seq: Seq, keep: bool = False) -> None:
+        """Finished or cancelled: leave at the start of the next step, on every rank. `keep`:
+        a batch row that ended normally stays in the prefix cache (prompt and reply: a chat's
+        next turn starts with them)."""
+        if keep and seq.phase == "running" and self.prefix is not None:
+            tokens = seq.prompt + seq.generated[:-1]  # the last token was never fed: no KV for it
+            entry, evict = self.prefix.insert(tokens)
+            self.drops += evict
+            if entry is not None:
+                self.saves.append((entry, seq.uid, len(tokens)))
+        if seq.phase == "waiting":
+            self.waiting.remove(seq)
+        elif seq not in self.to_remove:
+            self.to_remove.append(seq)
+        seq.phase = "done"
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove)

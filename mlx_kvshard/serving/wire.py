@@ -1,0 +1,137 @@
+"""The step message: what every rank executes this step, as int32 words.
+
+Rank 0 writes it into a fixed-size buffer and the ranks `all_sum` it (the others
+contribute zeros): one small collective per step, no pickle, no JSON. Layout:
+
+    [n_words, step, op, args..., op, args..., ...]
+
+Each op is its code followed by a fixed or counted list of int32 arguments:
+
+    IDLE                                  park: wait for rank 0's wake-up off the ring
+    STOP                                  the engine shuts down
+    SAVE    entry, uid, n                 keep the first n positions of batch row uid's KV as a
+                                          prefix entry (a finished chat turn), before it leaves
+    REMOVE  uid                           drop a sequence (finished or cancelled), free its KV
+    DROP    entry                         evict a prefix-cache entry
+    JOIN    uid                           a prefilled sequence becomes the last batch row
+    DECODE  n, uid*n, token*n             one decode step for the batch rows (in row order)
+    PREFILL uid, start, entry, hit, last, n, token*n
+                                          a prompt chunk at position `start`; the first chunk
+                                          (start == hit) starts from `hit` positions of prefix
+                                          entry `entry` (-1, 0: none)
+    PUT     entry, uid, n                 keep the first n tokens of uid's KV as a prefix entry
+    AUDIT                                 every rank reports its rows and KV (a gather)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE = range(1, 11)
+HEADER = 2
+
+
+@dataclass
+class Prefill:
+    uid: int
+    start: int
+    tokens: list[int]
+    last: bool
+    entry: int = -1
+    hit: int = 0
+
+
+@dataclass
+class Step:
+    """One step's decision, in execution order: saved rows, removals, joins, the decode,
+    prefill chunks, new prefix entries, evictions, then an audit."""
+    index: int = 0
+    idle: bool = False
+    stop: bool = False
+    save: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
+    remove: list[int] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+    join: list[int] = field(default_factory=list)
+    decode: list[tuple[int, int]] = field(default_factory=list)  # (uid, input token) per batch row
+    prefill: list[Prefill] = field(default_factory=list)
+    put: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
+    audit: bool = False
+
+    def empty(self) -> bool:
+        return not (self.idle or self.stop or self.save or self.remove or self.drop or self.join or self.decode
+                    or self.prefill or self.put or self.audit)
+
+
+def capacity(max_batch: int, prefill_step: int, max_drops: int = 64) -> int:
+    """Words a step can need: every op at its most (the scheduler stays within it)."""
+    per_seq = 4 + 2 + 2 + 2 + 7 + 4  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
+    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 * max_drops
+
+
+def encode(step: Step, size: int) -> np.ndarray:
+    words = [0, step.index]
+    if step.idle:
+        words.append(IDLE)
+    if step.stop:
+        words.append(STOP)
+    for entry, uid, n in step.save:
+        words += [SAVE, entry, uid, n]
+    for uid in step.remove:
+        words += [REMOVE, uid]
+    for entry in step.drop:
+        words += [DROP, entry]
+    for uid in step.join:
+        words += [JOIN, uid]
+    if step.decode:
+        uids, tokens = zip(*step.decode)
+        words += [DECODE, len(uids), *uids, *tokens]
+    for p in step.prefill:
+        words += [PREFILL, p.uid, p.start, p.entry, p.hit, int(p.last), len(p.tokens), *p.tokens]
+    for entry, uid, n in step.put:
+        words += [PUT, entry, uid, n]
+    if step.audit:
+        words.append(AUDIT)
+    if len(words) > size:
+        raise AssertionError(f"step message of {len(words)} words exceeds its buffer of {size}")
+    words[0] = len(words)
+    buf = np.zeros(size, dtype=np.int32)
+    buf[:len(words)] = words
+    return buf
+
+
+def decode(buf: np.ndarray) -> Step:
+    w = buf[:int(buf[0])].tolist()
+    step = Step(index=w[1])
+    i = HEADER
+    while i < len(w):
+        op = w[i]
+        i += 1
+        if op == IDLE:
+            step.idle = True
+        elif op == STOP:
+            step.stop = True
+        elif op == REMOVE:
+            step.remove.append(w[i]); i += 1
+        elif op == DROP:
+            step.drop.append(w[i]); i += 1
+        elif op == JOIN:
+            step.join.append(w[i]); i += 1
+        elif op == DECODE:
+            n = w[i]
+            step.decode = list(zip(w[i + 1:i + 1 + n], w[i + 1 + n:i + 1 + 2 * n]))
+            i += 1 + 2 * n
+        elif op == PREFILL:
+            uid, start, entry, hit, last, n = w[i:i + 6]
+            step.prefill.append(Prefill(uid, start, w[i + 6:i + 6 + n], bool(last), entry, hit))
+            i += 6 + n
+        elif op == PUT:
+            step.put.append(tuple(w[i:i + 3])); i += 3
+        elif op == SAVE:
+            step.save.append(tuple(w[i:i + 3])); i += 3
+        elif op == AUDIT:
+            step.audit = True
+        else:
+            raise AssertionError(f"unknown op {op} at word {i - 1} of step {step.index}: ranks out of sync")
+    return step

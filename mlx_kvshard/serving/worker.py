@@ -1,0 +1,95 @@
+"""Every rank's entry into the engine: start the rank, measure how many KV tokens it can
+hold, then rank 0 runs the `Engine` (and the caller's front: the batch CLI, the HTTP
+server) while every other rank follows the step messages until told to stop."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import UserError
+from ..settings import EngineSettings, RankSettings
+from . import wire
+from .batch import BatchState
+
+
+def free_memory_bytes() -> int:
+    """Memory this rank can still use: Metal's recommended working set less what MLX holds
+    (macOS), else the kernel's MemAvailable (Linux)."""
+    if mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        limit = int(info.get("max_recommended_working_set_size", 0))
+        return max(0, limit - mx.get_active_memory())
+    from ..launch.probe import meminfo
+
+    return meminfo("MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:
+    """Every rank measures what it can hold (one gather, at start); the engine admits by the
+    smallest. --max-kv-tokens overrides the measurement."""
+    from ..engine.dist import gather_json
+
+    rank = loaded.comm.rank
+    free = free_memory_bytes()
+    per_token = loaded.plan.kv_bytes_per_token(rank)
+    usable = int(free * settings.kv_memory_fraction) - settings.prefix_cache_bytes
+    mine = {"rank": rank, "free_bytes": free, "kv_bytes_per_token": per_token,
+            "kv_tokens": max(0, usable // max(1, per_token))}
+    ranks = gather_json(loaded.comm, mine)
+    measured = min(r["kv_tokens"] for r in ranks)
+    return (settings.max_kv_tokens or measured), ranks
+
+
+def check_batchable(loaded) -> None:
+    """Batched rows sit at different positions: the model's RoPE must take one offset per
+    row (mlx-lm's default, llama3 and su/longrope do; a few scaled variants take an int only)."""
+    rope = loaded.model.layers[0].self_attn.rope
+    try:
+        mx.eval(rope(mx.zeros((2, 1, 1, loaded.cfg.head_dim)), offset=mx.array([0, 3])))
+    except Exception as e:
+        raise UserError(f"this model's RoPE ({type(rope).__name__}) takes no per-sequence offsets, which the "
+                        f"batched engine needs ({type(e).__name__}: {e}); use the one-prompt generate") from None
+
+
+def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: Callable) -> int:
+    """Run this rank of the engine. On rank 0, `front(engine)` runs with the engine ready:
+    it must call `engine.run()` on this (the main) thread, and `engine.shutdown()` from
+    another when done; its return value is the exit code."""
+    from ..engine.startup import start_rank
+    from ..liveness.client import for_rank
+
+    engine_settings.validate()
+    with for_rank(settings.liveness) as live:
+        loaded = start_rank(settings, live)
+        if loaded.comm.world > 1 and not live.coordinator:
+            raise UserError("the serving engine at world > 1 needs the liveness coordinator, to park idle ranks "
+                            "off the ring: start it with --simulate N or `mlx-kvshard launch`, not plain mlx.launch")
+        check_batchable(loaded)  # deterministic: every rank reaches the same verdict
+        capacity, ranks = kv_capacity(loaded, engine_settings)
+        state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel)
+        live.phase("idle")
+        if loaded.comm.rank == 0:
+            from .engine import Engine
+
+            return int(front(Engine(loaded, live, engine_settings, capacity, state, ranks)) or 0)
+        follow(loaded.comm, live, state, wire.capacity(engine_settings.max_batch, engine_settings.prefill_step))
+        return 0
+
+
+def follow(comm, live, state: BatchState, size: int) -> None:
+    """A rank other than 0: execute rank 0's step messages until STOP; park on IDLE."""
+    zeros = mx.zeros(size, dtype=mx.int32)
+    while True:
+        step = wire.decode(np.array(comm.all_sum(zeros)))
+        if step.stop:
+            return
+        if step.idle:
+            live.phase("idle")
+            live.wait_wake()  # blocks on a socket-fed event: no CPU until rank 0 has work
+            continue
+        state.apply(step)
+        live.progress(step.index + 1)
