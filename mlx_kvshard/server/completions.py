@@ -45,6 +45,7 @@ class Call:
     t_first: float | None = None
     t_last: float | None = None
     n_tokens: int = 0
+    offset: int = 0  # characters of completion text sent so far (text_offset of the next token)
 
     def __post_init__(self):
         self.id = s.new_id("chatcmpl" if self.chat else "cmpl")
@@ -69,7 +70,7 @@ class Call:
                 s.ChatChunkChoice(delta=delta, logprobs=self._chat_logprobs(lps), finish_reason=finish)])
         else:
             body = s.Completion(id=self.id, created=self.created, model=self.model, choices=[
-                s.TextChoice(text=text or "", logprobs=self._text_logprobs(lps, 0), finish_reason=finish)])
+                s.TextChoice(text=text or "", logprobs=self._text_logprobs(lps), finish_reason=finish)])
         return sse(body.model_dump_json(exclude_none=True))
 
     def usage_chunk(self, usage) -> str:
@@ -83,7 +84,7 @@ class Call:
                                   finish_reason=finish)
             return s.ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
                                     usage=to_usage(usage)).model_dump()
-        choice = s.TextChoice(text=text, logprobs=self._text_logprobs(lps, 0), finish_reason=finish)
+        choice = s.TextChoice(text=text, logprobs=self._text_logprobs(lps), finish_reason=finish)
         return s.Completion(id=self.id, created=self.created, model=self.model, choices=[choice],
                             usage=to_usage(usage)).model_dump()
 
@@ -100,14 +101,14 @@ class Call:
             content.append(s.TokenLogprob(token=piece, logprob=lp, bytes=list(piece.encode()), top_logprobs=top))
         return s.ChatLogprobs(content=content)
 
-    def _text_logprobs(self, lps: list, offset: int) -> s.CompletionLogprobs | None:
+    def _text_logprobs(self, lps: list) -> s.CompletionLogprobs | None:
         if not self.logprobs or not lps:
             return None
         pieces = [self._piece(t) for t, _, _ in lps]
         offsets = []
         for p in pieces:
-            offsets.append(offset)
-            offset += len(p)
+            offsets.append(self.offset)
+            self.offset += len(p)
         top = [{self._piece(t): v for t, v in alts or []} for _, _, alts in lps] if self.top_logprobs else None
         return s.CompletionLogprobs(tokens=pieces, token_logprobs=[lp for _, lp, _ in lps], top_logprobs=top,
                                     text_offset=offsets)
