@@ -182,3 +182,16 @@ def test_admission_refuses_never_fitting_and_queues_later_fitting(model, tmp_pat
     assert max(s["batch"] for s in report["metrics"]["recent_steps"]) == 1  # the second waited for the first
     ttft = {r["request_id"]: r["ttft_s"] for r in report["metrics"]["recent_requests"]}
     assert len(ttft) == 2
+
+
+def test_vocab_parallel_every_rank_joins_the_logits_gather(model, alone, tmp_path):
+    """With lm_head split by vocabulary rows every rank runs the logits gather of each
+    sampling forward (rank 0 still samples alone)."""
+    lines = [json.dumps(r) for r in REQUESTS[:4]]
+    results, report, _ = run_engine(tmp_path, lines, 2, "--vocab-parallel", "--check-sync", name="vp")
+    for i in range(4):
+        assert results[i]["tokens"] == alone[i]["tokens"], (i, results[i], alone[i])
+    layers = json.loads((MODEL / "config.json").read_text())["num_hidden_layers"]
+    decode_only = [s for s in report["metrics"]["recent_steps"] if s["batch"] and not s["prefill_tokens"]
+                   and not s["audit"]]
+    assert decode_only and all(s["collectives"] == 2 * layers + 2 for s in decode_only)  # + the gather

@@ -41,10 +41,15 @@ def memory_bytes() -> int | None:
     if sys.platform == "darwin":
         text = _run(["sysctl", "-n", "hw.memsize"])
         return int(text) if text and text.strip().isdigit() else None
+    return meminfo("MemTotal")
+
+
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo field in bytes (Linux), e.g. MemTotal, MemAvailable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

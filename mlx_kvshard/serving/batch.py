@@ -40,6 +40,11 @@ class BatchState:
 
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
+        for entry, uid, n in step.save:
+            i = self.rows.index(uid)
+            self.entries[entry] = [(k[..., :n, :], v[..., :n, :])
+                                   for k, v in ((c.keys, c.values) for c in (b.extract(i) for b in self.cache))]
+            mx.eval(self.entries[entry])
         for uid in step.remove:
             self._remove(uid)
         for uid in step.join:

@@ -11,11 +11,9 @@ or an asyncio queue (`submit_async`, for an HTTP server running its own event lo
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -24,82 +22,23 @@ from ..errors import UserError
 from ..settings import EngineSettings
 from . import wire
 from .batch import BatchState, StepOutput
+from .handles import AsyncRequestHandle, EventCallback, RequestHandle
 from .metrics import Metrics, RequestRecord, StepRecord
 from .prefix_cache import PrefixIndex
 from .requests import Completion, EngineStopped, Event, QueueFull, Request, RequestError, Usage
 from .sampling import RowSampler, sample_rows
 from .scheduler import Scheduler, Seq
 
-EventCallback = Callable[[Event], None]
-
-
-class RequestHandle:
-    """A submitted request. Iterate it for its events (blocking), or call `result()`."""
-
-    def __init__(self, engine: "Engine", request_id: int, on_event: EventCallback | None):
-        self.id = request_id
-        self._engine = engine
-        self._queue: queue.Queue[Event] | None = None if on_event else queue.Queue()
-        self._on_event = on_event
-
-    def _emit(self, event: Event) -> None:
-        if self._on_event is not None:
-            self._on_event(event)
-        else:
-            self._queue.put(event)
-
-    def __iter__(self):
-        if self._queue is None:
-            raise TypeError("this request reports through its on_event callback")
-        while True:
-            event = self._queue.get()
-            yield event
-            if event.final:
-                return
-
-    def cancel(self) -> None:
-        self._engine.cancel(self.id)
-
-    def result(self) -> Completion:
-        tokens, text, last = [], [], None
-        for ev in self:
-            if ev.token is not None:
-                tokens.append(ev.token)
-            text.append(ev.text)
-            last = ev
-        return Completion(self.id, "".join(text), tokens, last.finish_reason, last.usage, last.error)
-
-
-class AsyncRequestHandle:
-    """`async for event in handle` on the event loop that submitted it."""
-
-    def __init__(self, engine: "Engine", request: Request, loop: asyncio.AbstractEventLoop):
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._handle = engine.submit(request, lambda ev: loop.call_soon_threadsafe(self._events.put_nowait, ev))
-        self.id = self._handle.id
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-    async def __aiter__(self):
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.final:
-                return
-
-
 @dataclass
 class _Live:
     """Rank 0's per-request state beside the scheduler's `Seq`."""
     request: Request
     handle: RequestHandle
-    sampler: RowSampler
+    sampler: RowSampler | None  # built on the engine thread (MLX arrays stay on one thread)
     stopper: StopChecker
     t_submit: float
     t_first: float | None = None
     t_last: float | None = None
-    logprobs: list = field(default_factory=list)
 
 
 class Engine:
@@ -123,6 +62,7 @@ class Engine:
         self.metrics = Metrics()
         self.size = wire.capacity(settings.max_batch, settings.prefill_step)
         self._cond = threading.Condition()
+        self._tokenizer_lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._cancels: set[int] = set()
         self._open: dict[int, Seq] = {}  # every request not yet done, by id
@@ -169,8 +109,7 @@ class Engine:
             uid = self._next_id
             self._next_id = self._next_id % (2**31 - 1) + 1
             handle = RequestHandle(self, uid, on_event)
-            sampler = RowSampler(request.params, prompt)
-            state = _Live(request, handle, sampler, StopChecker(self.tokenizer, request.params.stop),
+            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop),
                           time.perf_counter())
             seq = Seq(uid, prompt, budget, state)
             self._open[uid] = seq
@@ -215,7 +154,8 @@ class Engine:
             raise RequestError(_openai_names(str(e))) from None
         if not 0 <= request.top_logprobs <= 20:
             raise RequestError(f"top_logprobs {request.top_logprobs}: must be between 0 and 20")
-        ids = self._tokenize(request)
+        with self._tokenizer_lock:  # a Hugging Face fast tokenizer must not run on two threads at once
+            ids = self._tokenize(request)
         if not ids:
             raise RequestError("the prompt is empty after tokenization")
         if len(ids) >= self.max_context:
@@ -295,6 +235,7 @@ class Engine:
 
     def _take_inbox(self) -> None:
         for seq in self._inbox:
+            seq.state.sampler = RowSampler(seq.state.request.params, seq.prompt)
             self.scheduler.waiting.append(seq)
         self._inbox = []
         for uid in self._cancels:
@@ -332,7 +273,7 @@ class Engine:
                                         [len(s.generated) for s in rows],
                                         [s.state.request.top_logprobs for s in rows])
         now = time.perf_counter()
-        with self._cond:
+        with self._cond, self._tokenizer_lock:  # detokenizing may call the tokenizer submit() uses
             for seq, tok, lp, alt in zip(rows, tokens, lps, alts):
                 if seq.phase == "prefill":
                     self.scheduler.prefilled(seq)
@@ -354,7 +295,7 @@ class Engine:
 
     def _finish(self, seq: Seq, reason: str) -> None:
         st = seq.state
-        self.scheduler.finish(seq)
+        self.scheduler.finish(seq, keep=reason != "cancelled")
         del self._open[seq.uid]
         tail = st.stopper.flush() if reason != "cancelled" else ""
         usage = Usage(len(seq.prompt), len(seq.generated), seq.cached)

@@ -52,10 +52,19 @@ def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int]
                 top_logprobs: list[int]) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     """Sample one token per row of `logits` [rows, vocab]; `indices[i]` is row i's token
     index within its request. Returns the tokens, their log-probabilities and, for rows
-    asking `top_logprobs[i] > 0`, the top alternatives."""
-    lp = mx.concatenate([s.logprobs(logits[i]) for i, s in enumerate(samplers)], axis=0)
-    tokens = mx.concatenate([s.sample(lp[i:i + 1], indices[i]).reshape(1) for i, s in enumerate(samplers)])
-    chosen = mx.take_along_axis(lp, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
+    asking `top_logprobs[i] > 0`, the top alternatives. Rows without logits processors are
+    normalized together and greedy rows take one argmax together (the common case: a
+    few ops per step, not per row)."""
+    if any(s.processors for s in samplers):
+        lp = mx.concatenate([s.logprobs(logits[i]) for i, s in enumerate(samplers)], axis=0)
+    else:
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tokens = mx.argmax(lp, axis=-1)
+    sampled = [i for i, s in enumerate(samplers) if not s.greedy]
+    if sampled:
+        picks = mx.concatenate([samplers[i].sample(lp[i:i + 1], indices[i]).reshape(1) for i in sampled])
+        tokens[mx.array(sampled)] = picks.astype(tokens.dtype)
+    chosen = mx.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
     k = max(top_logprobs, default=0)
     top = mx.argsort(-lp, axis=-1)[:, :k] if k else None
     mx.eval(tokens, chosen, top if top is not None else [])

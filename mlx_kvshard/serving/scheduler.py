@@ -48,6 +48,8 @@ class Scheduler:
         self.ready: list[Seq] = []  # prefilled, first token sampled, joining next step
         self.running: list[Seq] = []  # batch rows, in row order (every rank's order)
         self.to_remove: list[Seq] = []
+        self.saves: list[tuple[int, int, int]] = []  # prefix entries from finished rows, for the next step
+        self.drops: list[int] = []
         self.step_index = 0
 
     # ---- admission --------------------------------------------------------------------
@@ -76,6 +78,7 @@ class Scheduler:
     def next_step(self) -> Step:
         step = Step(index=self.step_index)
         self.step_index += 1
+        step.save, step.drop, self.saves, self.drops = self.saves, self.drops, [], []
         for seq in self.to_remove:
             if seq.on_ranks:
                 step.remove.append(seq.uid)
@@ -105,6 +108,7 @@ class Scheduler:
 
     def _plan_prefill(self, step: Step) -> None:
         budget = self.settings.prefill_step
+        done = []
         for seq in self.prefilling:
             if budget <= 0:
                 break
@@ -121,11 +125,13 @@ class Scheduler:
             seq.prefilled += n
             seq.on_ranks = True
             budget -= n
-            if last and self.prefix is not None:
-                entry, evict = self.prefix.insert(seq.prompt)
-                step.drop += evict
-                if entry is not None:
-                    step.put.append((entry, seq.uid, len(seq.prompt)))
+            if last:
+                done.append(seq)
+        for seq in done if self.prefix is not None else []:  # after the lookups: PUT runs after this step's prefills
+            entry, evict = self.prefix.insert(seq.prompt)
+            step.drop += evict
+            if entry is not None:
+                step.put.append((entry, seq.uid, len(seq.prompt)))
 
     # ---- after the step ---------------------------------------------------------------
 
@@ -135,8 +141,16 @@ class Scheduler:
         seq.phase = "ready"
         self.ready.append(seq)
 
-    def finish(self, seq: Seq) -> None:
-        """Finished or cancelled: leave at the start of the next step, on every rank."""
+    def finish(self, seq: Seq, keep: bool = False) -> None:
+        """Finished or cancelled: leave at the start of the next step, on every rank. `keep`:
+        a batch row that ended normally stays in the prefix cache (prompt and reply: a chat's
+        next turn starts with them)."""
+        if keep and seq.phase == "running" and self.prefix is not None:
+            tokens = seq.prompt + seq.generated[:-1]  # the last token was never fed: no KV for it
+            entry, evict = self.prefix.insert(tokens)
+            self.drops += evict
+            if entry is not None:
+                self.saves.append((entry, seq.uid, len(tokens)))
         if seq.phase == "waiting":
             self.waiting.remove(seq)
         elif seq not in self.to_remove:

@@ -9,6 +9,8 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
 
     IDLE                                  park: wait for rank 0's wake-up off the ring
     STOP                                  the engine shuts down
+    SAVE    entry, uid, n                 keep the first n positions of batch row uid's KV as a
+                                          prefix entry (a finished chat turn), before it leaves
     REMOVE  uid                           drop a sequence (finished or cancelled), free its KV
     DROP    entry                         evict a prefix-cache entry
     JOIN    uid                           a prefilled sequence becomes the last batch row
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT = range(1, 10)
+IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE = range(1, 11)
 HEADER = 2
 
 
@@ -43,11 +45,12 @@ class Prefill:
 
 @dataclass
 class Step:
-    """One step's decision, in execution order: removals, joins, the decode, prefill
-    chunks, new prefix entries, evictions, then an audit."""
+    """One step's decision, in execution order: saved rows, removals, joins, the decode,
+    prefill chunks, new prefix entries, evictions, then an audit."""
     index: int = 0
     idle: bool = False
     stop: bool = False
+    save: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
     remove: list[int] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)
     join: list[int] = field(default_factory=list)
@@ -57,13 +60,13 @@ class Step:
     audit: bool = False
 
     def empty(self) -> bool:
-        return not (self.idle or self.stop or self.remove or self.drop or self.join or self.decode
+        return not (self.idle or self.stop or self.save or self.remove or self.drop or self.join or self.decode
                     or self.prefill or self.put or self.audit)
 
 
 def capacity(max_batch: int, prefill_step: int, max_drops: int = 64) -> int:
     """Words a step can need: every op at its most (the scheduler stays within it)."""
-    per_seq = 2 + 2 + 2 + 7 + 4  # REMOVE, JOIN, DECODE row, PREFILL header, PUT
+    per_seq = 4 + 2 + 2 + 2 + 7 + 4  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
     return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 * max_drops
 
 
@@ -73,6 +76,8 @@ def encode(step: Step, size: int) -> np.ndarray:
         words.append(IDLE)
     if step.stop:
         words.append(STOP)
+    for entry, uid, n in step.save:
+        words += [SAVE, entry, uid, n]
     for uid in step.remove:
         words += [REMOVE, uid]
     for entry in step.drop:
@@ -123,6 +128,8 @@ def decode(buf: np.ndarray) -> Step:
             i += 6 + n
         elif op == PUT:
             step.put.append(tuple(w[i:i + 3])); i += 3
+        elif op == SAVE:
+            step.save.append(tuple(w[i:i + 3])); i += 3
         elif op == AUDIT:
             step.audit = True
         else:

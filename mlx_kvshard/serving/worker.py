@@ -23,14 +23,9 @@ def free_memory_bytes() -> int:
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         limit = int(info.get("max_recommended_working_set_size", 0))
         return max(0, limit - mx.get_active_memory())
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    from ..launch.probe import meminfo
+
+    return meminfo("MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:

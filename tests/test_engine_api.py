@@ -1,0 +1,110 @@
+"""The Engine API in-process at world 1 (the multi-rank paths are in test_engine.py):
+streaming from a thread and from asyncio, cancel, refusals before any rank sees a request,
+and a chat's next turn reusing the previous turn's prompt and reply from the prefix cache."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from checkpoints import checkpoint
+from mlx_kvshard.engine.generate import SamplingParams
+from mlx_kvshard.serving.requests import QueueFull, Request, RequestError
+from mlx_kvshard.serving.worker import serve_rank
+from mlx_kvshard.settings import EngineSettings, ModelSettings, RankSettings
+
+PROMPT = [(7 * i + 3) % 200 + 10 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_root):
+    return checkpoint(ckpt_root, "llama_kv8")
+
+
+def with_engine(model_dir, body, **engine_settings):
+    """Run `body(engine)` on a thread while the engine runs on this one; return its result."""
+    out = {}
+
+    def front(engine):
+        def drive():
+            try:
+                out["result"] = body(engine)
+            except BaseException as e:  # re-raised in the test's thread
+                out["error"] = e
+            finally:
+                engine.shutdown(cancel=True)
+        threading.Thread(target=drive).start()
+        engine.run()
+        return 0
+
+    settings = RankSettings(model=ModelSettings(str(model_dir), "float32", 256, 16))
+    assert serve_rank(settings, EngineSettings(prefill_step=16, **engine_settings), front) == 0
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n)
+
+
+def test_next_chat_turn_reuses_prompt_and_reply(model):
+    def turns(engine):
+        first = engine.generate(Request(prompt_ids=PROMPT, params=greedy(8)))
+        follow = PROMPT + first.tokens + [11, 12, 13]
+        return first, engine.generate(Request(prompt_ids=follow, params=greedy(6)))
+
+    first, second = with_engine(model, turns)
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == len(PROMPT) + len(first.tokens) - 1  # all but the never-fed last token
+    cold = with_engine(model, lambda e: e.generate(Request(prompt_ids=PROMPT + first.tokens + [11, 12, 13],
+                                                            params=greedy(6))), prefix_cache_bytes=0)
+    assert cold.usage.cached_tokens == 0 and second.tokens == cold.tokens
+
+
+def test_async_stream_cancel_and_refusals(model):
+    async def clients(engine):
+        long = engine.submit_async(Request(prompt_ids=PROMPT, params=greedy(200)))
+        short = engine.submit_async(Request(prompt_ids=PROMPT[:20], params=greedy(5), logprobs=True, top_logprobs=3))
+        got = {"long": [], "short": []}
+
+        async def read(name, handle, cancel_at=None):
+            async for ev in handle:
+                got[name].append(ev)
+                if cancel_at and len(got[name]) == cancel_at:
+                    handle.cancel()
+        await asyncio.gather(read("long", long, cancel_at=4), read("short", short))
+        return got
+
+    def body(engine):
+        refusals = []
+        for req in (Request(prompt_ids=PROMPT, params=SamplingParams(top_p=2.0)),
+                    Request(prompt_ids=[10**6]), Request(prompt="a", messages=[]),
+                    Request(prompt_ids=list(range(10, 10 + 300)))):
+            with pytest.raises(RequestError) as e:
+                engine.submit(req)
+            refusals.append(str(e.value))
+        return asyncio.run(clients(engine)), refusals
+
+    got, refusals = with_engine(model, body)
+    assert refusals[0].startswith("top_p 2.0") and "outside the vocabulary" in refusals[1]
+    assert "exactly one of" in refusals[2] and "max context is 256" in refusals[3]
+    long, short = got["long"], got["short"]
+    assert long[-1].kind == "done" and long[-1].finish_reason == "cancelled"
+    assert 4 <= long[-1].usage.completion_tokens < 200
+    assert short[-1].finish_reason == "length" and short[-1].usage.completion_tokens == 5
+    tokens = [e for e in short if e.kind == "token"]
+    assert len(tokens) == 5 and all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in tokens)
+    assert all(e.logprob >= e.top_logprobs[-1][1] for e in tokens)  # greedy: the chosen token is the top one
+
+
+def test_queue_full(model):
+    def body(engine):
+        engine.submit(Request(prompt_ids=PROMPT, params=greedy(50)))
+        with pytest.raises(QueueFull) as e:
+            engine.submit(Request(prompt_ids=PROMPT, params=greedy(5)))
+        return str(e.value)
+
+    assert "--max-waiting 0" in with_engine(model, body, max_batch=1, max_waiting=0)
