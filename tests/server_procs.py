@@ -7,12 +7,14 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from liveness_procs import reap, start
+from liveness_procs import REPO, env_for, reap
 
 
 def free_port() -> int:
@@ -25,7 +27,10 @@ class Server:
     def __init__(self, tmp: Path, argv: list[str], tag: str, port: int | None = None):
         self.tag = tag
         self.out, self.err = tmp / f"{tag}.out", tmp / f"{tag}.err"
-        self.proc = start(["-m", "mlx_kvshard", *argv], tag, self.out, self.err)
+        env = {**env_for(tag), "TMPDIR": str(tmp)}  # the launcher keeps a failed run's logs under TMPDIR
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlx_kvshard", *argv], stdout=open(self.out, "wb"),
+                                     stderr=open(self.err, "wb"), stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+                                     start_new_session=True)
         self.url = f"http://127.0.0.1:{port}" if port else None
         self.health_seen: list[tuple[int, dict]] = []  # every /health answer while waiting
 
