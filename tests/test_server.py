@@ -370,3 +370,15 @@ def test_launch_restart_brings_the_server_back(model, tmp_path):
     finally:
         server.stop()
     assert not tagged(tag)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key", ""], "--api-key is empty"),
+    (["--port", "70000"], "--port 70000"),
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--restart", "1"], "--restart relaunches ranks"),
+])
+def test_serve_usage_errors_exit_2_before_anything_starts(flags, message):
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "serve", *flags], capture_output=True, text=True,
+                          timeout=120, env=env_for("serve-usage"), cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and "HTTP on" not in proc.stderr, proc.stderr

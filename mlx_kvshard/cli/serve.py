@@ -57,7 +57,7 @@ def server_settings(args):
     from ..settings import ServerSettings
 
     return ServerSettings(host=args.host, port=args.port, model_id=args.served_model_name or args.model,
-                          api_key=args.api_key or os.environ.get(ENV_API_KEY) or None,
+                          api_key=args.api_key if args.api_key is not None else os.environ.get(ENV_API_KEY) or None,
                           max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens)
 
 
