@@ -35,7 +35,7 @@ class Call:
     """One request's response shape and bookkeeping (chat or text completion)."""
     chat: bool
     model: str
-    tokenizer: object
+    decode: object  # Engine.decode: token ids -> text, thread-safe
     logprobs: bool
     top_logprobs: int
     include_usage: bool
@@ -89,7 +89,7 @@ class Call:
                             usage=to_usage(usage)).model_dump()
 
     def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return self.decode([token])
 
     def _chat_logprobs(self, lps: list) -> s.ChatLogprobs | None:
         if not self.logprobs or not lps:
@@ -175,7 +175,7 @@ def refusal(e: RequestError, prompt_field: str) -> ApiError:
 async def complete(http: HttpRequest, req, backend: Backend, metrics: ServerMetrics, model_id: str,
                    default_max_tokens: int):
     chat = isinstance(req, s.ChatCompletionRequest)
-    call = Call(chat, model_id, backend.engine.tokenizer if backend.engine else None,
+    call = Call(chat, model_id, backend.engine.decode if backend.engine else None,
                 logprobs=req.logprobs if chat else req.logprobs is not None,
                 top_logprobs=(req.top_logprobs or 0) if chat else (req.logprobs or 0),
                 include_usage=bool(req.stream_options and req.stream_options.include_usage))
