@@ -69,6 +69,10 @@ class EngineSettings:
     kv_memory_fraction: float = 0.8  # share of a rank's free memory (after loading) the KV cache may use
     prefix_cache_bytes: int = 256 << 20  # per rank, for cached prompt prefixes; 0 = off
     min_prefix_tokens: int = 16  # shorter shared prefixes are recomputed, not looked up
+    # While rows decode, a step's prefill is cut to about this many decode steps' time (0 = always
+    # prefill_step), so streaming requests slow down at most ~(1 + factor)x while a long prompt prefills.
+    prefill_decode_ratio: float = 2.0
+    min_prefill_chunk: int = 16
     check_sync: bool = False  # debug: after every removal, every rank reports its rows and KV; rank 0 compares
 
     def validate(self) -> None:
@@ -79,6 +83,8 @@ class EngineSettings:
                                  ("--prefix-cache-bytes", self.prefix_cache_bytes, 0)):
             if value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
+        if self.prefill_decode_ratio < 0 or self.min_prefill_chunk < 1:
+            raise UserError("prefill_decode_ratio must be >= 0 and min_prefill_chunk >= 1")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 2:
             raise UserError(f"--max-kv-tokens {self.max_kv_tokens}: must be at least 2")
 

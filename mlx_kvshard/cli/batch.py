@@ -28,13 +28,21 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("batch (--prompts-file: many prompts through the serving engine)")
     g.add_argument("--prompts-file", metavar="F.jsonl",
                    help="run every line's request through the engine; one JSON result line each on stdout")
+    add_engine_arguments(g)
+    g.add_argument("--engine-report", metavar="FILE", help="write the engine's metrics as JSON to FILE at the end")
+
+
+def add_engine_arguments(g) -> None:
+    """The serving engine's knobs, shared by `generate --prompts-file` and `serve`."""
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoding together (default 16)")
     g.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch (default 64)")
     g.add_argument("--max-kv-tokens", type=int, default=None,
                    help="KV tokens a rank may hold (default: measured from each rank's free memory)")
     g.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
                    help="per-rank bytes for cached prompt prefixes (0 = off; default 256 MiB)")
-    g.add_argument("--engine-report", metavar="FILE", help="write the engine's metrics as JSON to FILE at the end")
+    g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
+                   help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
+                        "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step)")
 
 
 @dataclasses.dataclass
@@ -104,7 +112,7 @@ def engine_settings(args):
 
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
-                          check_sync=args.check_sync)
+                          prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync)
 
 
 def rank_settings(args):

@@ -11,6 +11,7 @@ import sys
 from ..errors import UserError
 from ..launch import restart
 from ..liveness import client as liveness
+from . import batch
 
 ENV_API_KEY = "MLX_KVSHARD_API_KEY"
 
@@ -28,15 +29,9 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512,
                    help="tokens generated when a request sets no max_tokens (default 512)")
     g = p.add_argument_group("engine")
-    g.add_argument("--max-batch", type=int, default=16, help="sequences decoding together (default 16)")
-    g.add_argument("--max-waiting", type=int, default=64,
-                   help="requests queued beyond the batch; past it requests get 429 (default 64)")
+    batch.add_engine_arguments(g)  # past --max-waiting queued requests, a request gets 429
     g.add_argument("--max-context", type=int, default=None,
                    help="max prompt + generated tokens per request (default: the model's max_position_embeddings)")
-    g.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="KV tokens a rank may hold (default: measured from each rank's free memory)")
-    g.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
-                   help="per-rank bytes for cached prompt prefixes (0 = off; default 256 MiB)")
     g.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per engine step (default 512)")
     g.add_argument("--check-sync", action="store_true",
                    help="debug: every rank reports its batch and KV after each join and removal; rank 0 compares")
@@ -62,8 +57,6 @@ def server_settings(args):
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .batch import engine_settings, rank_settings
-
     liveness.check_arguments(args)
     restart.check_arguments(args)
     if args.restart and args.simulate is None:
@@ -72,13 +65,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise UserError(f"--prefill-step {args.prefill_step}: must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         raise UserError(f"--max-context {args.max_context}: must be at least 2")
-    engine_settings(args).validate()
+    batch.engine_settings(args).validate()
     server_settings(args).validate()
     if args.simulate is not None:
         return simulate(args)
     from ..server.run import serve
 
-    return serve(rank_settings(args), engine_settings(args), server_settings(args))
+    return serve(batch.rank_settings(args), batch.engine_settings(args), server_settings(args))
 
 
 def simulate(args: argparse.Namespace) -> int:

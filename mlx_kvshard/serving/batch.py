@@ -10,6 +10,7 @@ the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -24,6 +25,8 @@ class StepOutput:
     decode_logits: mx.array | None = None  # [rows, vocab], in row order
     first_logits: dict[int, mx.array] = field(default_factory=dict)  # uid -> [vocab], prompts just prefilled
     audit: list | None = None  # every rank's report, on an AUDIT step
+    decode_s: float = 0.0  # time of the decode forward (evaluated: collectives included)
+    prefill_s: float = 0.0  # time of the prefill forwards
 
 
 class BatchState:
@@ -49,12 +52,15 @@ class BatchState:
             self._remove(uid)
         for uid in step.join:
             self._join(uid)
+        t0 = time.perf_counter()
         if step.decode:
             out.decode_logits = self._decode(step.decode)
+        t1 = time.perf_counter()
         for p in step.prefill:
             logits = self._prefill(p)
             if logits is not None:
                 out.first_logits[p.uid] = logits
+        out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
         for entry, uid, n in step.put:
             self.entries[entry] = [(mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :]))
                                    for c in self.pending[uid]]

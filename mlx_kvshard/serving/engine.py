@@ -258,8 +258,12 @@ class Engine:
         if out.audit is not None:
             self._check_audit(out.audit)
         self.live.progress(step.index + 1)
+        wall = time.perf_counter() - t0
+        with self._cond:
+            self.scheduler.measured(out.decode_s if step.decode else 0.0, out.prefill_s,
+                                    sum(len(p.tokens) for p in step.prefill))
         self.metrics.step(StepRecord(step.index, len(step.decode), sum(len(p.tokens) for p in step.prefill),
-                                     time.perf_counter() - t0, self.comm.stats.collectives - c0,
+                                     wall, self.comm.stats.collectives - c0,
                                      self.comm.stats.bytes - b0, step.audit))
         self._gauges()
 

@@ -51,6 +51,8 @@ class Scheduler:
         self.saves: list[tuple[int, int, int]] = []  # prefix entries from finished rows, for the next step
         self.drops: list[int] = []
         self.step_index = 0
+        self.decode_s: float | None = None  # measured: a decode-only step's time
+        self.prefill_token_s: float | None = None  # measured: one prompt token's share of a step
 
     # ---- admission --------------------------------------------------------------------
 
@@ -106,8 +108,28 @@ class Scheduler:
         self.step_index += 1
         return step
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: all of --prefill-step when nothing decodes;
+        else what costs about `prefill_decode_ratio` decode forwards (at least a small chunk)."""
+        s = self.settings
+        if not self.running or not s.prefill_decode_ratio:
+            return s.prefill_step
+        least = min(s.min_prefill_chunk, s.prefill_step)  # the step message holds prefill_step tokens
+        if self.decode_s is None or self.prefill_token_s is None:
+            return least
+        fit = int(s.prefill_decode_ratio * self.decode_s / self.prefill_token_s)
+        return max(least, min(s.prefill_step, fit))
+
+    def measured(self, decode_s: float, prefill_s: float, prefill_tokens: int) -> None:
+        """Learn the step costs (moving averages) from a finished step's forwards."""
+        ema = lambda old, new: new if old is None else 0.7 * old + 0.3 * new  # noqa: E731
+        if decode_s > 0:
+            self.decode_s = ema(self.decode_s, decode_s)
+        if prefill_tokens:
+            self.prefill_token_s = ema(self.prefill_token_s, prefill_s / prefill_tokens)
+
     def _plan_prefill(self, step: Step) -> None:
-        budget = self.settings.prefill_step
+        budget = self.prefill_budget()
         done = []
         for seq in self.prefilling:
             if budget <= 0:

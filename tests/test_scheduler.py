@@ -1,0 +1,68 @@
+"""Rank 0's scheduler, prefix index and step message, in pure Python (no ranks)."""
+
+from __future__ import annotations
+
+from mlx_kvshard.serving import wire
+from mlx_kvshard.serving.prefix_cache import PrefixIndex
+from mlx_kvshard.serving.scheduler import Scheduler, Seq
+from mlx_kvshard.settings import EngineSettings
+
+
+def test_step_message_round_trip_and_capacity():
+    step = wire.Step(index=7, save=[(3, 11, 40)], remove=[11, 12], join=[13], decode=[(13, 5), (14, 9)],
+                     prefill=[wire.Prefill(15, 16, [1, 2, 3], True, 2, 16)], put=[(4, 15, 19)], drop=[2], audit=True)
+    size = wire.capacity(max_batch=16, prefill_step=512)
+    assert wire.decode(wire.encode(step, size)) == step
+    assert wire.decode(wire.encode(wire.Step(index=8, idle=True), size)).idle
+
+
+def test_prefix_index_longest_hit_lru_and_extension():
+    idx = PrefixIndex(max_bytes=100 * 10, bytes_per_token=10, min_tokens=4)
+    a = list(range(50))
+    e1, evict = idx.insert(a)
+    assert e1 == 0 and evict == []
+    hit = idx.lookup(a[:30] + [999, 998])
+    assert hit.entry == e1 and hit.tokens == 30
+    assert idx.lookup(a).tokens == 49  # always one prompt token left to compute
+    assert idx.lookup([999] * 10) is None
+    e2, evict = idx.insert(a + [1, 2, 3])  # extends the first entry: it replaces it
+    assert evict == [e1] and idx.bytes == 53 * 10
+    e3, evict = idx.insert([7] * 60)  # no room for both: the least recently used goes
+    assert evict == [e2] and len(idx) == 1
+    assert idx.insert([1] * 200) == (None, [])  # larger than the whole cache: not kept
+
+
+def seq(uid, prompt_len, budget):
+    return Seq(uid, list(range(prompt_len)), budget)
+
+
+def test_scheduler_admission_budget_and_row_order():
+    sched = Scheduler(EngineSettings(max_batch=2, prefill_step=8, prefix_cache_bytes=0), kv_capacity=100, prefix=None)
+    a, b, c = seq(1, 12, 4), seq(2, 3, 4), seq(3, 3, 4)
+    sched.waiting.extend([a, b, c])
+    s0 = sched.next_step()
+    assert [(p.uid, p.start, len(p.tokens), p.last) for p in s0.prefill] == [(1, 0, 8, False)]  # budget 8, FIFO
+    assert [x.uid for x in sched.prefilling] == [1, 2]  # max_batch 2: the third waits
+    s1 = sched.next_step()
+    assert [(p.uid, p.start, len(p.tokens), p.last) for p in s1.prefill] == [(1, 8, 4, True), (2, 0, 3, True)]
+    for x in (a, b):
+        x.generated.append(100 + x.uid)
+        sched.prefilled(x)
+    s2 = sched.next_step()
+    assert s2.join == [1, 2] and s2.decode == [(1, 101), (2, 102)]
+    sched.finish(a)
+    s3 = sched.next_step()
+    assert s3.remove == [1] and s3.decode == [(2, 102)]
+    assert [x.uid for x in sched.prefilling] == [3]  # admitted once a slot freed
+    assert sched.never_fits(90, 20) and "at most 100" in sched.never_fits(90, 20)
+
+
+def test_prefill_budget_follows_measured_costs():
+    sched = Scheduler(EngineSettings(prefill_step=512, prefill_decode_ratio=2.0), kv_capacity=10**6, prefix=None)
+    assert sched.prefill_budget() == 512  # nothing decodes: the whole budget
+    sched.running.append(seq(1, 4, 4))
+    assert sched.prefill_budget() == 16  # decoding, costs unknown: a small chunk
+    sched.measured(decode_s=0.1, prefill_s=0.5, prefill_tokens=100)  # 5 ms per prompt token
+    assert sched.prefill_budget() == 40  # 2 decode forwards' worth
+    sched.measured(decode_s=10.0, prefill_s=0.005, prefill_tokens=1)
+    assert sched.prefill_budget() == 512  # never past --prefill-step
