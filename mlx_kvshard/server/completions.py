@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import secrets
 import time
 from typing import AsyncIterator
@@ -235,7 +236,7 @@ async def stream(handle, call: Call, backend: Backend, metrics: ServerMetrics) -
     finally:
         if outcome == "cancelled":  # the client went away mid-stream (or the loop is ending): free its KV
             handle.cancel()
-        metrics.finished(call.endpoint, outcome, usage, call.t0, call.t_first, call.t_last, call.n_tokens)
+        metrics.finished(call, outcome, usage)
         backend.closed()
 
 
@@ -260,16 +261,15 @@ async def collect(http: HttpRequest, handle, call: Call, backend: Backend, metri
     if not work.done():
         handle.cancel()
         await work  # the engine answers a cancel with a final event at once
-        metrics.finished(call.endpoint, "cancelled", None, call.t0, call.t_first, call.t_last, call.n_tokens)
+        metrics.finished(call, "cancelled", None)
         return JSONResponse(error_body(499, "client closed the request"), status_code=499)
     events_ = work.result()
     last = events_[-1]
     if last.kind == "error" or last.finish_reason == "cancelled":
-        metrics.finished(call.endpoint, "error", None, call.t0, call.t_first, call.t_last, call.n_tokens)
+        metrics.finished(call, "error", None)
         err = await failure(last, backend)
         raise ApiError(err["status"], err["message"], code=err["code"])
-    metrics.finished(call.endpoint, last.finish_reason, last.usage, call.t0, call.t_first, call.t_last,
-                     call.n_tokens)
+    metrics.finished(call, last.finish_reason, last.usage)
     text = "".join(ev.text for ev in events_)
     lps = [(ev.token, ev.logprob, ev.top_logprobs) for ev in events_ if ev.kind == "token"] if call.logprobs else []
     return JSONResponse(call.whole(text, lps, last.finish_reason, last.usage))
@@ -290,6 +290,4 @@ async def failure(ev, backend: Backend) -> dict:
 
 
 def _json(obj: dict) -> str:
-    import json
-
     return json.dumps(obj, separators=(",", ":"))

@@ -36,18 +36,18 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         r.register(EngineCollector(backend))
 
-    def finished(self, endpoint: str, outcome: str, usage, t0: float, t_first: float | None, t_last: float | None,
-                 n_tokens: int) -> None:
-        self.requests.labels(endpoint, outcome).inc()
+    def finished(self, call, outcome: str, usage) -> None:
+        """`call`: completions.Call, with the request's endpoint, times and token count."""
+        self.requests.labels(call.endpoint, outcome).inc()
         if usage is not None:
             self.prompt_tokens.inc(usage.prompt_tokens)
             self.cached_tokens.inc(usage.cached_tokens)
             self.generated_tokens.inc(usage.completion_tokens)
-        if t_first is not None:
-            self.ttft.observe(t_first - t0)
-            self.latency.observe(t_last - t0)
-            if n_tokens > 1:
-                self.tpot.observe((t_last - t_first) / (n_tokens - 1))
+        if call.t_first is not None:
+            self.ttft.observe(call.t_first - call.t0)
+            self.latency.observe(call.t_last - call.t0)
+            if call.n_tokens > 1:
+                self.tpot.observe((call.t_last - call.t_first) / (call.n_tokens - 1))
 
     def refused(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint, outcome).inc()
