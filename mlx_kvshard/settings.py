@@ -154,3 +154,27 @@ class EngineSettings:
             raise UserError("prefill_decode_ratio must be >= 0 and min_prefill_chunk >= 1")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 2:
             raise UserError(f"--max-kv-tokens {self.max_kv_tokens}: must be at least 2")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The OpenAI-compatible HTTP front on rank 0 (`mlx-kvshard serve`)."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_id: str = "tiny"  # what /v1/models lists and requests name in "model"
+    api_key: str | None = None  # Bearer token every endpoint but /health requires; None = open
+    max_body_bytes: int = 4 << 20  # larger request bodies are refused with 413
+    default_max_tokens: int = 512  # when a request gives neither max_tokens nor max_completion_tokens
+    drain_s: float = 2.0  # when a rank is lost: how long open responses get to carry the error out
+
+    def validate(self) -> None:
+        from .errors import UserError
+
+        if not 0 <= self.port < 65536:
+            raise UserError(f"--port {self.port}: must be between 0 and 65535")
+        if self.max_body_bytes < 1024:
+            raise UserError(f"--max-body-bytes {self.max_body_bytes}: must be at least 1024")
+        if self.default_max_tokens < 1:
+            raise UserError(f"--max-tokens {self.default_max_tokens}: must be at least 1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api-key is empty: give a key, or leave it out for an open server")

@@ -9,7 +9,7 @@ from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate as cmd_generate, plan as cmd_plan
+    from . import generate as cmd_generate, plan as cmd_plan, serve as cmd_serve
     from . import launch as launch_cli
 
     parser = argparse.ArgumentParser(
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     cmd_generate.register(sub)
+    cmd_serve.register(sub)
     cmd_plan.register(sub)
     launch_cli.register(sub)
     return parser

@@ -28,6 +28,12 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("batch (--prompts-file: many prompts through the serving engine)")
     g.add_argument("--prompts-file", metavar="F.jsonl",
                    help="run every line's request through the engine; one JSON result line each on stdout")
+    add_engine_arguments(g)
+    g.add_argument("--engine-report", metavar="FILE", help="write the engine's metrics as JSON to FILE at the end")
+
+
+def add_engine_arguments(g) -> None:
+    """The serving engine's knobs, shared by `generate --prompts-file` and `serve`."""
     g.add_argument("--max-batch", type=int, default=16, help="sequences decoding together (default 16)")
     g.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch (default 64)")
     g.add_argument("--max-kv-tokens", type=int, default=None,
@@ -37,7 +43,6 @@ def add_arguments(p) -> None:
     g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
                    help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
                         "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step)")
-    g.add_argument("--engine-report", metavar="FILE", help="write the engine's metrics as JSON to FILE at the end")
 
 
 @dataclasses.dataclass

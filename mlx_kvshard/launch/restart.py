@@ -32,7 +32,8 @@ def check_arguments(args, rank_ns=None) -> None:
     if args.exclude and not args.restart:
         raise UserError("--exclude applies to relaunches: give --restart N as well")
     if args.restart and rank_ns is not None and liveness_timeouts(rank_ns) is None:
-        raise UserError(f"--restart resumes generations: the rank command is {getattr(rank_ns, 'command', None)}")
+        raise UserError(f"--restart relaunches generate or serve: the rank command is "
+                        f"{getattr(rank_ns, 'command', None)}")
 
 
 @dataclass
@@ -102,7 +103,7 @@ def run_with_restarts(run_once: Callable[[list, list[str]], Attempt], hosts: lis
 
 def liveness_timeouts(rank_ns) -> tuple[float, float] | None:
     """(peer, step) timeouts when the rank command keeps a liveness side channel, else None."""
-    if getattr(rank_ns, "command", None) != "generate":
+    if getattr(rank_ns, "command", None) not in ("generate", "serve"):
         return None
     return rank_ns.peer_timeout, rank_ns.step_timeout
 

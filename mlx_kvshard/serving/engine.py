@@ -140,6 +140,11 @@ class Engine:
                 self._cancels.update(self._open)
             self._cond.notify()
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text, from any thread (the tokenizer is shared with the engine thread)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids)
+
     def info(self) -> dict:
         return {"model": str(self.loaded.model_dir), "world": self.comm.world, "max_context": self.max_context,
                 "dtype": self.loaded.dtype_name, "max_batch": self.settings.max_batch,
