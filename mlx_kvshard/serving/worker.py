@@ -44,6 +44,17 @@ def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:
     return (settings.max_kv_tokens or measured), ranks
 
 
+def check_batchable(loaded) -> None:
+    """Batched rows sit at different positions: the model's RoPE must take one offset per
+    row (mlx-lm's default, llama3 and su/longrope do; a few scaled variants take an int only)."""
+    rope = loaded.model.layers[0].self_attn.rope
+    try:
+        mx.eval(rope(mx.zeros((2, 1, 1, loaded.cfg.head_dim)), offset=mx.array([0, 3])))
+    except Exception as e:
+        raise UserError(f"this model's RoPE ({type(rope).__name__}) takes no per-sequence offsets, which the "
+                        f"batched engine needs ({type(e).__name__}: {e}); use the one-prompt generate") from None
+
+
 def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: Callable) -> int:
     """Run this rank of the engine. On rank 0, `front(engine)` runs with the engine ready:
     it must call `engine.run()` on this (the main) thread, and `engine.shutdown()` from
@@ -57,6 +68,7 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         if loaded.comm.world > 1 and not live.coordinator:
             raise UserError("the serving engine at world > 1 needs the liveness coordinator, to park idle ranks "
                             "off the ring: start it with --simulate N or `mlx-kvshard launch`, not plain mlx.launch")
+        check_batchable(loaded)  # deterministic: every rank reaches the same verdict
         capacity, ranks = kv_capacity(loaded, engine_settings)
         state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel)
         live.phase("idle")
