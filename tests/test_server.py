@@ -2,12 +2,13 @@
 and plain httpx: chat and text completions, streamed and not, at world 1 and 3 (8 KV heads,
 split 3,3,2) equal `generate`'s greedy text; 8 concurrent streams each get their own text;
 /v1/models, /health, /metrics; every bad input is a 4xx naming the field and no rank sees
-it; a full queue is 429; a client that leaves is cancelled on every rank; a rank killed
-mid-stream ends every open request with an error naming it and the server exits 75; under
-`launch --restart` the server comes back. Each server starts once per module."""
+it; a full queue is 429; a client that leaves is cancelled on every rank; a rank killed or
+stopped mid-stream ends every open request with an error naming it and the server exits 75;
+under `launch --restart` the server comes back. Each server starts once per module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,7 @@ def reference(model, tmp_path_factory) -> dict:
     return out
 
 
+@contextlib.contextmanager
 def serve(model, tmp_path_factory, tag: str, world: int, *flags: str, context: int = MAX_CONTEXT):
     tmp = tmp_path_factory.mktemp(tag)
     server = Server(tmp, ["serve", "--simulate", str(world), "--model", str(model), "--served-model-name", NAME,
@@ -77,14 +79,16 @@ def serve(model, tmp_path_factory, tag: str, world: int, *flags: str, context: i
 def world1(model, tmp_path_factory):
     """One request at a time and no queue (so the second is 429), behind an API key; a long
     context, so one request can run for seconds on this small model."""
-    yield from serve(model, tmp_path_factory, "serve-w1", 1, "--max-batch", "1", "--max-waiting", "0",
-                     "--api-key", KEY, context=LONG)
+    with serve(model, tmp_path_factory, "serve-w1", 1, "--max-batch", "1", "--max-waiting", "0",
+               "--api-key", KEY, context=LONG) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def world3(model, tmp_path_factory):
     """--check-sync: every rank reports its batch rows and KV bytes after each join/removal."""
-    yield from serve(model, tmp_path_factory, "serve-w3", 3, "--max-body-bytes", "65536", "--check-sync")
+    with serve(model, tmp_path_factory, "serve-w3", 3, "--max-body-bytes", "65536", "--check-sync") as server:
+        yield server
 
 
 def client(server: Server, key: str = "none") -> openai.OpenAI:
@@ -310,15 +314,17 @@ def test_world3_client_disconnect_cancels_on_every_rank(world3):
     assert per_rank(m, "mlx_kvshard_kv_tokens_used") == [0, 0, 0]
 
 
-def test_world3_rank_killed_mid_stream(world3):
-    """Last on this server: it ends it."""
-    pids = rank_pids(world3.tag, 3)
+def fault_mid_stream(server: Server, world: int, victim: int, sig: int) -> None:
+    """Signal rank `victim` while one request streams and one waits for its whole answer:
+    the stream ends with an error event naming the rank, the other gets a 5xx naming it,
+    the server exits 75 within the liveness bounds and no rank process is left."""
+    pids = rank_pids(server.tag, world)
     body = {"model": NAME, "prompt": words(5), "max_tokens": 200, "temperature": 0}
     events, plain, failures = [], {}, []
 
     def streamer():
         try:
-            with httpx.stream("POST", world3.url + "/v1/completions", json={**body, "stream": True},
+            with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
                               timeout=600) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -327,26 +333,38 @@ def test_world3_rank_killed_mid_stream(world3):
             failures.append(e)
 
     def waiter():
-        r = httpx.post(world3.url + "/v1/completions", json=body, timeout=600)
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=600)
         plain.update(status=r.status_code, body=r.json())
 
     threads = [threading.Thread(target=streamer), threading.Thread(target=waiter)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(events) >= 4, world3.proc, 300, "tokens streaming")
+    wait_for(lambda: len(events) >= 4, server.proc, 300, "tokens streaming")
     t0 = time.monotonic()
-    os.kill(pids[2], signal.SIGKILL)
+    os.kill(pids[victim], sig)
     for t in threads:
         t.join(timeout=PEER_TIMEOUT + 60)
-    rc = world3.proc.wait(timeout=PEER_TIMEOUT + 60)
+    rc = server.proc.wait(timeout=PEER_TIMEOUT + 60)
     exit_s = time.monotonic() - t0
+    name = f"rank {victim}"
     errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
-    assert errors and "rank 2" in errors[0]["message"], (events[-3:], failures, world3.stderr()[-3000:])
-    assert plain["status"] >= 500 and "rank 2" in plain["body"]["error"]["message"], plain
-    assert rc == EXIT_PEER_LOST, world3.stderr()[-3000:]
+    assert errors and name in errors[0]["message"], (events[-3:], failures, server.stderr()[-3000:])
+    assert plain["status"] >= 500 and name in plain["body"]["error"]["message"], plain
+    assert rc == EXIT_PEER_LOST, server.stderr()[-3000:]
     assert exit_s < PEER_TIMEOUT + 30
     time.sleep(0.5)
     assert [p for p in pids.values() if alive(p)] == []
+
+
+def test_world3_rank_killed_mid_stream(world3):
+    """Last on this server: it ends it."""
+    fault_mid_stream(world3, 3, 2, signal.SIGKILL)
+
+
+def test_rank_stalled_mid_stream(model, tmp_path_factory):
+    """A stopped (not dead) rank: only its silence on the side channel tells."""
+    with serve(model, tmp_path_factory, "serve-stall", 2) as server:
+        fault_mid_stream(server, 2, 1, signal.SIGSTOP)
 
 
 # ---- launch --restart ------------------------------------------------------------------------

@@ -97,6 +97,8 @@ def run_front(engine, backend: Backend, http: HttpThread, server: ServerSettings
     """Rank 0 once every rank has loaded: serve until a signal (exit 0) or a lost rank (75)."""
     from ..liveness.client import is_connection_error
 
+    if not http.thread.is_alive():  # uvicorn failed while the ranks loaded (it logged why)
+        raise UserError("the HTTP server stopped before the model was loaded; see the error above")
     backend.attach(engine)
     notify_engine = engine.live.before_exit
 
