@@ -4,21 +4,20 @@ simulated local ranks (`--simulate N`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from ..launch import restart
-from . import batch
+from . import batch, options
 
-from ..liveness import checkpoint as gencheckpoint, client as liveness
+from ..liveness import checkpoint as gencheckpoint
 from ..errors import UserError
 from ..engine.generate import SamplingParams
-from ..settings import (DEFAULT_CHECKPOINT_EVERY, DTYPES, CheckpointSettings, LivenessSettings, ModelSettings,
-                        OutputSettings, RankSettings, ShardingSettings, default_dtype, parse_shares)
+from ..settings import DEFAULT_CHECKPOINT_EVERY, CheckpointSettings, OutputSettings, RankSettings, default_dtype
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("--model", default="tiny", help="local HF-format directory, hub id, or 'tiny' (embedded, default)")
+    options.add_model_arguments(p)
     p.add_argument("--prompt", default="Hello", help="prompt text ('-' reads standard input)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -29,28 +28,13 @@ def register(sub) -> None:
     p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="max prompt + generated tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute dtype (default: float32 on Linux CPU, the checkpoint's on macOS)")
-    # dest stays "weights": launch/fit.py reads the rank command's namespace by that name
-    p.add_argument("--shares", "--weights", dest="weights", metavar="SHARES",
-                   help="per-rank shares of the split, e.g. memory in GB: 64,24,16 (--weights: old spelling)")
-    p.add_argument("--vocab-parallel", action="store_true",
-                   help="split lm_head by vocabulary rows across ranks (one logits all_gather per token)")
-    p.add_argument("--backend", default="any", help="MLX distributed backend (ring, jaccl, any)")
     p.add_argument("--check-sync", action="store_true",
                    help="debug: verify every rank holds the identical token sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="print a run summary (timings, memory, traffic) to stderr")
-    p.add_argument("--link", metavar="PROFILE",
-                   help="simulation: make each collective cost a link profile's time (configs/links)")
-    p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
     add_checkpoint_arguments(p)
-    add_liveness_arguments(p)
-    restart.add_arguments(p)
+    options.add_liveness_arguments(p)
     batch.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
 
@@ -65,15 +49,6 @@ def add_checkpoint_arguments(p) -> None:
                    help="continue the generation saved in FILE (its model, prompt, sampling and seed)")
 
 
-def add_liveness_arguments(p) -> None:
-    p.add_argument("--peer-timeout", type=float, default=liveness.DEFAULT_PEER_TIMEOUT_S, metavar="S",
-                   help="a rank silent on the side channel for S seconds is declared lost (needs a "
-                        f"coordinator: --simulate or the launcher; default {liveness.DEFAULT_PEER_TIMEOUT_S:g})")
-    p.add_argument("--step-timeout", type=float, default=liveness.DEFAULT_STEP_TIMEOUT_S, metavar="S",
-                   help="a token taking longer than S seconds stops every rank "
-                        f"(default {liveness.DEFAULT_STEP_TIMEOUT_S:g})")
-
-
 def sampling_params(args) -> SamplingParams:
     params = SamplingParams(
         max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
@@ -86,11 +61,8 @@ def sampling_params(args) -> SamplingParams:
 
 def rank_settings(args: argparse.Namespace) -> RankSettings:
     """The typed settings of one rank job; the namespace stops here."""
-    settings = RankSettings(
-        model=ModelSettings(args.model, args.dtype, args.max_context, args.prefill_step),
-        sharding=ShardingSettings(parse_shares(args.weights, "--shares"), args.vocab_parallel, args.backend,
-                                  args.link),
-        liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
+    settings = dataclasses.replace(
+        options.rank_settings(args),
         checkpoint=CheckpointSettings(args.checkpoint, args.checkpoint_every, args.resume),
         output=OutputSettings(args.json, args.stats, args.check_sync),
     )
@@ -123,9 +95,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.prompt = sys.stdin.read()
     sampling_params(args)
     rank_settings(args)  # every flag checked before anything starts
-    restart.check_arguments(args)
-    if args.restart and args.simulate is None:
-        raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
     if args.simulate is not None:
         return simulate(args)
     from ..engine.rank import run_rank
@@ -138,35 +107,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     chat_template=not args.no_chat_template, on_resume=on_resume)
 
 
-def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:
-    """The options in `args` that differ from their defaults, as command-line words."""
-    out: list[str] = []
-    for action in parser._actions:
-        if not action.option_strings or action.dest in skip or action.dest == "help":
-            continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            out.append(flag)
-        elif isinstance(action, argparse._AppendAction):
-            for v in value:
-                out += [flag, str(v)]
-        else:
-            out += [flag, str(value)]
-    return out
-
-
 def simulate(args: argparse.Namespace) -> int:
     """Check what can be checked once, build the model once, then start the ranks."""
-    from ..launch.simulate import run_local
-
     from ..engine.rank import check_prompt
     from ..engine.startup import resolve_model
 
-    if args.simulate < 1:
-        raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
     ck = None
     if args.resume:  # a corrupt or mismatched checkpoint fails here, before any rank starts
         ck = gencheckpoint.read(args.resume)
@@ -175,15 +120,5 @@ def simulate(args: argparse.Namespace) -> int:
     check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
     args.model = str(resolve_model(settings.model)[0])
     args.dtype = default_dtype(args.dtype)
-    rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]
-
-    def once(hosts: list[str], rank_args: list[str]) -> restart.Attempt:
-        return restart.supervise(hosts, lambda env: run_local(len(hosts), rank_args, env=env),
-                                 args.peer_timeout, args.step_timeout)
-
-    def say(text: str) -> None:
-        print(f"mlx-kvshard: {text}", file=sys.stderr, flush=True)
-
-    return restart.run_with_restarts(once, ["127.0.0.1"] * args.simulate, rank_args, args.restart,
-                                     args.exclude, say)
+    return options.run_simulated(args, "generate")
 

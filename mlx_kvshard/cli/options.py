@@ -1,0 +1,98 @@
+"""Flags and typed settings shared by the rank commands (`generate`, `serve`): the model
+and how it is sharded, liveness, and starting N simulated ranks under the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+from ..launch import restart
+from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, LivenessSettings, ModelSettings,
+                        RankSettings, ShardingSettings, parse_shares)
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("--model", default="tiny", help="local HF-format directory, hub id, or 'tiny' (embedded, default)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="max prompt + generated tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk (or engine step)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default: float32 on Linux CPU, the checkpoint's on macOS)")
+    # dest stays "weights": launch/fit.py reads the rank command's namespace by that name
+    p.add_argument("--shares", "--weights", dest="weights", metavar="SHARES",
+                   help="per-rank shares of the split, e.g. memory in GB: 64,24,16 (--weights: old spelling)")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="split lm_head by vocabulary rows across ranks (one logits all_gather per token)")
+    p.add_argument("--backend", default="any", help="MLX distributed backend (ring, jaccl, any)")
+    p.add_argument("--link", metavar="PROFILE",
+                   help="simulation: make each collective cost a link profile's time (configs/links)")
+    p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
+
+
+def add_liveness_arguments(p) -> None:
+    p.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT_S, metavar="S",
+                   help="a rank silent on the side channel for S seconds is declared lost (needs a "
+                        f"coordinator: --simulate or the launcher; default {DEFAULT_PEER_TIMEOUT_S:g})")
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
+                   help="a step taking longer than S seconds stops every rank "
+                        f"(default {DEFAULT_STEP_TIMEOUT_S:g})")
+    restart.add_arguments(p)
+
+
+def rank_settings(args: argparse.Namespace) -> RankSettings:
+    """The model, sharding and liveness settings every rank command has (validated)."""
+    settings = RankSettings(
+        model=ModelSettings(args.model, args.dtype, args.max_context, args.prefill_step),
+        sharding=ShardingSettings(parse_shares(args.weights, "--shares"), args.vocab_parallel, args.backend,
+                                  args.link),
+        liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
+    )
+    settings.validate()
+    restart.check_arguments(args)
+    if args.restart and args.simulate is None:
+        raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
+    if args.simulate is not None and args.simulate < 1:
+        raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
+    return settings
+
+
+def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:
+    """The options in `args` that differ from their defaults, as command-line words."""
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                out += [flag, str(v)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def run_simulated(args: argparse.Namespace, command: str, skip: set[str] = frozenset(),
+                  env: dict[str, str] | None = None) -> int:
+    """Start `command` (this command line, less --simulate/--restart/--exclude and `skip`)
+    on N local ranks under the liveness coordinator, relaunching on a lost rank with
+    --restart N."""
+    from ..launch.simulate import run_local
+
+    rank_args = [command, *to_argv(args._parser, args, skip={"simulate", "restart", "exclude", *skip})]
+
+    def once(hosts: list[str], rank_args: list[str]) -> restart.Attempt:
+        return restart.supervise(hosts, lambda coord_env: run_local(len(hosts), rank_args,
+                                                                    env={**(env or {}), **coord_env}),
+                                 args.peer_timeout, args.step_timeout)
+
+    def say(text: str) -> None:
+        print(f"mlx-kvshard: {text}", file=sys.stderr, flush=True)
+
+    return restart.run_with_restarts(once, ["127.0.0.1"] * args.simulate, rank_args, args.restart,
+                                     args.exclude, say)
