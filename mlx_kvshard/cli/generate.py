@@ -12,7 +12,8 @@ from ..liveness import checkpoint as gencheckpoint, client as liveness
 from ..errors import UserError
 from ..engine.generate import SamplingParams
 from ..settings import (DEFAULT_CHECKPOINT_EVERY, DTYPES, CheckpointSettings, LivenessSettings, ModelSettings,
-                        OutputSettings, RankSettings, ShardingSettings, default_dtype, parse_shares)
+                        OutputSettings, RankSettings, ShardingSettings, SpeculativeSettings, default_dtype,
+                        parse_shares)
 
 
 def register(sub) -> None:
@@ -47,10 +48,20 @@ def register(sub) -> None:
     p.add_argument("--link", metavar="PROFILE",
                    help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
+    add_speculative_arguments(p)
     add_checkpoint_arguments(p)
     add_liveness_arguments(p)
     restart.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
+
+
+def add_speculative_arguments(p) -> None:
+    g = p.add_argument_group("speculative decoding (same tokens as without; fewer collectives per token)")
+    g.add_argument("--draft-model", metavar="PATH|HUB_ID",
+                   help="small model with the target's tokenizer; rank 0 runs it and shares its proposals")
+    g.add_argument("--num-draft", type=int, default=3, metavar="K", help="tokens proposed per verify step (default 3)")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="propose what followed the latest match of the last n <= N tokens in prompt + output")
 
 
 def add_checkpoint_arguments(p) -> None:
@@ -91,6 +102,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
         checkpoint=CheckpointSettings(args.checkpoint, args.checkpoint_every, args.resume),
         output=OutputSettings(args.json, args.stats, args.check_sync),
+        speculative=SpeculativeSettings(args.draft_model, args.num_draft, args.prompt_lookup),
     )
     settings.validate()
     return settings
@@ -168,7 +180,11 @@ def simulate(args: argparse.Namespace) -> int:
         ck = gencheckpoint.read(args.resume)
         apply_resume(ck, args)
     settings = rank_settings(args)
-    check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    _, tokenizer = check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    if args.draft_model:
+        from ..engine.draft import check_draft
+
+        args.draft_model = str(check_draft(args.draft_model, tokenizer))
     args.model = str(resolve_model(settings.model)[0])
     args.dtype = default_dtype(args.dtype)
     rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]
