@@ -66,13 +66,16 @@ class PromptLookup:
 
 
 def lookup(history: list[int], max_ngram: int, m: int) -> list[int]:
-    """Up to `m` tokens that followed the latest earlier match of the longest suffix n-gram."""
+    """Up to `m` tokens that followed an earlier match of the longest suffix n-gram: the
+    latest match followed by all `m` (in a run like `x x x x` the latest match is followed
+    by one token only), else the one followed by the most."""
     seq = np.asarray(history, dtype=np.int64)
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):
         windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # starts 0..len-1-n: a token follows each
         hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            full = hits[hits + n + m <= len(seq)]
+            start = int(full[-1] if full.size else hits[0]) + n
             return seq[start:start + m].tolist()
     return []
 
