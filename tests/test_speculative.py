@@ -28,7 +28,7 @@ from ranks import mlx_launch
 
 REPEATING = "the cat the cat the cat the cat the cat the cat the cat the cat"
 MAX_TOKENS = 24
-SAMPLED = ["--temp", "0.7", "--top-k", "40", "--seed", "5"]
+SAMPLED = ["--temp", "0.7", "--top-k", "40", "--seed", "5", "--repetition-penalty", "1.2"]
 TARGET, DRAFT = "llama_kv8", "llama_g2"  # 8 KV heads (3 ranks: 3,3,2); a smaller model, same tokenizer
 LAYERS = 2
 

@@ -31,7 +31,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from ..errors import UserError
-from .generate import DecodeTimings, TokenSampler, step_seed
+from .generate import DecodeTimings, TokenSampler
 
 
 @dataclass
@@ -82,7 +82,8 @@ def lookup(history: list[int], max_ngram: int, m: int) -> list[int]:
 
 class DraftProposer:
     """A small model on rank 0 (None elsewhere) proposes `m` tokens, sampled with the target's
-    sampler and key (seed, token index), so a draft equal to the target is always accepted.
+    sampler, logits processors and key (seed, token index), so a draft equal to the target
+    is always accepted.
     The other ranks receive them in the verify graph (one int all_sum)."""
 
     def __init__(self, draft_model, comm, vocab_size: int, prefill_step: int):
@@ -105,14 +106,21 @@ class DraftProposer:
     def propose(self, history: list[int], m: int, step: int) -> tuple[None, mx.array]:
         if self.model is None:  # not rank 0: rank 0's proposals arrive through the broadcast
             return None, self.comm.broadcast_from_rank0(mx.zeros((m,), dtype=mx.uint32))
-        x, out = mx.array(history[self.fed:], dtype=mx.uint32), []
+        sample, x, out = self.sample, mx.array(history[self.fed:], dtype=mx.uint32), []
         for j in range(m):
-            logits = self.model(x[None], cache=self.cache)[:, -1, :self.vocab_size]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            mx.random.seed(step_seed(self.sample.params.seed, step + j))
-            x = self.sample.sampler(logprobs).reshape(-1).astype(mx.uint32)
+            logits = self._target_width(self.model(x[None], cache=self.cache)[:, -1, :])
+            seen = mx.concatenate([sample.history, *out])[-sample.window:] if sample.processors else None
+            x = sample.sample_row(logits, step + j, seen)  # as the target samples that token
             out.append(x)
         return None, self.comm.broadcast_from_rank0(mx.concatenate(out))
+
+    def _target_width(self, logits: mx.array) -> mx.array:
+        """The draft's logits over the target's vocabulary rows (padded vocabularies differ):
+        the sampler then draws the same noise as the target's for the same key."""
+        width = logits.shape[-1]
+        if width >= self.vocab_size:
+            return logits[:, :self.vocab_size]
+        return mx.pad(logits, [(0, 0), (0, self.vocab_size - width)], constant_values=-float("inf"))
 
     def accepted(self, history_before: list[int], m: int, n_accepted: int) -> None:
         """The draft cache holds the history and d_1..d_{m-1}: keep the accepted ones."""
