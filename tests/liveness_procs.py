@@ -97,3 +97,6 @@ def reap(tag: str, proc: subprocess.Popen | None) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 30  # SIGKILL is delivered asynchronously; a loaded machine takes a moment
+    while tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="local model directory, HF hub id, or 'tiny'")
     p.add_argument("--world", type=int, help="number of ranks (or give --hostfile)")
     p.add_argument("--hostfile", help="MLX hostfile (JSON); per host optional memory_gb and chip")
-    p.add_argument("--weights", help="comma-separated per-rank split weights (default: usable memory)")
+    p.add_argument("--shares", "--weights", dest="weights", metavar="SHARES",
+                   help="comma-separated per-rank shares of the split (default: usable memory; --weights: old spelling)")
     p.add_argument("--dtype", default=None, help="compute/KV dtype (default: the checkpoint's)")
     p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence (default 8192)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")

@@ -1,5 +1,6 @@
 """Prefill and decode on one rank. Every rank runs this same loop on the same token ids,
-so every rank issues the same collectives in the same order and samples the same token."""
+so every rank issues the same collectives in the same order; the caller's `agree` makes
+the next token rank 0's on every rank (replicated sampling can round differently)."""
 
 from __future__ import annotations
 
