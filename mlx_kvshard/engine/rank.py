@@ -166,8 +166,9 @@ def _report(rank: LoadedRank, settings: RankSettings, run: _Run) -> None:
     decode_collectives = comm.stats.collectives - run.after_prefill[0]
     per_token = {"collectives_per_token": decode_collectives / steps,  # per decode (or verify) step
                  "bytes_per_token": (comm.stats.bytes - run.after_prefill[1]) / steps,
-                 # compares plain and speculative runs: the tokens after the first come from decode
-                 "collectives_per_generated_token": decode_collectives / max(1, run.timings.decode_tokens)}
+                 # compares plain and speculative runs: this run's tokens after the first come from decode
+                 "collectives_per_generated_token":
+                     decode_collectives / max(1, len(run.tokens) - run.resumed_tokens - 1)}
     ranks = gather_json(comm, _rank_facts(rank, run))
     if settings.output.check_sync:
         digests = {r["tokens_digest"] for r in ranks}
