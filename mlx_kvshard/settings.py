@@ -111,6 +111,27 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class SpeculativeSettings:
+    """Speculative decoding (engine/speculative.py): propose tokens cheaply, verify them
+    in one sharded forward. Off unless a proposer is named."""
+    draft_model: str | None = None  # small model with the target's tokenizer (rank 0 runs it)
+    num_draft: int = 3  # tokens proposed per verify step
+    prompt_lookup: int = 0  # longest n-gram matched against prompt + generated text; 0 = off
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.draft_model) or self.prompt_lookup > 0
+
+    def validate(self) -> None:
+        if self.num_draft < 1:
+            raise UserError(f"--num-draft {self.num_draft}: must be at least 1")
+        if self.prompt_lookup < 0:
+            raise UserError(f"--prompt-lookup {self.prompt_lookup}: must be 0 (off) or an n-gram length")
+        if self.draft_model and self.prompt_lookup:
+            raise UserError("--draft-model and --prompt-lookup: choose one proposer")
+
+
+@dataclass(frozen=True)
 class RankSettings:
     """Everything one rank of a job needs, besides the prompt and sampling."""
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -118,9 +139,11 @@ class RankSettings:
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    speculative: SpeculativeSettings = field(default_factory=SpeculativeSettings)
 
     def validate(self) -> None:
         self.model.validate()
+        self.speculative.validate()
         self.liveness.validate()
         self.checkpoint.validate()
 

@@ -76,6 +76,8 @@ def _build_checkpoint(path: Path, cfg: dict) -> None:
     n_tokens = len(json.loads((path / "tokenizer.json").read_text())["model"]["vocab"])
     f = path / "model.safetensors"
     weights = mx.load(str(f))
+    if "lm_head.weight" not in weights:  # tied embeddings: the embedding is the head; left as is
+        return
     head = weights["lm_head.weight"]
     keep = (mx.arange(head.shape[0]) < n_tokens) & (mx.arange(head.shape[0]) != cfg["eos_token_id"])
     weights["lm_head.weight"] = head * keep[:, None].astype(head.dtype)

@@ -238,6 +238,27 @@ def test_predict_decode_two_ranks_adds_2L_allreduces():
     assert p["tokens_per_second"] == pytest.approx(1 / p["seconds_per_token"])
 
 
+def test_predict_speculative_by_hand():
+    """A verify step of k+1 positions reads the weights once and runs 2·L all_sums of k+1
+    positions, for 1 + a + ... + a^k tokens."""
+    plan = ShardPlan.build(cfg(LLAMA31_8B), 2)
+    lk = link(alpha_us=29, gbps=50)
+    plain = capacity.predict_decode(plan, 4096, 1, lk, [chip(273)] * 2, eta=0.7, t_fixed=1e-3)
+    s = capacity.predict_speculative(plan, 4096, lk, [chip(273)] * 2, accept=0.5, num_draft=3, eta=0.7, t_fixed=1e-3)
+    t_ar = 2 * 29e-6 + 1 * 4 * 8192 / (50e9 / 8)  # payload: 4 positions of 4096 bf16 values
+    assert s["tokens_per_step"] == pytest.approx(1.875)
+    assert s["seconds_per_step"] == pytest.approx(plain["memory_seconds"] + 64 * t_ar + 1e-3)
+    assert s["tokens_per_second"] == pytest.approx(1.875 / s["seconds_per_step"])
+    assert s["collectives_per_generated_token"] == pytest.approx(64 / 1.875)
+    assert 1 < s["speedup"] < 1.875
+    # a draft model adds its reads on rank 0 and one all_sum sharing its proposals
+    d = capacity.predict_speculative(plan, 4096, lk, [chip(273)] * 2, 0.5, 3, draft_bytes=1e9, eta=0.7, t_fixed=1e-3)
+    assert d["draft_seconds"] == pytest.approx(3e9 / (0.7 * 273e9)) and d["collectives_per_step"] == 65
+    # nothing accepted on one Mac: a step is a plain token, no faster
+    one = capacity.predict_speculative(ShardPlan.build(cfg(LLAMA31_8B), 1), 4096, None, chip(273), 0.0, 3)
+    assert one["tokens_per_step"] == 1 and one["speedup"] == pytest.approx(1.0)
+
+
 def test_slowest_chip_limits_the_token():
     plan = ShardPlan.build(cfg(LLAMA31_8B), 2)
     p = capacity.predict_decode(plan, 4096, 1, link(), [chip(819), chip(120)])

@@ -12,7 +12,8 @@ from . import batch, options
 from ..liveness import checkpoint as gencheckpoint
 from ..errors import UserError
 from ..engine.generate import SamplingParams
-from ..settings import DEFAULT_CHECKPOINT_EVERY, CheckpointSettings, OutputSettings, RankSettings, default_dtype
+from ..settings import (DEFAULT_CHECKPOINT_EVERY, CheckpointSettings, OutputSettings, RankSettings,
+                        SpeculativeSettings, default_dtype)
 
 
 def register(sub) -> None:
@@ -33,10 +34,20 @@ def register(sub) -> None:
                    help="debug: verify every rank holds the identical token sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="print a run summary (timings, memory, traffic) to stderr")
+    add_speculative_arguments(p)
     add_checkpoint_arguments(p)
     options.add_liveness_arguments(p)
     batch.add_arguments(p)
     p.set_defaults(func=run, _parser=p)
+
+
+def add_speculative_arguments(p) -> None:
+    g = p.add_argument_group("speculative decoding (same tokens as without; fewer collectives per token)")
+    g.add_argument("--draft-model", metavar="PATH|HUB_ID",
+                   help="small model with the target's tokenizer; rank 0 runs it and shares its proposals")
+    g.add_argument("--num-draft", type=int, default=3, metavar="K", help="tokens proposed per verify step (default 3)")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="propose what followed the latest match of the last n <= N tokens in prompt + output")
 
 
 def add_checkpoint_arguments(p) -> None:
@@ -65,6 +76,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         options.rank_settings(args),
         checkpoint=CheckpointSettings(args.checkpoint, args.checkpoint_every, args.resume),
         output=OutputSettings(args.json, args.stats, args.check_sync),
+        speculative=SpeculativeSettings(args.draft_model, args.num_draft, args.prompt_lookup),
     )
     settings.validate()
     return settings
@@ -117,7 +129,11 @@ def simulate(args: argparse.Namespace) -> int:
         ck = gencheckpoint.read(args.resume)
         apply_resume(ck, args)
     settings = rank_settings(args)
-    check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    _, tokenizer = check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    if args.draft_model:
+        from ..engine.draft import check_draft
+
+        args.draft_model = str(check_draft(args.draft_model, tokenizer))
     args.model = str(resolve_model(settings.model)[0])
     args.dtype = default_dtype(args.dtype)
     return options.run_simulated(args, "generate")

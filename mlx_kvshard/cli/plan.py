@@ -42,6 +42,11 @@ def register(sub) -> None:
                    help=f"fixed per-token overhead in ms (default {capacity.DEFAULT_T_FIXED_S * 1e3:g})")
     p.add_argument("--vocab-parallel", action="store_true",
                    help="split lm_head by vocabulary rows (one logits all_gather per token) instead of replicating it")
+    p.add_argument("--spec-accept", type=float, default=None, metavar="A",
+                   help="also predict speculative decoding with per-token acceptance rate A (batch 1)")
+    p.add_argument("--num-draft", type=int, default=3, metavar="K", help="tokens proposed per verify step (default 3)")
+    p.add_argument("--draft-gb", type=float, default=0.0,
+                   help="draft model weights in GB, read per drafted token on rank 0 (default 0: prompt lookup)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = ModelConfig.from_file(config_path)
     opts = Options(context=args.context, batch=args.batch, kv_bits=args.kv_bits, overhead_gb=args.overhead_gb,
                    usable_fraction=args.usable_fraction, eta=args.eta, t_fixed_s=args.t_fixed_ms / 1e3,
-                   vocab_parallel=args.vocab_parallel)
+                   vocab_parallel=args.vocab_parallel, spec_accept=args.spec_accept, num_draft=args.num_draft,
+                   draft_gb=args.draft_gb)
     opts.check()
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)

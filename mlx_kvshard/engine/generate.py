@@ -92,17 +92,20 @@ class TokenSampler:
         self.agree = agree
 
     def __call__(self, logits: mx.array, step: int) -> mx.array:
-        logits = logits[:, -1, :]
-        for proc in self.processors:
-            logits = proc(self.history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.random.seed(step_seed(self.params.seed, step))
-        y = self.sampler(logprobs).reshape(-1).astype(mx.uint32)
+        y = self.sample_row(logits[:, -1, :], step, self.history)
         if self.agree is not None:
             y = self.agree(y)
         if self.processors:  # only they read the history
             self.history = mx.concatenate([self.history, y])[-self.window:]
         return y
+
+    def sample_row(self, logits: mx.array, step: int, history: mx.array) -> mx.array:
+        """One position's (B, vocab) logits -> its token, keyed by (seed, step), without agreement."""
+        for proc in self.processors:
+            logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.random.seed(step_seed(self.params.seed, step))
+        return self.sampler(logprobs).reshape(-1).astype(mx.uint32)
 
 
 def prefill(model, cache: list, prompt: list[int], prefill_step: int,
@@ -123,13 +126,16 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
                     prefill_step: int = 512, timings: DecodeTimings | None = None,
                     on_prefill_done: Callable[[], None] | None = None,
                     first_step: int = 0, after_eval: Callable[[], object] | None = None,
-                    agree: Callable[[mx.array], mx.array] | None = None) -> Iterator[int]:
+                    agree: Callable[[mx.array], mx.array] | None = None,
+                    decoder: Callable[..., Iterator[int]] | None = None) -> Iterator[int]:
     """Yield new token ids until `params.max_tokens` in all. The caller may stop early (EOS,
     stop string); it must do so identically on every rank, which holds because every rank
     sees the same tokens. A resumed run passes the tokens generated so far at the end of
     `prompt` and their count as `first_step`. `after_eval`, when given, runs after each
     evaluated step and turns off the one-step pipelining (link emulation needs the steps
-    serialized, as real collectives would serialize them). `agree`: see TokenSampler."""
+    serialized, as real collectives would serialize them). `agree`: see TokenSampler.
+    `decoder`, when given, replaces the plain decode loop (`_decode`'s signature), e.g. a
+    speculative one (engine/speculative.py)."""
     timings = timings or DecodeTimings()
     if first_step >= params.max_tokens:
         return
@@ -144,7 +150,7 @@ def generate_tokens(model, cache: list, prompt: list[int], params: SamplingParam
     timings.prefill_s = time.perf_counter() - t0
     if on_prefill_done:
         on_prefill_done()
-    yield from _decode(model, cache, y, sample, first_step, budget, timings, after_eval)
+    yield from (decoder or _decode)(model, cache, y, sample, first_step, budget, timings, after_eval)
 
 
 def _decode(model, cache: list, y: mx.array, sample: TokenSampler, first_step: int, budget: int,

@@ -55,7 +55,10 @@ def generate_on_rank(settings: RankSettings, params: SamplingParams, prompt: str
         settings, params = (on_resume or (lambda c: resumed(c, settings, params)))(ck)
     ids, tokenizer = check_prompt(settings, prompt, chat_template, ck)  # before the long load
     rank = load_rank(settings, comm, tokenizer)
-    run = _generate(rank, settings, params, ids, ck, live)
+    from .draft import load_draft
+
+    draft = load_draft(settings.speculative.draft_model, rank)  # rank 0's; None elsewhere
+    run = _generate(rank, settings, params, ids, ck, live, draft)
     _report(rank, settings, run)
     return 0
 
@@ -70,9 +73,11 @@ class _Run:
     after_prefill: tuple[int, int] = (0, 0)  # comm collectives and bytes when prefill ended
     probe: list = field(default_factory=list)  # test hook: (local token, agreed token) per step
     cache: list = field(default_factory=list)
+    spec: object | None = None  # speculative.SpecStats when speculating
 
 
-def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, prompt: list[int], ck, live):
+def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, prompt: list[int], ck, live,
+              draft=None):
     from ..liveness.checkpoint import Writer
 
     comm = rank.comm
@@ -97,7 +102,7 @@ def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, 
     live.phase("prefill")
     context = prompt + run.tokens  # a resumed run re-prefills what it had generated
     if not done and len(context) < rank.max_context:
-        for tok in _tokens(rank, settings, params, context, run):
+        for tok in _tokens(rank, settings, params, context, run, draft):
             run.tokens.append(tok)
             live.progress(len(run.tokens))
             ckpt.step(run.tokens)
@@ -114,16 +119,23 @@ def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, 
     return run
 
 
-def _tokens(rank: LoadedRank, settings: RankSettings, params: SamplingParams, context: list[int], run: _Run):
+def _tokens(rank: LoadedRank, settings: RankSettings, params: SamplingParams, context: list[int], run: _Run,
+            draft=None):
     comm = rank.comm
 
     def mark_prefill():
         run.after_prefill = (comm.stats.collectives, comm.stats.bytes)
 
     pay_link = comm.pay_link_time if comm.link_cost is not None else None
+    agree = _token_agreement(rank, run)
+    decoder = None
+    if settings.speculative.enabled:
+        from .speculative import speculative_for_rank
+
+        run.spec, decoder = speculative_for_rank(rank, settings, context, run.cache, draft)
     return generate_tokens(rank.model, run.cache, context, params, rank.max_context,
                            settings.model.prefill_step, run.timings, mark_prefill, after_eval=pay_link,
-                           first_step=len(run.tokens), agree=_token_agreement(rank, run))
+                           first_step=len(run.tokens), agree=agree, decoder=decoder)
 
 
 def _token_agreement(rank: LoadedRank, run: _Run):
@@ -151,8 +163,12 @@ def _report(rank: LoadedRank, settings: RankSettings, run: _Run) -> None:
 
     comm = rank.comm
     steps = max(1, run.timings.decode_steps)  # before the gather below, which is no decode traffic
-    per_token = {"collectives_per_token": (comm.stats.collectives - run.after_prefill[0]) / steps,
-                 "bytes_per_token": (comm.stats.bytes - run.after_prefill[1]) / steps}
+    decode_collectives = comm.stats.collectives - run.after_prefill[0]
+    per_token = {"collectives_per_token": decode_collectives / steps,  # per decode (or verify) step
+                 "bytes_per_token": (comm.stats.bytes - run.after_prefill[1]) / steps,
+                 # compares plain and speculative runs: this run's tokens after the first come from decode
+                 "collectives_per_generated_token":
+                     decode_collectives / max(1, len(run.tokens) - run.resumed_tokens - 1)}
     ranks = gather_json(comm, _rank_facts(rank, run))
     if settings.output.check_sync:
         digests = {r["tokens_digest"] for r in ranks}
@@ -176,6 +192,9 @@ def _report(rank: LoadedRank, settings: RankSettings, run: _Run) -> None:
         "ranks": ranks,
         "sync_checked": settings.output.check_sync,
     }
+    if run.spec is not None:
+        report["speculative"] = {"proposer": "draft_model" if settings.speculative.draft_model else "prompt_lookup",
+                                 "num_draft": settings.speculative.num_draft, **run.spec.to_dict()}
     if settings.output.json:
         print(json.dumps(report))
     if settings.output.stats:
@@ -236,8 +255,14 @@ def format_stats(r: dict) -> str:
         f"decode {num(t['decode_tok_s'], '.2f')} tok/s "
         f"({num(t['time_per_output_token_s'] and 1000 * t['time_per_output_token_s'], '.2f')} ms/token)",
         f"[stats] per decode token: {c['collectives_per_token']:.0f} collectives, "
-        f"{human_bytes(c['bytes_per_token'])} collective payload per rank",
+        f"{human_bytes(c['bytes_per_token'])} collective payload per rank; "
+        f"{c['collectives_per_generated_token']:.1f} collectives per generated token",
     ]
+    if "speculative" in r:
+        s = r["speculative"]
+        lines.append(f"[stats] speculative ({s['proposer']}, {s['num_draft']} per step): {s['drafted']} drafted, "
+                     f"{s['accepted']} accepted (rate {num(s['acceptance_rate'], '.2f')}), "
+                     f"{num(s['tokens_per_step'], '.2f')} tokens per verify step")
     for k in r["ranks"]:
         lines.append(
             f"[stats] rank {k['rank']}: KV heads {k['kv_heads'][0]}-{k['kv_heads'][1] - 1}, "

@@ -63,6 +63,9 @@ class Options:
     eta: float = DEFAULT_ETA
     t_fixed_s: float = DEFAULT_T_FIXED_S
     vocab_parallel: bool = False
+    spec_accept: float | None = None  # speculative decoding: per-token acceptance rate; None = off
+    num_draft: int = 3  # tokens proposed per verify step
+    draft_gb: float = 0.0  # draft model weights rank 0 reads per drafted token (0: prompt lookup)
 
     def check(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -76,6 +79,11 @@ class Options:
             raise UserError(f"--eta is a fraction of memory bandwidth in (0, 1], got {self.eta}")
         if self.usable_fraction is not None and not 0 < self.usable_fraction <= 1:
             raise UserError(f"--usable-fraction must be in (0, 1], got {self.usable_fraction}")
+        if self.spec_accept is not None and not 0 <= self.spec_accept < 1:
+            raise UserError(f"--spec-accept is a per-token acceptance rate in [0, 1), got {self.spec_accept}")
+        if self.num_draft < 1 or self.draft_gb < 0:
+            raise UserError(f"--num-draft must be at least 1 and --draft-gb not negative, got "
+                            f"{self.num_draft} and {self.draft_gb}")
 
 
 # ---- memory ---------------------------------------------------------------------------
@@ -309,6 +317,45 @@ def predict_decode(plan: ShardPlan, context: int, batch: int, link: LinkProfile 
     }
 
 
+def expected_tokens_per_step(accept: float, num_draft: int) -> float:
+    """Tokens one verify step yields when each draft is accepted with probability `accept`
+    independently: 1 + a + a^2 + ... + a^k (the target's own token always comes)."""
+    return sum(accept**i for i in range(num_draft + 1))
+
+
+def predict_speculative(plan: ShardPlan, context: int, link: LinkProfile | None,
+                        chips: ChipProfile | Sequence[ChipProfile], accept: float, num_draft: int,
+                        draft_bytes: float = 0.0, eta: float = DEFAULT_ETA, t_fixed: float = DEFAULT_T_FIXED_S,
+                        kv_bits: int = 16) -> dict:
+    """Decode with speculation (batch 1): a verify step reads the weights and the KV cache
+    once and runs the 2·L all_sums once, each carrying k+1 positions, for
+    expected_tokens_per_step tokens; a draft model (draft_bytes read per drafted token on
+    rank 0) adds its reads and one small all_sum sharing its proposals."""
+    plain = predict_decode(plan, context, 1, link, chips, eta, t_fixed, kv_bits)
+    world, positions = plan.world, num_draft + 1
+    payload = positions * plan.config.hidden_size * _dtype_bytes(plan.compute_dtype)
+    t_allreduce = allreduce_seconds(link, world, payload) if world > 1 else 0.0
+    n_collectives = plain["collectives_per_token"] + (1 if draft_bytes and world > 1 else 0)
+    t_link = (plain["collectives_per_token"] - bool(vocab_gather_bytes(plan, 1))) * t_allreduce
+    if vocab_gather_bytes(plan, 1):
+        t_link += allgather_seconds(link, world, vocab_gather_bytes(plan, positions))
+    if draft_bytes and world > 1:
+        t_link += allreduce_seconds(link, world, 4 * num_draft)
+    chip0 = chips if isinstance(chips, ChipProfile) else chips[0]
+    t_draft = num_draft * draft_bytes / (eta * chip0.mem_bandwidth_Bps)
+    t_step = plain["memory_seconds"] + t_link + t_draft + t_fixed
+    tokens = expected_tokens_per_step(accept, num_draft)
+    return {
+        "acceptance_rate": accept, "num_draft": num_draft, "tokens_per_step": tokens,
+        "seconds_per_step": t_step, "tokens_per_second": tokens / t_step,
+        "speedup": tokens / t_step * plain["seconds_per_token"],
+        "memory_seconds": plain["memory_seconds"], "link_seconds": t_link, "draft_seconds": t_draft,
+        "allreduce_seconds": t_allreduce, "collectives_per_step": n_collectives,
+        "collectives_per_generated_token": n_collectives / tokens,
+        "plain_tokens_per_second": plain["tokens_per_second"],
+    }
+
+
 # ---- whole evaluation and the single-Mac-or-cluster decision ----------------------------
 @dataclass
 class Evaluation:
@@ -347,6 +394,10 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
     if all(h.chip is not None for h in hosts) and (len(hosts) == 1 or link is not None):
         prediction = predict_decode(plan, opts.context, opts.batch, link, [h.chip for h in hosts],
                                     opts.eta, opts.t_fixed_s, opts.kv_bits)
+        if opts.spec_accept is not None and opts.batch == 1:
+            prediction["speculative"] = predict_speculative(
+                plan, opts.context, link, [h.chip for h in hosts], opts.spec_accept, opts.num_draft,
+                opts.draft_gb * GIB, opts.eta, opts.t_fixed_s, opts.kv_bits)
     return Evaluation(plan, hosts, fits, prediction)
 
 

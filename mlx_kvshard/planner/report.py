@@ -85,6 +85,12 @@ def prediction_lines(ev: Evaluation, link: LinkProfile | None) -> list[str]:
              + (f" + link {_ms(p['link_seconds'])} ({p['collectives_per_token']} all_sum x "
                 f"{p['allreduce_seconds'] * 1e6:.0f} us)" if ev.plan.world > 1 else "")
              + f" + fixed {_ms(p['fixed_seconds'])}"]
+    if "speculative" in p:
+        s = p["speculative"]
+        lines.append(f"predicted speculative decode (acceptance {s['acceptance_rate']:g}, {s['num_draft']} drafts): "
+                     f"{s['tokens_per_second']:.1f} tok/s ({s['speedup']:.2f}x) = {s['tokens_per_step']:.2f} tokens "
+                     f"per {_ms(s['seconds_per_step'])} verify step; "
+                     f"{s['collectives_per_generated_token']:.1f} collectives per generated token")
     return lines
 
 
