@@ -124,6 +124,10 @@ def run(args, settings, defaults, simulate) -> int:
     for flag in ("resume", "json", "restart"):
         if getattr(args, flag):
             raise UserError(f"--{flag} applies to one prompt; it does not combine with --prompts-file")
+    for flag in ("draft_model", "prompt_lookup"):
+        if getattr(args, flag, None):
+            raise UserError(f"--{flag.replace('_', '-')}: speculative decoding is not implemented in the serving "
+                            f"engine yet (it runs in one-prompt generate); drop it to use --prompts-file")
     engine = engine_settings(args)
     engine.validate()
     if args.simulate is not None:
