@@ -62,7 +62,9 @@ def test_hostfile_of_three_m4_pro_over_tb5(model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tb5-rdma (hostfile backend jaccl)" in out
     assert "mini-0" in out and "m4pro" in out and "48.00 GiB" in out
-    assert "largest context that fits: 4,757 tokens (rank 0 (mini-0) runs out first)" in out
+    # the MLP split reserves KV at the context: rank 2 (2 KV heads) takes more columns, and the
+    # cluster's context rises from 4,757 (balanced by weights alone, rank 0 first) to 5,599
+    assert "largest context that fits: 5,599 tokens (rank 2 (mini-2) runs out first)" in out
     assert "predicted decode on tb5-rdma" in out
     assert "single Mac or cluster? cluster:" in out and "3 Macs like mini-0" in out
 
@@ -73,7 +75,7 @@ def test_json_has_everything(model, tmp_path, capsys):
     assert d["inputs"]["context"] == 8192 and d["fits"] is False
     assert d["ranks"][0]["host"] == "mini-0" and d["ranks"][0]["fits"] is False
     assert d["ranks"][0]["kv_bytes"] == 8192 * 2 * 80 * 3 * 128 * 2
-    assert d["max_context"] == {"tokens": 4757, "limiting_rank": 0, "max_position_embeddings": 8192}
+    assert d["max_context"] == {"tokens": 5599, "limiting_rank": 2, "max_position_embeddings": 8192}
     assert d["prediction"]["link"] == "tb5-rdma"
     assert d["assumptions"]["link"]["sources"]["alpha_us"]
     assert d["decision"]["choice"] == "neither" and d["decision"]["macs_needed"] == 4
