@@ -13,6 +13,7 @@ from ..launch import restart
 from ..liveness import checkpoint as gencheckpoint, client as liveness
 from ..errors import UserError
 from ..engine.generate import SamplingParams
+from ..settings import KV_SHARD_MODES, KVSettings
 
 
 def register(sub) -> None:
@@ -37,6 +38,17 @@ def register(sub) -> None:
     p.add_argument("--weights", help="per-rank weights for the shard split, e.g. memory in GB: 64,24,16")
     p.add_argument("--vocab-parallel", action="store_true",
                    help="split lm_head by vocabulary rows across ranks (one logits all_gather per token)")
+    p.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                   help="store each rank's KV cache quantized to 8 or 4 bits (default: the compute dtype)")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="head_dim elements per KV quantization scale and bias (default 64)")
+    p.add_argument("--kv-quant-start", type=int, default=0, metavar="T",
+                   help="with --kv-bits: keep the cache in full precision until it holds T tokens, "
+                        "then quantize it (as mlx-lm's quantized_kv_start)")
+    p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
+                   help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
+                        "by sequence position (KV per rank = total / N), or auto (less memory per rank "
+                        "at --max-context)")
     p.add_argument("--backend", default="any", help="MLX distributed backend (ring, jaccl, any)")
     p.add_argument("--check-sync", action="store_true",
                    help="debug: verify every rank holds the identical token sequence")
@@ -65,10 +77,18 @@ def sampling_params(args) -> SamplingParams:
     return params
 
 
+def kv_settings(args) -> KVSettings:
+    kv = KVSettings(bits=args.kv_bits, group_size=args.kv_group_size, quant_start=args.kv_quant_start,
+                    shard=args.kv_shard)
+    kv.check()
+    return kv
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     params = sampling_params(args)
+    kv_settings(args)
     gencheckpoint.check_arguments(args)
     liveness.check_arguments(args)
     restart.check_arguments(args)
@@ -121,6 +141,7 @@ def simulate(args: argparse.Namespace) -> int:
         ck = gencheckpoint.read(args.resume)
         gencheckpoint.apply_checkpoint(ck, args, args._parser)
     model_dir, cfg, _tok, _ids, _ctx = prepare_prompt(args, ck)  # fails fast before any rank starts
+    kv_settings(args).check(cfg.head_dim)
     args.model = str(model_dir)
     args.dtype = default_dtype(args.dtype)
     rank_args = ["generate", *to_argv(args._parser, args, skip={"simulate", "restart", "exclude"})]

@@ -81,9 +81,11 @@ def run_rank(args, params: SamplingParams) -> int:
 def _run_rank(args, params: SamplingParams, live) -> int:
     import mlx.core as mx
 
+    from ..cli.generate import kv_settings
     from ..cli.plan import parse_weights
     from .dist import agree, gather_json, init_comm
     from ..liveness.checkpoint import Writer, apply_checkpoint, load_on_ranks
+    from .kvcache import allocated_positions, stored_positions
     from .loader import load_rank_model, parameter_bytes
     from ..plan import ShardPlan
 
@@ -99,7 +101,7 @@ def _run_rank(args, params: SamplingParams, live) -> int:
     dtype = _dtype(args.dtype, cfg)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
     plan = ShardPlan.build(cfg, comm.world, parse_weights(args.weights), compute_dtype=dtype_name,
-                           vocab_parallel=args.vocab_parallel)
+                           vocab_parallel=args.vocab_parallel, kv=kv_settings(args), context=max_context)
     mx.reset_peak_memory()  # peak then covers loading as well as generation
     t_load = time.perf_counter()
     error = None
@@ -171,9 +173,14 @@ def _run_rank(args, params: SamplingParams, live) -> int:
         "weight_bytes": parameter_bytes(model),
         "plan_weight_bytes": plan.weight_bytes(comm.rank),
         "kv_bytes": sum(c.nbytes for c in cache),
-        "kv_tokens_allocated": cache[0].keys.shape[2] if cache[0].keys is not None else 0,
-        "kv_tokens": cache[0].offset,
-        "plan_kv_bytes_per_token": plan.kv_bytes_per_token(comm.rank),
+        "kv_tokens_allocated": allocated_positions(cache[0]),  # positions this rank has room for
+        "kv_tokens": cache[0].offset,  # positions of the sequence
+        "kv_positions": stored_positions(cache[0]),  # of which this rank holds (sequence-sharded: a share)
+        "plan_kv_bytes_per_token": plan.kv_bytes_per_token(comm.rank),  # per position held
+        "plan_kv_bytes": plan.kv_bytes(comm.rank, cache[0].offset),
+        "kv_bits": plan.kv.bits,
+        "kv_shard": plan.kv.shard,
+        "seq_sharers": shard.seq_sharers,
         "peak_memory_bytes": mx.get_peak_memory(),
         "tokens_digest": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16],
     }
