@@ -130,5 +130,5 @@ def allocated_positions(cache) -> int:
         cache = cache.inner if isinstance(cache, SequenceShardedKVCache) else cache.cache
     if cache.empty():
         return 0
-    keys = cache.keys[0] if isinstance(cache.keys, tuple) else cache.keys
+    keys = cache.keys[0] if isinstance(cache.keys, (tuple, list)) else cache.keys  # quantized: a triple
     return keys.shape[2]
