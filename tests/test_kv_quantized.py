@@ -5,6 +5,7 @@ the plan's formula; 8-bit stays close to full precision."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -49,7 +50,7 @@ def load(d, name, world):
 def mlx_lm_quantized(model_dir, bits, group_size, quant_start):
     """mlx-lm on the unsharded model: QuantizedKVCache from the first token, or its own
     quantized_kv_start conversion."""
-    model = load_oracle(model_dir, mx.float32)
+    model = load_oracle(Path(model_dir), mx.float32)
     make = lambda: [QuantizedKVCache(group_size=group_size, bits=bits) for _ in model.layers]  # noqa: E731
     cache = make()
     for start in range(0, len(PROMPT), STEP):

@@ -16,9 +16,11 @@ from checkpoints import checkpoint
 from equiv_rank import PROMPT
 from ranks import mlx_launch
 from test_equivalence import oracle
+from test_kv_quantized import STEP as QUANT_STEP, mlx_lm_quantized
 
 N_TOKENS = 8
 STEP = 5  # the 12-token prompt is prefilled in chunks of 5, 5, 1 (+ the last token)
+assert STEP == QUANT_STEP  # the quantized oracle prefills in the same chunks
 # world -> checkpoints run sequence-sharded (8 on 2 and on 4 KV heads; 6 on 4: sharers 2,2,1,1)
 WORLDS = {8: ["seq_kv2", "seq_kv4"], 6: ["seq_kv4"]}
 
@@ -28,7 +30,7 @@ def test_sequence_sharded_matches_unsharded(world, ckpt_root, tmp_path):
     names = WORLDS[world]
     runs = [{"name": n, "model": str(checkpoint(ckpt_root, n)), "shard": "sequence", "prefill_step": STEP,
              "tokens": N_TOKENS} for n in names]
-    if world == 8:  # composes with quantized KV: same tokens as mlx-lm's 8-bit cache (checked in the 8-bit test)
+    if world == 8:  # composes with quantized KV: compared with mlx-lm's own 8-bit cache below
         runs.append({**runs[0], "name": "seq_kv2_q8", "bits": 8, "group_size": 32})
     mlx_launch(world, [__import__("kv_rank").__file__, str(tmp_path), json.dumps(runs)], timeout=1200)
     for r in runs:
@@ -47,8 +49,9 @@ def test_sequence_sharded_matches_unsharded(world, ckpt_root, tmp_path):
         if world % n_kv == 0:  # every head shared alike: KV per rank = total / N (to a position)
             assert sum(held) == n_kv * seen and max(held) - min(held) <= 1
         if "bits" in r:
-            continue
-        want_logits, want_tokens = oracle(checkpoint(ckpt_root, r["name"]))
+            want_logits, want_tokens = mlx_lm_quantized(r["model"], r["bits"], r["group_size"], 0)
+        else:
+            want_logits, want_tokens = oracle(checkpoint(ckpt_root, r["name"]))
         err = float(np.max(np.abs(got["logits"] - want_logits)))
         assert err < 1e-4, f"{r['name']} world {world}: max |logit diff| {err}"
         assert got["tokens"].tolist() == want_tokens[:N_TOKENS], f"{r['name']} world {world}: tokens differ"
