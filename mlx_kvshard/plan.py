@@ -139,6 +139,9 @@ class ShardPlan:
                       for r, (a, b) in enumerate(kv_ranges)]
             if n_kv % world:
                 notes.append(f"{n_kv} KV heads do not divide by {world} ranks: uneven split {kv_counts}")
+            if kv.shard == "sequence":
+                notes.append(f"world {world} <= {n_kv} KV heads: no KV head is shared, so --kv-shard "
+                             f"sequence has nothing to split; each rank holds whole heads")
             kv = replace(kv, shard="replicate")  # no head is shared: nothing to split by sequence
         elif kv.shard == "sequence":
             shards = _sequence_kv_heads(config, world)
