@@ -49,7 +49,8 @@ def quality(a, model_dir: Path) -> list[dict]:
             q = r[bits]
             rows.append({"world": world, "bits": int(bits), "agreement": q["agreement"],
                          "first_divergence": q["first_divergence"], "max_abs_dlogit": q["max_abs_dlogit"],
-                         "mean_abs_dlogit": q["mean_abs_dlogit"], "tokens": q["tokens"]})
+                         "mean_abs_dlogit": q["mean_abs_dlogit"], "tokens": q["tokens"],
+                         "forced_top1_agreement": q.get("forced_top1_agreement")})
         print(f"quality world {world}: " + ", ".join(
             f"{x['bits']}-bit agree {x['agreement']:.0%} max|dl| {x['max_abs_dlogit']:.3g}"
             for x in rows if x["world"] == world), flush=True)
@@ -138,10 +139,13 @@ def speed(a, model_dir: Path, n_kv: int) -> list[dict]:
 def quality_table(rows: list[dict], n: int) -> list[str]:
     out = [f"Quality vs full-precision KV (same weights, greedy, {n} tokens; |delta logit| teacher-forced "
            f"along the fp tokens):", "",
-           "| world | KV | greedy agreement | first divergence | max abs dlogit | mean abs dlogit | = world 1 |",
-           "|---|---|---|---|---|---|---|"]
+           "| world | KV | greedy agreement | first divergence | next-token agreement, same context "
+           "| max abs dlogit | mean abs dlogit | = world 1 |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        top1 = r.get("forced_top1_agreement")
         out.append(f"| {r['world']} | {r['bits']}-bit | {r['agreement']:.1%} | {r['first_divergence']} | "
+                   f"{'n/a' if top1 is None else f'{top1:.1%}'} | "
                    f"{r['max_abs_dlogit']:.3g} | {r['mean_abs_dlogit']:.3g} | {r['world_equals_world1']} |")
     return out + [""]
 
@@ -189,6 +193,17 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def keep_other_parts(report: dict, path: Path) -> None:
+    """A run of some --parts keeps the other parts of the last report (with their dates)."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for part in ("quality", "plan", "speed"):
+        if part not in report and part in old:
+            report[part] = old[part]
+            report.setdefault("part_dates", {})[part] = old.get("part_dates", {}).get(part, old.get("date"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B.add_common_args(p, preset="tiny", worlds="1", max_tokens=16, runs=None, prompt_tokens=None)
@@ -215,6 +230,7 @@ def main() -> int:
         report["quality"] = quality(a, model_dir)
     if "speed" in parts:
         report["speed"] = speed(a, model_dir, cfg["num_key_value_heads"])
+    keep_other_parts(report, Path(a.out) / f"kv-{a.machine_tag}.json")
     B.publish(a, "kv", report, render(report), t0)
     return 0
 

@@ -48,6 +48,8 @@ def main(model_dir: Path, out: Path, n: int, group_size: int) -> None:
             "tokens": tokens, "agreement": sum(same) / n,
             "first_divergence": same.index(False) if False in same else None,
             "max_abs_dlogit": float(diff.max()), "mean_abs_dlogit": float(diff.mean()),
+            # same context, same next token? (free-running agreement ends at the first divergence)
+            "forced_top1_agreement": float(np.mean(logits.argmax(-1) == ref[1].argmax(-1))),
         }
     if comm.rank == 0:
         out.write_text(json.dumps(report))
