@@ -140,3 +140,20 @@ def test_malformed_config_is_a_user_error(tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         plan("--model", str(d), "--world", "2")
+
+
+def test_kv_shard_modes_side_by_side_and_auto_choice(model, capsys):
+    plan("--model", str(model), "--world", "16", "--memory", "64", "--context", "131072",
+         "--kv-shard", "auto", "--kv-bits", "8")
+    out = capsys.readouterr().out
+    assert "--kv-shard auto uses sequence" in out and "pos 1 mod 2" in out
+    assert "replicate: fullest rank KV" in out and "sequence: fullest rank KV" in out
+    plan("--model", str(model), "--world", "16", "--memory", "64", "--context", "131072",
+         "--kv-shard", "auto", "--kv-bits", "8", "--json")
+    d = json.loads(capsys.readouterr().out)
+    rep, seq = d["kv_modes"]["replicate"], d["kv_modes"]["sequence"]
+    assert seq["kv_bytes_max_rank"] * 2 == rep["kv_bytes_max_rank"]
+    assert seq["max_context"] > rep["max_context"] and d["kv"]["shard"] == "sequence"
+    # 8-bit, group 64, bf16 scales: per position (1 KV head, 80 layers) 2*80*128 values + their groups
+    assert d["ranks"][0]["kv_bytes_per_position"] == 2 * 80 * 128 + 2 * 80 * 128 // 64 * 2 * 2
+    assert d["ranks"][0]["kv_bytes"] == 65536 * d["ranks"][0]["kv_bytes_per_position"]
