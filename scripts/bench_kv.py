@@ -39,7 +39,7 @@ def label(bits, dtype: str = "float32") -> str:
 # ---- quality -----------------------------------------------------------------------------
 def quality(a, model_dir: Path) -> list[dict]:
     rows = []
-    for world in (1, 3):
+    for world in [int(w) for w in a.quality_worlds.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "q.json"
             B.launch(world, [str(B.SCRIPTS / "kv_quality_rank.py"), str(model_dir), str(out),
@@ -210,6 +210,7 @@ def main() -> int:
     p.add_argument("--parts", default="quality,plan,speed")
     p.add_argument("--contexts", default="1024,4096")
     p.add_argument("--quality-tokens", type=int, default=256)
+    p.add_argument("--quality-worlds", default="1,3")
     p.add_argument("--budget-mib", type=int, default=48, help="per-rank memory budget of the plan part")
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--mlx-lm", action=argparse.BooleanOptionalAction, default=True,
