@@ -1,19 +1,23 @@
 """ShardPlan: what each rank owns. Pure Python (no MLX), so planning never loads weights.
 
 A rank owns whole GQA groups (a KV head and its query heads) when the world is no
-larger than the KV head count; beyond that, ranks share a KV head: each sharer keeps
-a replica of it and takes part of its query heads. MLP columns are split so that each
-rank's total weight bytes follow its weight (memory), compensating uneven heads.
+larger than the KV head count; beyond that, ranks share a KV head, in one of two modes:
+"replicate" (each sharer keeps a replica of the head's cache and takes part of its query
+heads) or "sequence" (each sharer keeps every s-th position of the head's cache and all
+its query heads; partial attentions are merged by log-sum-exp). MLP columns are split so
+that each rank's weight bytes plus its KV bytes at the planned context follow its weight
+(memory), compensating uneven heads.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from .config import DTYPE_BYTES, ModelConfig
 from .errors import UserError
+from .settings import KVSettings
 
 
 def split_counts(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
@@ -52,6 +56,14 @@ class RankShard:
     mlp_cols: tuple[int, int]
     kv_sharers: int = 1  # ranks holding a replica of these KV heads (>1 only when world > n_kv_heads)
     vocab_rows: tuple[int, int] | None = None  # lm_head rows, when vocab-parallel; None: all
+    # Sequence-sharded KV: this rank keeps positions p with p % seq_sharers == seq_index of its
+    # KV head, whose sharers are ranks seq_first_rank .. seq_first_rank + seq_sharers - 1.
+    seq_sharers: int = 1
+    seq_index: int = 0
+
+    @property
+    def seq_first_rank(self) -> int:
+        return self.rank - self.seq_index
 
     @property
     def local_kv_heads(self) -> int:
@@ -81,6 +93,8 @@ class ShardPlan:
     # lm_head split by vocabulary rows (one all_gather of the logits per step) instead of
     # replicated: each rank stores and reads 1/N of it.
     vocab_parallel: bool = False
+    kv: KVSettings = field(default_factory=KVSettings)  # shard mode resolved: never "auto"
+    context: int = 0  # tokens per sequence whose KV the MLP split reserves room for (0: none)
 
     @property
     def weights(self) -> list[float]:
@@ -90,7 +104,10 @@ class ShardPlan:
     # ---- construction -------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, world: int, shares: Sequence[float] | None = None,
-              compute_dtype: str | None = None, vocab_parallel: bool = False) -> "ShardPlan":
+              compute_dtype: str | None = None, vocab_parallel: bool = False,
+              kv: KVSettings | None = None, context: int | None = None) -> "ShardPlan":
+        """`kv`: KV precision and shard mode; `context`: tokens per sequence to reserve KV for
+        when balancing ranks (the runtime passes its max context)."""
         if world < 1:
             raise UserError(f"world size must be at least 1, got {world}")
         if shares is None:
@@ -100,36 +117,55 @@ class ShardPlan:
             raise UserError(f"got {len(shares)} rank shares for a world of {world}; give one per rank")
         if any(not w > 0 for w in shares):
             raise UserError(f"rank shares must all be positive, got {shares}")
+        kv = kv or KVSettings()
+        kv.check(config.head_dim)
+        args = (config, world, shares, compute_dtype or config.dtype, vocab_parallel and world > 1,
+                context or 0)
+        if world <= config.num_key_value_heads or kv.shard != "auto":
+            return cls._build_mode(*args, kv)
+        # auto: whichever mode needs less memory on its fullest rank at the planned context
+        plans = {m: cls._build_mode(*args, replace(kv, shard=m)) for m in ("replicate", "sequence")}
+        need = {m: p.max_rank_bytes() for m, p in plans.items()}
+        choice = "sequence" if need["sequence"] < need["replicate"] else "replicate"
+        plans[choice].notes.append(
+            f"--kv-shard auto chose {choice} at context {context or 0}: fullest rank needs "
+            f"{human_bytes(need['replicate'])} (replicate) vs {human_bytes(need['sequence'])} (sequence)")
+        return plans[choice]
+
+    @classmethod
+    def _build_mode(cls, config: ModelConfig, world: int, shares: list[float], compute_dtype: str,
+                    vocab_parallel: bool, context: int, kv: KVSettings) -> "ShardPlan":
         n_kv, g = config.num_key_value_heads, config.group_size_q
         notes: list[str] = []
         if world <= n_kv:
             kv_counts = split_counts(n_kv, shares)
             kv_ranges = _ranges(kv_counts)
-            q_ranges = [(a * g, b * g) for a, b in kv_ranges]
-            sharers = [1] * world
+            shards = [RankShard(rank=r, kv_heads=(a, b), q_heads=(a * g, b * g), mlp_cols=(0, 0))
+                      for r, (a, b) in enumerate(kv_ranges)]
             if n_kv % world:
                 notes.append(f"{n_kv} KV heads do not divide by {world} ranks: uneven split {kv_counts}")
+            if kv.shard == "sequence":
+                notes.append(f"world {world} <= {n_kv} KV heads: no KV head is shared, so --kv-shard "
+                             f"sequence has nothing to split; each rank holds whole heads")
+            kv = replace(kv, shard="replicate")  # no head is shared: nothing to split by sequence
+        elif kv.shard == "sequence":
+            shards = _sequence_kv_heads(config, world)
+            notes.append(
+                f"world {world} > {n_kv} KV heads: each KV head's positions are interleaved across the "
+                f"ranks that share it; each sharer holds all {g} of its query heads (one extra small "
+                f"all_gather per layer merges the partial attentions)")
         else:
-            kv_ranges, q_ranges, sharers = _share_kv_heads(config, world, shares)
+            shards = _share_kv_heads(config, world, shares)
             notes.append(
                 f"world {world} > {n_kv} KV heads: KV heads are replicated on the ranks that "
                 f"share them; each sharer computes part of that head's {g} query heads"
             )
-        shards_wo_mlp = [
-            RankShard(rank=r, kv_heads=kv_ranges[r], q_heads=q_ranges[r], mlp_cols=(0, 0),
-                      kv_sharers=sharers[r])
-            for r in range(world)
-        ]
-        vocab_parallel = vocab_parallel and world > 1
-        plan = cls(config, world, shares, shards_wo_mlp, compute_dtype=compute_dtype or config.dtype,
-                   notes=notes, vocab_parallel=vocab_parallel)
+        plan = cls(config, world, shares, shards, compute_dtype=compute_dtype, notes=notes,
+                   vocab_parallel=vocab_parallel, kv=kv, context=context)
         plan._check_quant_alignment()
         mlp = plan._split_mlp()
         vocab = _ranges(split_counts(config.vocab_size, shares)) if vocab_parallel else [None] * world
-        plan.shards = [
-            RankShard(s.rank, s.kv_heads, s.q_heads, mlp[s.rank], s.kv_sharers, vocab[s.rank])
-            for s in shards_wo_mlp
-        ]
+        plan.shards = [replace(s, mlp_cols=mlp[s.rank], vocab_rows=vocab[s.rank]) for s in shards]
         return plan
 
     def _check_quant_alignment(self) -> None:
@@ -164,7 +200,9 @@ class ShardPlan:
                 f"{align}; it cannot be split across {self.world} ranks"
             )
         per_unit = 3 * self._linear_bytes(align, cfg.hidden_size)
-        attn = [self._attention_bytes(s) for s in self.shards]
+        # attention weights plus the KV reserved at the planned context, per layer
+        attn = [self._attention_bytes(s) + self.kv_bytes(s.rank, self.context) / cfg.num_hidden_layers
+                for s in self.shards]
         budget = sum(attn) + units * per_unit
         wsum = sum(self.shares)
         # Each rank's share of all layer bytes follows its weight; MLP fills what attention leaves.
@@ -231,9 +269,36 @@ class ShardPlan:
                 + self.logits_bytes(rank))
 
     def kv_bytes_per_token(self, rank: int) -> int:
-        cfg = self.config
-        per = DTYPE_BYTES.get(self.compute_dtype, 2)
-        return 2 * cfg.num_hidden_layers * self.shards[rank].local_kv_heads * cfg.head_dim * per
+        """KV bytes per position this rank holds (all layers, its heads, at the plan's KV bits)."""
+        return kv_position_bytes(self.config, self.shards[rank].local_kv_heads, self.kv.bits,
+                                 self.kv.group_size, self.compute_dtype)
+
+    def kv_positions(self, rank: int, context: int) -> int:
+        """How many of a sequence's first `context` positions this rank holds."""
+        s = self.shards[rank]
+        return max(0, context - s.seq_index + s.seq_sharers - 1) // s.seq_sharers
+
+    def kv_bytes(self, rank: int, context: int, batch: int = 1) -> int:
+        """KV bytes this rank holds for `batch` sequences of `context` tokens (before the
+        cache's allocation granularity: mlx-lm caches grow 256 positions at a time)."""
+        return batch * self.kv_positions(rank, context) * self.kv_bytes_per_token(rank)
+
+    def max_context(self, rank: int, free_bytes: int, batch: int = 1) -> int:
+        """The longest context whose KV fits in `free_bytes` on this rank."""
+        if free_bytes <= 0:
+            return 0
+        s = self.shards[rank]
+        positions = free_bytes // (batch * self.kv_bytes_per_token(rank))
+        return positions * s.seq_sharers + (s.seq_index if positions else 0)
+
+    def max_rank_bytes(self) -> int:
+        """Weights + KV at the planned context on the fullest rank."""
+        return max(self.weight_bytes(r) + self.kv_bytes(r, self.context) for r in range(self.world))
+
+    @property
+    def sequence_sharded(self) -> bool:
+        """Some KV head is split by position: attention issues one LSE all_gather per layer."""
+        return any(s.seq_sharers > 1 for s in self.shards)
 
     def total_weight_bytes_unsharded(self) -> int:
         """Bytes of the whole model on one device (for ratios in summaries)."""
@@ -252,6 +317,8 @@ class ShardPlan:
             "quantization": (vars(cfg.quantization) if cfg.quantization else None),
             "compute_dtype": self.compute_dtype,
             "vocab_parallel": self.vocab_parallel,
+            "kv": {"bits": self.kv.bits, "group_size": self.kv.group_size, "shard": self.kv.shard,
+                   "context": self.context},
             "notes": list(self.notes),
             "ranks": [
                 {
@@ -264,9 +331,13 @@ class ShardPlan:
                     "local_q_heads": s.local_q_heads,
                     "local_mlp_cols": s.local_mlp_cols,
                     "kv_sharers": s.kv_sharers,
+                    "seq_sharers": s.seq_sharers,
+                    "seq_index": s.seq_index,
                     "vocab_rows": list(s.vocab_rows) if s.vocab_rows else [0, cfg.vocab_size],
                     "weight_bytes": self.weight_bytes(s.rank),
-                    "kv_bytes_per_1k_tokens": 1024 * self.kv_bytes_per_token(s.rank),
+                    "kv_bytes_per_1k_tokens": self.kv_bytes(s.rank, 1024),
+                    "kv_bytes_per_position": self.kv_bytes_per_token(s.rank),
+                    "kv_bytes_at_context": self.kv_bytes(s.rank, self.context),
                 }
                 for s in self.shards
             ],
@@ -280,37 +351,69 @@ class ShardPlan:
         rows = [("rank", "KV heads", "query heads", "MLP columns", "weights", "KV / 1K tok")]
         for s in self.shards:
             kv = f"{s.kv_heads[0]}-{s.kv_heads[1] - 1}" + (f" (x{s.kv_sharers})" if s.kv_sharers > 1 else "")
+            if s.seq_sharers > 1:
+                kv += f" (pos {s.seq_index} mod {s.seq_sharers})"
             rows.append((
                 str(s.rank), kv, f"{s.q_heads[0]}-{s.q_heads[1] - 1}",
                 f"{s.mlp_cols[0]}-{s.mlp_cols[1] - 1}",
                 human_bytes(self.weight_bytes(s.rank)),
-                human_bytes(1024 * self.kv_bytes_per_token(s.rank)),
+                human_bytes(self.kv_bytes(s.rank, 1024)),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _share_kv_heads(config: ModelConfig, world: int, weights: list[float]):
-    """world > n_kv_heads: every KV head gets one or more ranks, which split its query heads."""
+def _sharers_per_head(config: ModelConfig, world: int) -> list[int]:
+    return split_counts(world, [1.0] * config.num_key_value_heads)
+
+
+def _share_kv_heads(config: ModelConfig, world: int, shares: list[float]) -> list[RankShard]:
+    """world > n_kv_heads, replicate: every KV head gets one or more ranks, which split its query heads."""
     n_kv, g = config.num_key_value_heads, config.group_size_q
-    sharers_per_head = split_counts(world, [1.0] * n_kv)
+    sharers_per_head = _sharers_per_head(config, world)
     if max(sharers_per_head) > g:
         raise UserError(
             f"world {world} needs up to {max(sharers_per_head)} ranks per KV head, but each KV head "
             f"has only {g} query head(s) to split among them ({config.num_attention_heads} query / "
-            f"{n_kv} KV heads); use a world of at most {config.num_attention_heads} ranks"
+            f"{n_kv} KV heads); use a world of at most {config.num_attention_heads} ranks, "
+            f"or --kv-shard sequence"
         )
-    kv_ranges, q_ranges, sharers = [], [], []
-    rank = 0
+    shards, rank = [], 0
     for head, s in enumerate(sharers_per_head):
-        q_counts = split_counts(g, weights[rank:rank + s])
+        q_counts = split_counts(g, shares[rank:rank + s])
         for a, b in _ranges(q_counts, start=head * g):
-            kv_ranges.append((head, head + 1))
-            q_ranges.append((a, b))
-            sharers.append(s)
-        rank += s
-    return kv_ranges, q_ranges, sharers
+            shards.append(RankShard(rank=rank, kv_heads=(head, head + 1), q_heads=(a, b), mlp_cols=(0, 0),
+                                    kv_sharers=s))
+            rank += 1
+    return shards
+
+
+def _sequence_kv_heads(config: ModelConfig, world: int) -> list[RankShard]:
+    """world > n_kv_heads, sequence: each sharer of a KV head holds every s-th position of its
+    cache and all its query heads (positions interleave, so the shares grow evenly)."""
+    g = config.group_size_q
+    shards, rank = [], 0
+    for head, s in enumerate(_sharers_per_head(config, world)):
+        for i in range(s):
+            shards.append(RankShard(rank=rank, kv_heads=(head, head + 1), q_heads=(head * g, head * g + g),
+                                    mlp_cols=(0, 0), seq_sharers=s, seq_index=i))
+            rank += 1
+    return shards
+
+
+def kv_position_bytes(cfg: ModelConfig, kv_heads: int, bits: int | None, group_size: int, dtype: str) -> int:
+    """Bytes of K and V for one position of `kv_heads` heads, all layers: the compute dtype, or
+    (quantized, as mlx-lm's QuantizedKVCache stores it) packed values plus one scale and one
+    bias in the compute dtype per `group_size` elements."""
+    elements = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim
+    per = DTYPE_BYTES.get(dtype, 2)
+    if bits is None:
+        return elements * per
+    if cfg.head_dim % group_size:
+        raise UserError(f"--kv-bits {bits}: head_dim {cfg.head_dim} is not a multiple of the KV "
+                        f"quantization group {group_size}; use another --kv-group-size or full precision")
+    return elements * bits // 8 + elements // group_size * 2 * per
 
 
 def human_bytes(n: float) -> str:

@@ -244,13 +244,14 @@ def run_ours(model_dir: Path, world: int, prompt: str, max_tokens: int, timeout:
 
 
 def run_mlxlm(model_dir: Path, world: int, prompt: str, max_tokens: int, timeout: float,
-              shard: bool, out_dir: Path, pin: bool = False) -> dict:
-    """mlx-lm's own generation (world 1) or its Model.shard() tensor parallelism."""
+              shard: bool, out_dir: Path, pin: bool = False, extra: list[str] = ()) -> dict:
+    """mlx-lm's own generation (world 1) or its Model.shard() tensor parallelism; `extra`:
+    more mlxlm_rank.py options (--kv-bits B)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in out_dir.glob("rank*.json"):
         f.unlink()
     argv = [str(SCRIPTS / "mlxlm_rank.py"), "--model", str(model_dir), "--prompt", prompt,
-            "--max-tokens", str(max_tokens), "--out", str(out_dir)] + (["--shard"] if shard else [])
+            "--max-tokens", str(max_tokens), "--out", str(out_dir)] + (["--shard"] if shard else []) + list(extra)
     launch(world, argv, timeout, pin=pin)
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
     report = dict(ranks[0])

@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard", action="store_true")
+    p.add_argument("--kv-bits", type=int, default=None, help="mlx-lm's QuantizedKVCache from the first token")
+    p.add_argument("--kv-group-size", type=int, default=64)
     a = p.parse_args()
 
     group = mx.distributed.init(strict=True, backend="ring") if a.shard else None
@@ -52,6 +54,10 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
+    if a.kv_bits:
+        from mlx_lm.models.cache import QuantizedKVCache
+
+        cache = [QuantizedKVCache(group_size=a.kv_group_size, bits=a.kv_bits) for _ in cache]
     sampler = lambda lp: mx.argmax(lp, axis=-1)
     tokens = []
     t0 = time.perf_counter()

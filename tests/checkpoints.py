@@ -43,6 +43,14 @@ SPECS = {
     # MLX 8-bit, group 64 (head_dim 64), GQA ratio 2
     "q8": (llama_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=256), (8, 64), 1),
+    # KV tests: head_dim 64 (quantized KV groups of 32/64), 4 KV heads for world 3 (2,1,1)
+    "kvq": (llama_config(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                         intermediate_size=256), None, 1),
+    # sequence-sharded KV at world 6 and 8: tiny, 2 layers, 2 or 4 KV heads, head_dim 32
+    "seq_kv2": (llama_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                             intermediate_size=128), None, 1),
+    "seq_kv4": (llama_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                             intermediate_size=128), None, 1),
 }
 
 

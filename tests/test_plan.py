@@ -133,3 +133,59 @@ def test_vocab_parallel_splits_lm_head_rows():
     assert full.decode_read_bytes(0) - vp.decode_read_bytes(0) == lm_head - 42752 * 8192 * 2
     # one rank: nothing to split
     assert ShardPlan.build(cfg(), 1, vocab_parallel=True).shards[0].vocab_rows is None
+
+
+# ---- KV: quantized bytes, sequence sharding, the KV reserve ---------------------------------
+from mlx_kvshard.settings import KVSettings  # noqa: E402
+
+
+def test_sequence_mode_gives_every_sharer_the_whole_group_and_a_share_of_positions():
+    plan = ShardPlan.build(cfg(), 12, kv=KVSettings(shard="sequence"))
+    assert plan.kv.shard == "sequence" and plan.sequence_sharded
+    s0, s1, s8 = plan.shards[0], plan.shards[1], plan.shards[8]
+    assert s0.kv_heads == s1.kv_heads == (0, 1) and s0.q_heads == s1.q_heads == (0, 8)
+    assert (s0.seq_sharers, s0.seq_index, s1.seq_index, s1.seq_first_rank) == (2, 0, 1, 0)
+    assert (s8.seq_sharers, s8.kv_heads, s8.q_heads) == (1, (4, 5), (32, 40))
+    # positions interleave: 1001 tokens -> 501 and 500
+    assert plan.kv_positions(0, 1001) == 501 and plan.kv_positions(1, 1001) == 500
+    assert plan.kv_bytes(1, 1000) == 500 * 2 * 80 * 128 * 2
+    # the largest context whose KV fits inverts kv_bytes
+    free = plan.kv_bytes(1, 1000)
+    assert plan.max_context(1, free) == 1001 and plan.kv_bytes(1, 1001) <= free < plan.kv_bytes(1, 1003)
+
+
+def test_sequence_mode_at_twice_the_kv_heads_halves_kv_per_rank():
+    rep = ShardPlan.build(cfg(), 16)
+    seq = ShardPlan.build(cfg(), 16, kv=KVSettings(shard="sequence"))
+    assert [seq.kv_bytes(r, 4096) for r in range(16)] == [rep.kv_bytes(0, 4096) // 2] * 16
+    # replicate cannot go past n_heads ranks; sequence can
+    ShardPlan.build(cfg(n_heads=16, n_kv=8), 24, kv=KVSettings(shard="sequence"))
+    with pytest.raises(UserError, match="--kv-shard sequence"):
+        ShardPlan.build(cfg(n_heads=16, n_kv=8), 24)
+
+
+def test_auto_picks_replicate_at_short_context_and_sequence_at_long():
+    short = ShardPlan.build(cfg(), 16, kv=KVSettings(shard="auto"), context=16)
+    long = ShardPlan.build(cfg(), 16, kv=KVSettings(shard="auto"), context=131072)
+    assert short.kv.shard == "replicate" and long.kv.shard == "sequence"
+    assert "auto chose sequence" in long.notes[-1]
+
+
+def test_quantized_kv_bytes_per_position():
+    elements = 2 * 80 * 3 * 128
+    p8 = ShardPlan.build(cfg(), 3, kv=KVSettings(bits=8))
+    p4 = ShardPlan.build(cfg(), 3, kv=KVSettings(bits=4, group_size=32))
+    assert p8.kv_bytes_per_token(0) == elements + elements // 64 * 2 * 2
+    assert p4.kv_bytes_per_token(0) == elements // 2 + elements // 32 * 2 * 2
+    with pytest.raises(UserError, match="head_dim 96"):
+        ShardPlan.build(cfg(head_dim=96), 1, kv=KVSettings(bits=4))
+
+
+def test_kv_reserve_gives_the_rank_with_fewer_heads_more_mlp():
+    plain = ShardPlan.build(cfg(), 3)
+    reserved = ShardPlan.build(cfg(), 3, context=131072)
+    assert reserved.shards[2].local_mlp_cols > plain.shards[2].local_mlp_cols
+    need = [reserved.weight_bytes(r) + reserved.kv_bytes(r, 131072) for r in range(3)]
+    plain_need = [plain.weight_bytes(r) + plain.kv_bytes(r, 131072) for r in range(3)]
+    assert max(need) - min(need) < max(plain_need) - min(plain_need)
+    assert max(need) < max(plain_need)

@@ -62,7 +62,9 @@ def test_hostfile_of_three_m4_pro_over_tb5(model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tb5-rdma (hostfile backend jaccl)" in out
     assert "mini-0" in out and "m4pro" in out and "48.00 GiB" in out
-    assert "largest context that fits: 4,757 tokens (rank 0 (mini-0) runs out first)" in out
+    # the MLP split reserves KV at the context: rank 2 (2 KV heads) takes more columns, and the
+    # cluster's context rises from 4,757 (balanced by weights alone, rank 0 first) to 5,599
+    assert "largest context that fits: 5,599 tokens (rank 2 (mini-2) runs out first)" in out
     assert "predicted decode on tb5-rdma" in out
     assert "single Mac or cluster? cluster:" in out and "3 Macs like mini-0" in out
 
@@ -73,7 +75,7 @@ def test_json_has_everything(model, tmp_path, capsys):
     assert d["inputs"]["context"] == 8192 and d["fits"] is False
     assert d["ranks"][0]["host"] == "mini-0" and d["ranks"][0]["fits"] is False
     assert d["ranks"][0]["kv_bytes"] == 8192 * 2 * 80 * 3 * 128 * 2
-    assert d["max_context"] == {"tokens": 4757, "limiting_rank": 0, "max_position_embeddings": 8192}
+    assert d["max_context"] == {"tokens": 5599, "limiting_rank": 2, "max_position_embeddings": 8192}
     assert d["prediction"]["link"] == "tb5-rdma"
     assert d["assumptions"]["link"]["sources"]["alpha_us"]
     assert d["decision"]["choice"] == "neither" and d["decision"]["macs_needed"] == 4
@@ -155,3 +157,20 @@ def test_hostfile_by_the_name_of_a_shipped_example(model, capsys):
     assert d["world"] == 4 and d["assumptions"]["link"]["why"] == "hostfile backend jaccl"
     with pytest.raises(UserError, match=r"no such file; write one, name a shipped example \(2-minis-thunderbolt"):
         plan("--model", str(model), "--hostfile", "5-minis")
+
+
+def test_kv_shard_modes_side_by_side_and_auto_choice(model, capsys):
+    plan("--model", str(model), "--world", "16", "--memory", "64", "--context", "131072",
+         "--kv-shard", "auto", "--kv-bits", "8")
+    out = capsys.readouterr().out
+    assert "--kv-shard auto uses sequence" in out and "pos 1 mod 2" in out
+    assert "replicate: fullest rank KV" in out and "sequence: fullest rank KV" in out
+    plan("--model", str(model), "--world", "16", "--memory", "64", "--context", "131072",
+         "--kv-shard", "auto", "--kv-bits", "8", "--json")
+    d = json.loads(capsys.readouterr().out)
+    rep, seq = d["kv_modes"]["replicate"], d["kv_modes"]["sequence"]
+    assert seq["kv_bytes_max_rank"] * 2 == rep["kv_bytes_max_rank"]
+    assert seq["max_context"] > rep["max_context"] and d["kv"]["shard"] == "sequence"
+    # 8-bit, group 64, bf16 scales: per position (1 KV head, 80 layers) 2*80*128 values + their groups
+    assert d["ranks"][0]["kv_bytes_per_position"] == 2 * 80 * 128 + 2 * 80 * 128 // 64 * 2 * 2
+    assert d["ranks"][0]["kv_bytes"] == 65536 * d["ranks"][0]["kv_bytes_per_position"]

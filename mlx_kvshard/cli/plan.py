@@ -29,6 +29,11 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--kv-bits", type=int, default=16, choices=capacity.KV_BITS,
                    help="KV cache precision: 16 (compute dtype), 8 or 4 (mlx-lm quantized cache)")
+    p.add_argument("--kv-group-size", type=int, default=capacity.KV_QUANT_GROUP, choices=(32, 64, 128),
+                   help="head_dim elements per KV quantization scale/bias (default 64)")
+    p.add_argument("--kv-shard", default="replicate", choices=("replicate", "sequence", "auto"),
+                   help="world > KV heads: replicate a shared head's cache, split it by sequence "
+                        "position, or pick the smaller per-rank memory at --context (default replicate)")
     p.add_argument("--memory", help="RAM per rank in GB, one value or comma-separated: 64 or 64,24,16")
     p.add_argument("--chip", help="chip profile for every rank (m4pro) or comma-separated per rank")
     p.add_argument("--link", help="link profile name or JSON file (default: from hostfile backend and chips)")
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     opts = Options(context=args.context, batch=args.batch, kv_bits=args.kv_bits, overhead_gb=args.overhead_gb,
                    usable_fraction=args.usable_fraction, eta=args.eta, t_fixed_s=args.t_fixed_ms / 1e3,
                    vocab_parallel=args.vocab_parallel, spec_accept=args.spec_accept, num_draft=args.num_draft,
-                   draft_gb=args.draft_gb)
+                   draft_gb=args.draft_gb, kv_shard=args.kv_shard, kv_group_size=args.kv_group_size)
     opts.check()
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)

@@ -14,7 +14,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..config import ModelConfig
@@ -22,6 +21,9 @@ from .dist import Comm
 from ..errors import UserError
 from ..models.architectures import mlx_lm_model_class
 from ..plan import RankShard
+from ..settings import KVSettings
+from .attention import sequence_sharded_attention
+from .kvcache import make_cache
 
 
 def model_args(cfg: ModelConfig):
@@ -34,8 +36,11 @@ def model_args(cfg: ModelConfig):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm):
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
+        """`sequence_merge`: the plan splits some KV head by sequence position (attention.py)."""
         super().__init__()
+        self.shard = shard
+        self.sequence_merge = sequence_merge
         dim, head_dim = cfg.hidden_size, cfg.head_dim
         self.n_heads = shard.local_q_heads
         self.n_kv_heads = shard.local_kv_heads
@@ -71,10 +76,13 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         queries = self.rope(queries, offset=offset)
         keys = self.rope(keys, offset=offset)
-        if cache is not None:
-            # The cache holds only this rank's KV heads; it never leaves the rank.
-            keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        if self.sequence_merge:
+            out = sequence_sharded_attention(queries, keys, values, cache, self.scale, self.shard, self.comm)
+        else:
+            if cache is not None:
+                # The cache holds only this rank's KV heads; it never leaves the rank.
+                keys, values = cache.update_and_fetch(keys, values)
+            out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         # Row-parallel: each rank's heads give a partial sum of the full projection.
         return self.comm.all_sum(self.o_proj(out))
@@ -94,9 +102,9 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm):
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg, args, shard, comm)
+        self.self_attn = Attention(cfg, args, shard, comm, sequence_merge)
         self.mlp = MLP(cfg, shard, comm, bias=bool(getattr(args, "mlp_bias", False)))
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
@@ -107,10 +115,11 @@ class TransformerBlock(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm):
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [TransformerBlock(cfg, args, shard, comm) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [TransformerBlock(cfg, args, shard, comm, sequence_merge)
+                       for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
@@ -126,14 +135,18 @@ class DecoderModel(nn.Module):
 class ShardedModel(nn.Module):
     """One rank's part of the model; parameter names match the HF checkpoint."""
 
-    def __init__(self, cfg: ModelConfig, shard: RankShard, comm: Comm, vocab_sizes: list[int] | None = None):
-        """`vocab_sizes`: every rank's lm_head rows, when the plan is vocab-parallel."""
+    def __init__(self, cfg: ModelConfig, shard: RankShard, comm: Comm, vocab_sizes: list[int] | None = None,
+                 kv: KVSettings | None = None, sequence_merge: bool = False):
+        """`vocab_sizes`: every rank's lm_head rows, when the plan is vocab-parallel; `kv`: how
+        the cache stores this rank's heads; `sequence_merge`: the plan splits some KV head by
+        sequence position (every rank then joins one LSE all_gather per layer)."""
         super().__init__()
         self.config = cfg
         self.shard = shard
         self.comm = comm
+        self.kv = kv or KVSettings()
         self._vocab_sizes = tuple(vocab_sizes or ())
-        self.model = DecoderModel(cfg, model_args(cfg), shard, comm)
+        self.model = DecoderModel(cfg, model_args(cfg), shard, comm, sequence_merge)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, shard.local_vocab(cfg.vocab_size), bias=False)
 
@@ -156,8 +169,8 @@ class ShardedModel(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list:
+        return make_cache(self.shard, self.kv, len(self.layers))
 
 
 def _rows_as_linear(embed: nn.Module, start: int, stop: int, x: mx.array) -> mx.array:

@@ -11,6 +11,7 @@ from typing import Callable
 from ..errors import UserError
 from ..settings import RankSettings
 from .generate import DecodeTimings, SamplingParams, StopChecker, generate_tokens
+from .kvcache import allocated_positions, stored_positions
 from .startup import (LoadedRank, check_context, encode_prompt, join_group, load_rank, load_tokenizer,
                       max_context_for, probing_tokens, resolve_model)
 
@@ -217,9 +218,14 @@ def _rank_facts(rank: LoadedRank, run: _Run) -> dict:
         "weight_bytes": parameter_bytes(rank.model),
         "plan_weight_bytes": rank.plan.weight_bytes(comm.rank),
         "kv_bytes": sum(c.nbytes for c in cache),
-        "kv_tokens_allocated": cache[0].keys.shape[2] if cache and cache[0].keys is not None else 0,
-        "kv_tokens": cache[0].offset if cache else 0,
-        "plan_kv_bytes_per_token": rank.plan.kv_bytes_per_token(comm.rank),
+        "kv_tokens_allocated": allocated_positions(cache[0]) if cache else 0,  # positions this rank has room for
+        "kv_tokens": cache[0].offset if cache else 0,  # positions of the sequence
+        "kv_positions": stored_positions(cache[0]) if cache else 0,  # of which this rank holds (sequence-sharded: a share)
+        "plan_kv_bytes_per_token": rank.plan.kv_bytes_per_token(comm.rank),  # per position held
+        "plan_kv_bytes": rank.plan.kv_bytes(comm.rank, cache[0].offset if cache else 0),
+        "kv_bits": rank.plan.kv.bits,
+        "kv_shard": rank.plan.kv.shard,
+        "seq_sharers": shard.seq_sharers,
         "peak_memory_bytes": mx.get_peak_memory(),
         "tokens_digest": hashlib.sha256(json.dumps(run.tokens).encode()).hexdigest()[:16],
     }

@@ -148,8 +148,9 @@ def load_rank(settings: RankSettings, comm: Comm, tokenizer=None) -> LoadedRank:
     tokenizer = tokenizer or load_tokenizer(model_dir, cfg)
     dtype = mx_dtype(settings.model.dtype_name)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
+    max_context = max_context_for(settings.model, cfg)
     plan = ShardPlan.build(cfg, comm.world, settings.sharding.shares, compute_dtype=dtype_name,
-                           vocab_parallel=settings.sharding.vocab_parallel)
+                           vocab_parallel=settings.sharding.vocab_parallel, kv=settings.kv, context=max_context)
     mx.reset_peak_memory()  # peak then covers loading as well as generation
     t_load = time.perf_counter()
     error, model = None, None
@@ -163,7 +164,7 @@ def load_rank(settings: RankSettings, comm: Comm, tokenizer=None) -> LoadedRank:
     agree(comm, error)  # a load failure on any rank stops all of them
     perturbed = _perturb_for_test(model, comm.rank)
     return LoadedRank(comm, plan, cfg, Path(model_dir), tokenizer, model, dtype, dtype_name,
-                      max_context_for(settings.model, cfg), time.perf_counter() - t_load, perturbed)
+                      max_context, time.perf_counter() - t_load, perturbed)
 
 
 def probing_tokens() -> bool:

@@ -12,12 +12,13 @@ hidden-size activation per sequence: their size does not grow with the context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..config import DTYPE_BYTES, ModelConfig
 from ..errors import UserError
-from ..plan import ShardPlan, human_bytes
+from ..plan import ShardPlan, human_bytes, kv_position_bytes
+from ..settings import KVSettings
 from .profiles import ChipProfile, LinkProfile
 
 GIB = 1024**3
@@ -66,6 +67,13 @@ class Options:
     spec_accept: float | None = None  # speculative decoding: per-token acceptance rate; None = off
     num_draft: int = 3  # tokens proposed per verify step
     draft_gb: float = 0.0  # draft model weights rank 0 reads per drafted token (0: prompt lookup)
+    kv_shard: str = "replicate"  # world > n_kv_heads: replicate, sequence, or auto (less memory)
+    kv_group_size: int = KV_QUANT_GROUP
+
+    @property
+    def kv(self) -> KVSettings:
+        return KVSettings(bits=None if self.kv_bits == 16 else self.kv_bits, group_size=self.kv_group_size,
+                          shard=self.kv_shard)
 
     def check(self) -> None:
         if self.context < 1 or self.batch < 1:
@@ -101,25 +109,22 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES.get(dtype, 2)
 
 
-def kv_bytes_per_token_for(cfg: ModelConfig, kv_heads: int, kv_bits: int, dtype: str) -> int:
+def kv_bytes_per_token_for(cfg: ModelConfig, kv_heads: int, kv_bits: int, dtype: str,
+                           group_size: int = KV_QUANT_GROUP) -> int:
     """Bytes of K and V that one sequence adds per token for `kv_heads` heads, all layers."""
-    elements = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim
-    if kv_bits == 16:  # unquantized: the compute dtype
-        return elements * _dtype_bytes(dtype)
-    if cfg.head_dim % KV_QUANT_GROUP:
-        raise UserError(f"--kv-bits {kv_bits}: head_dim {cfg.head_dim} is not a multiple of the KV "
-                        f"quantization group {KV_QUANT_GROUP}; use --kv-bits 16")
-    # packed values, plus one scale and one bias (in the compute dtype) per group of 64
-    groups = elements // KV_QUANT_GROUP
-    return elements * kv_bits // 8 + groups * 2 * _dtype_bytes(dtype)
+    return kv_position_bytes(cfg, kv_heads, None if kv_bits == 16 else kv_bits, group_size, dtype)
 
 
-def kv_bytes_per_token(plan: ShardPlan, rank: int, kv_bits: int = 16) -> int:
-    return kv_bytes_per_token_for(plan.config, plan.shards[rank].local_kv_heads, kv_bits, plan.compute_dtype)
+def kv_bytes_per_token(plan: ShardPlan, rank: int, kv_bits: int | None = None) -> int:
+    """Per position the rank holds; `kv_bits` overrides the plan's (16 = the compute dtype)."""
+    if kv_bits is None:
+        return plan.kv_bytes_per_token(rank)
+    return kv_bytes_per_token_for(plan.config, plan.shards[rank].local_kv_heads, kv_bits, plan.compute_dtype,
+                                  plan.kv.group_size)
 
 
-def kv_bytes(plan: ShardPlan, rank: int, context: int, batch: int = 1, kv_bits: int = 16) -> int:
-    return batch * context * kv_bytes_per_token(plan, rank, kv_bits)
+def kv_bytes(plan: ShardPlan, rank: int, context: int, batch: int = 1, kv_bits: int | None = None) -> int:
+    return batch * plan.kv_positions(rank, context) * kv_bytes_per_token(plan, rank, kv_bits)
 
 
 def weight_bytes_read_per_token(plan: ShardPlan, rank: int) -> int:
@@ -179,8 +184,7 @@ def fit_ranks(plan: ShardPlan, hosts: Sequence[Host], opts: Options) -> list[Ran
         headroom = max_ctx = None
         if usable is not None:
             headroom = usable - need.total
-            max_ctx = max(0, (usable - need.overhead_bytes - need.weight_bytes)
-                          // (opts.batch * kv_bytes_per_token(plan, r, opts.kv_bits)))
+            max_ctx = plan.max_context(r, usable - need.overhead_bytes - need.weight_bytes, opts.batch)
         fits.append(RankFit(r, host, need.weight_bytes, need.kv_bytes, usable, need.overhead_bytes, headroom,
                             max_ctx, need))
     return fits
@@ -295,6 +299,8 @@ def predict_decode(plan: ShardPlan, context: int, batch: int, link: LinkProfile 
     slowest = max(per_rank, key=lambda d: d["memory_seconds"])
     payload = batch * plan.config.hidden_size * _dtype_bytes(plan.compute_dtype)
     n_allsum = 2 * plan.config.num_hidden_layers if world > 1 else 0
+    # sequence-sharded KV: one small LSE all_gather per layer (latency-bound: priced as an all_sum)
+    n_allsum += plan.config.num_hidden_layers if plan.sequence_sharded else 0
     t_allreduce = allreduce_seconds(link, world, payload) if world > 1 else 0.0
     t_link = n_allsum * t_allreduce
     gather = vocab_gather_bytes(plan, batch)
@@ -363,6 +369,8 @@ class Evaluation:
     hosts: list[Host]
     fits: list[RankFit]
     prediction: dict | None
+    # world > n_kv_heads: both KV shard modes at this context (what `auto` chooses between)
+    kv_modes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def fits_all(self) -> bool | None:
@@ -388,7 +396,8 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
              weights: Sequence[float] | None = None, compute_dtype: str | None = None) -> Evaluation:
     hosts = list(hosts)
     plan = ShardPlan.build(cfg, len(hosts), weights if weights is not None else memory_weights(hosts, opts),
-                           compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel)
+                           compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel,
+                           kv=opts.kv, context=opts.context * opts.batch)
     fits = fit_ranks(plan, hosts, opts)
     prediction = None
     if all(h.chip is not None for h in hosts) and (len(hosts) == 1 or link is not None):
@@ -398,7 +407,26 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
             prediction["speculative"] = predict_speculative(
                 plan, opts.context, link, [h.chip for h in hosts], opts.spec_accept, opts.num_draft,
                 opts.draft_gb * GIB, opts.eta, opts.t_fixed_s, opts.kv_bits)
-    return Evaluation(plan, hosts, fits, prediction)
+    ev = Evaluation(plan, hosts, fits, prediction)
+    if len(hosts) > cfg.num_key_value_heads:
+        ev.kv_modes = {m: _mode_summary(cfg, hosts, replace(opts, kv_shard=m), weights, compute_dtype)
+                       for m in ("replicate", "sequence")}
+    return ev
+
+
+def _mode_summary(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, weights, compute_dtype) -> dict:
+    """Fullest rank's weights and KV, and the largest context, in one KV shard mode."""
+    try:
+        plan = ShardPlan.build(cfg, len(hosts), weights if weights is not None else memory_weights(hosts, opts),
+                               compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel,
+                               kv=opts.kv, context=opts.context * opts.batch)
+    except UserError as e:  # e.g. replicate with more sharers than query heads
+        return {"error": str(e)}
+    fits = fit_ranks(plan, hosts, opts)
+    known = all(f.max_context is not None for f in fits)
+    return {"kv_bytes_max_rank": max(f.kv_bytes for f in fits),
+            "weight_bytes_max_rank": max(f.weight_bytes for f in fits),
+            "max_context": min(f.max_context for f in fits) if known else None}
 
 
 def macs_needed(cfg: ModelConfig, host: Host, opts: Options, compute_dtype: str | None = None,

@@ -17,7 +17,9 @@ def _ms(seconds: float) -> str:
 
 
 def _kv_label(ev: Evaluation, opts: Options) -> str:
-    return f"KV {opts.kv_bits}-bit" + (f" ({ev.plan.compute_dtype})" if opts.kv_bits == 16 else " (mlx-lm quantized)")
+    label = f"KV {opts.kv_bits}-bit" + (f" ({ev.plan.compute_dtype})" if opts.kv_bits == 16 else
+                                        f" (quantized, group {opts.kv_group_size})")
+    return label + (", sequence-sharded" if ev.plan.sequence_sharded else "")
 
 
 def fit_table(ev: Evaluation, opts: Options) -> list[str]:
@@ -51,6 +53,23 @@ def context_line(ev: Evaluation) -> str:
     if max_pos and tokens > max_pos:
         line += f"; the model itself stops at {max_pos:,} (max_position_embeddings)"
     return line
+
+
+def kv_mode_lines(ev: Evaluation, opts: Options) -> list[str]:
+    """world > n_kv_heads: replicate vs sequence, side by side, and which the plan uses."""
+    if not ev.kv_modes:
+        return []
+    lines = [f"KV heads shared (world {ev.plan.world} > {ev.plan.config.num_key_value_heads} KV heads), "
+             f"--kv-shard {opts.kv_shard} uses {ev.plan.kv.shard}:"]
+    for mode, m in ev.kv_modes.items():
+        if "error" in m:
+            lines.append(f"  {mode}: not possible ({m['error']})")
+            continue
+        ctx = "?" if m["max_context"] is None else f"{m['max_context']:,}"
+        lines.append(f"  {mode}: fullest rank KV {human_bytes(m['kv_bytes_max_rank'])} at context "
+                     f"{opts.context:,}, weights {human_bytes(m['weight_bytes_max_rank'])}, "
+                     f"largest context {ctx}")
+    return lines
 
 
 def comm_lines(comm: dict, ev: Evaluation, link: LinkProfile | None, opts: Options) -> list[str]:
@@ -132,6 +151,7 @@ def render_text(ev: Evaluation, decision: Decision, link: LinkProfile | None, li
                 opts: Options, ckpt: tuple[int, str] | None) -> str:
     comm = capacity.comm_per_token(ev.plan, opts, link)
     lines = [ev.plan.table(), checkpoint_line(ev, ckpt), *fit_table(ev, opts), context_line(ev),
+             *kv_mode_lines(ev, opts),
              *comm_lines(comm, ev, link, opts), *prediction_lines(ev, link),
              f"single Mac or cluster? {decision.line}",
              *assumption_lines(ev, link, link_why, opts)]
@@ -149,7 +169,9 @@ def report_dict(ev: Evaluation, decision: Decision, link: LinkProfile | None, li
     mc = ev.max_context
     single = decision.single
     d.update(
+        kv_modes=ev.kv_modes,
         inputs={"context": opts.context, "batch": opts.batch, "kv_bits": opts.kv_bits,
+                "kv_shard": opts.kv_shard, "kv_group_size": opts.kv_group_size,
                 "overhead_bytes": int(opts.overhead_gb * GIB), "usable_fraction": opts.usable_fraction,
                 "eta": opts.eta, "t_fixed_s": opts.t_fixed_s},
         assumptions={"usable_memory": capacity.USABLE_RULE if opts.usable_fraction is None
