@@ -151,3 +151,18 @@ def test_killed_speculative_run_resumes_exactly(tmp_path):
     plain = generate("--max-tokens", str(total), "--checkpoint-every", "0", *common)
     assert resumed["resumed_tokens"] == saved and resumed["tokens"] == plain["tokens"]
     print(f"\n[spec resume] killed after {saved} saved tokens; {total} tokens identical")
+
+
+@pytest.mark.parametrize("flags", [
+    ("--kv-bits", "8", "--kv-group-size", "32"),  # quantized KV: trimmed through mlx-lm's QuantizedKVCache
+    ("--kv-shard", "sequence"),  # world 3 on 2 KV heads: each sharer trims the rejected positions it holds
+], ids=["kv8", "kv-sequence"])
+def test_speculative_trims_every_kv_layout(flags, ckpt_root):
+    """Rejected drafts leave every rank's KV shard, whatever its layout: the same tokens as
+    the plain run with the same KV flags (greedy, and seeded sampling)."""
+    model = checkpoint(ckpt_root, "seq_kv2")
+    for extra in ((), SAMPLED):
+        plain = run(3, model, *flags, *extra)
+        spec = run(3, model, *flags, *extra, "--prompt-lookup", "3", "--num-draft", "4")
+        assert spec["tokens"] == plain["tokens"], (flags, extra)
+        assert spec["speculative"]["drafted"] > 0

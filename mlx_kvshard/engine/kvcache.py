@@ -69,6 +69,12 @@ class LateQuantizedKVCache(_BaseCache):
     def empty(self) -> bool:
         return self.cache.empty()
 
+    def is_trimmable(self) -> bool:  # _BaseCache says False; the current cache decides
+        return self.cache.is_trimmable()
+
+    def trim(self, n: int) -> int:
+        return self.cache.trim(n)
+
 
 class SequenceShardedKVCache(_BaseCache):
     """This rank's share of a KV head shared by `sharers` ranks: positions p with
@@ -118,6 +124,20 @@ class SequenceShardedKVCache(_BaseCache):
 
     def empty(self) -> bool:
         return self.inner.empty()
+
+    def is_trimmable(self) -> bool:
+        return self.inner.is_trimmable()
+
+    def trim(self, n: int) -> int:
+        """Drop the sequence's last n positions (speculative decoding's rejected drafts): this
+        rank removes those of them it holds."""
+        n = min(n, self.offset)
+        start = self.offset - n
+        mine = sum(1 for p in range(start, self.offset) if p % self.sharers == self.index)
+        if mine:
+            self.inner.trim(mine)
+        self.offset = start
+        return n
 
 
 def stored_positions(cache) -> int:
