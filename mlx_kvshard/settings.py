@@ -194,9 +194,20 @@ class EngineSettings:
     prefill_decode_ratio: float = 2.0
     min_prefill_chunk: int = 16
     check_sync: bool = False  # debug: after every removal, every rank reports its rows and KV; rank 0 compares
+    # Speculative decoding by prompt lookup (0 = off): a batch of one row verifies up to num_draft proposals
+    # per step; larger batches decode plainly. (A draft model runs in one-prompt generate only.)
+    prompt_lookup: int = 0
+    num_draft: int = 3
+
+    @property
+    def max_drafts(self) -> int:
+        """Proposals a step message may carry (its buffer is sized for them on every rank)."""
+        return self.num_draft if self.prompt_lookup > 0 else 0
 
     def validate(self) -> None:
         from .errors import UserError
+
+        SpeculativeSettings(num_draft=self.num_draft, prompt_lookup=self.prompt_lookup).validate()
 
         for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
                                  ("--prefill-step", self.prefill_step, 1),

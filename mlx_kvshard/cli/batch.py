@@ -112,7 +112,8 @@ def engine_settings(args):
 
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
-                          prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync)
+                          prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync,
+                          prompt_lookup=args.prompt_lookup, num_draft=args.num_draft)
 
 
 def run(args, settings, defaults, simulate) -> int:
@@ -124,10 +125,9 @@ def run(args, settings, defaults, simulate) -> int:
     for flag in ("resume", "json", "restart"):
         if getattr(args, flag):
             raise UserError(f"--{flag} applies to one prompt; it does not combine with --prompts-file")
-    for flag in ("draft_model", "prompt_lookup"):
-        if getattr(args, flag, None):
-            raise UserError(f"--{flag.replace('_', '-')}: speculative decoding is not implemented in the serving "
-                            f"engine yet (it runs in one-prompt generate); drop it to use --prompts-file")
+    if args.draft_model:
+        raise UserError("--draft-model: a draft model is not implemented in the serving engine yet (it runs in "
+                        "one-prompt generate); use --prompt-lookup N with --prompts-file, or drop it")
     engine = engine_settings(args)
     engine.validate()
     if args.simulate is not None:
@@ -221,4 +221,6 @@ def stats_line(m: dict, wall: float) -> str:
     return (f"[stats] {t['requests']} requests ({', '.join(f'{k} {v}' for k, v in sorted(m['outcomes'].items()))}), "
             f"{t['refused']} refused; {t['prompt_tokens']} prompt tokens ({t['cached_tokens']} from the prefix "
             f"cache), {t['generated_tokens']} generated in {wall:.2f} s = {t['generated_tokens'] / wall:.1f} tok/s; "
-            f"{t['steps']} steps, {t['collectives']} collectives, {t['bytes']} bytes per rank")
+            f"{t['steps']} steps, {t['collectives']} collectives, {t['bytes']} bytes per rank"
+            + (f"; speculative: {t['drafted']} drafted, {t['accepted']} accepted in {t['verify_steps']} verify steps"
+               if t.get("verify_steps") else ""))

@@ -26,6 +26,10 @@ def register(sub) -> None:
                    help="tokens generated when a request sets no max_tokens (default 512)")
     g = p.add_argument_group("engine")
     batch.add_engine_arguments(g)  # past --max-waiting queued requests, a request gets 429
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="speculative decoding for a batch of one: propose what followed the latest match of the "
+                        "last n <= N tokens in prompt + output (0 = off; larger batches decode plainly)")
+    g.add_argument("--num-draft", type=int, default=3, metavar="K", help="tokens proposed per verify step (default 3)")
     g.add_argument("--check-sync", action="store_true",
                    help="debug: every rank reports its batch and KV after each join and removal; rank 0 compares")
     options.add_liveness_arguments(p)

@@ -120,7 +120,10 @@ class EngineCollector(Collector):
         for key, name, doc in (("steps", "engine_steps", "Engine steps run"),
                                ("decode_steps", "decode_steps", "Engine steps that decoded a batch"),
                                ("collectives", "collectives", "Collectives issued by rank 0 (every rank issues the same)"),
-                               ("bytes", "collective_bytes", "Collective payload bytes per rank")):
+                               ("bytes", "collective_bytes", "Collective payload bytes per rank"),
+                               ("verify_steps", "speculative_verify_steps", "Decode steps that verified proposals"),
+                               ("drafted", "speculative_drafted_tokens", "Proposed tokens verified (--prompt-lookup)"),
+                               ("accepted", "speculative_accepted_tokens", "Proposed tokens equal to the model's")):
             c = CounterMetricFamily(P + name, doc)
             c.add_metric([], t.get(key, 0))
             yield c

@@ -43,6 +43,8 @@ class BatchState:
 
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
+        for uid, n in step.trim:
+            self._trim(uid, n)
         for entry, uid, n in step.save:
             i = self.rows.index(uid)
             self.entries[entry] = [(k[..., :n, :], v[..., :n, :])
@@ -54,7 +56,7 @@ class BatchState:
             self._join(uid)
         t0 = time.perf_counter()
         if step.decode:
-            out.decode_logits = self._decode(step.decode)
+            out.decode_logits = self._verify(step) if step.drafts else self._decode(step.decode)
         t1 = time.perf_counter()
         for p in step.prefill:
             logits = self._prefill(p)
@@ -97,6 +99,30 @@ class BatchState:
         if list(uids) != self.rows:
             raise AssertionError(f"decode rows {list(uids)} but this rank holds {self.rows}: ranks out of sync")
         return self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
+
+    def _verify(self, step: Step) -> mx.array | None:
+        """A speculative verify step for the batch's one row: its input token and the drafts
+        in one forward (2·L all_sums for up to m+1 tokens); rank 0 samples every position."""
+        (uid, token), = step.decode
+        if self.rows != [uid]:
+            raise AssertionError(f"verify of row {uid} but this rank holds {self.rows}: ranks out of sync")
+        tokens = mx.array([token, *step.drafts], dtype=mx.uint32)[None]
+        if self.needs_logits:
+            logits = self.model(tokens, self.cache)[0]
+            mx.eval(logits, [c.state for c in self.cache])
+            return logits
+        mx.eval(self.model.model(tokens, self.cache), [c.state for c in self.cache])
+        return None
+
+    def can_trim(self) -> bool:
+        return self.cache is not None and all(c.is_trimmable() for c in self.cache)
+
+    def _trim(self, uid: int, n: int) -> None:
+        """Drop a verify step's rejected drafts from the one row's KV (this rank's heads)."""
+        if self.rows != [uid] or not self.can_trim():
+            raise AssertionError(f"trim of row {uid} but this rank holds {self.rows} (trimmable: {self.can_trim()})")
+        for c in self.cache:
+            c.trim(n)
 
     def _prefill(self, p) -> mx.array | None:
         if p.start == p.hit:  # its first chunk (after the positions a prefix hit reuses)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..engine.generate import StopChecker
+from ..engine.speculative import lookup
 from ..errors import UserError
 from ..settings import EngineSettings
 from . import wire
@@ -60,7 +61,7 @@ class Engine:
             prefix = PrefixIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.min_prefix_tokens)
         self.scheduler = Scheduler(settings, kv_capacity, prefix)
         self.metrics = Metrics()
-        self.size = wire.capacity(settings.max_batch, settings.prefill_step)
+        self.size = wire.capacity(settings.max_batch, settings.prefill_step, max_drafts=settings.max_drafts)
         self._cond = threading.Condition()
         self._tokenizer_lock = threading.Lock()
         self._inbox: list[Seq] = []
@@ -69,6 +70,7 @@ class Engine:
         self._next_id = 1
         self._stopping = False
         self._stopped = False
+        self._trim: tuple[int, int] | None = None  # (uid, rejected drafts) for the next step's TRIM
         self.error: str | None = None
         self.audits: list[dict] = []  # with check_sync: every rank's rows and KV after each join and removal
         live.before_exit = self._lost
@@ -214,6 +216,7 @@ class Engine:
                         self._idle()
                         continue
                     step = sched.next_step()
+                    self._speculate(step)
                 self._run_step(step)
         except BaseException as e:
             self._lost(f"the engine stopped: {type(e).__name__}: {e}")
@@ -254,7 +257,11 @@ class Engine:
         c0, b0 = self.comm.stats.collectives, self.comm.stats.bytes
         self._broadcast(step)
         out = self.state.apply(step)
-        self._sample(step, out)
+        drafted = accepted = 0
+        if step.drafts:
+            drafted, accepted = self._sample_verify(step, out)
+        else:
+            self._sample(step, out)
         if out.audit is not None:
             self._check_audit(out.audit)
         self.live.progress(step.index + 1)
@@ -264,7 +271,7 @@ class Engine:
                                     sum(len(p.tokens) for p in step.prefill))
         self.metrics.step(StepRecord(step.index, len(step.decode), sum(len(p.tokens) for p in step.prefill),
                                      wall, self.comm.stats.collectives - c0,
-                                     self.comm.stats.bytes - b0, step.audit))
+                                     self.comm.stats.bytes - b0, step.audit, drafted, accepted))
         self._gauges()
 
     def _sample(self, step: wire.Step, out: StepOutput) -> None:
@@ -287,6 +294,43 @@ class Engine:
                 if seq.phase == "prefill":
                     self.scheduler.prefilled(seq)
                 self._accept(seq, tok, lp, alt, now)
+
+    def _speculate(self, step: wire.Step) -> None:
+        """Rank 0: send the last verify step's trim, and make this step a verify step when
+        its batch is one row with no prefill beside it (a larger batch decodes plainly):
+        prompt lookup over the request's prompt + generated tokens proposes up to
+        num_draft tokens (none: a plain decode step)."""
+        if self._trim is not None:
+            step.trim.append(self._trim)
+            self._trim = None
+        s = self.settings
+        if not s.prompt_lookup or len(step.decode) != 1 or step.prefill or step.join or not self.state.can_trim():
+            return  # (a row joining this step speculates from the next one: its cache is merged first)
+        seq = self._open[step.decode[0][0]]
+        m = min(s.num_draft, seq.budget - len(seq.generated) - 1)  # the KV stays within its reservation
+        if m > 0:
+            step.drafts = lookup(seq.prompt + seq.generated, s.prompt_lookup, m)
+
+    def _sample_verify(self, step: wire.Step, out: StepOutput) -> tuple[int, int]:
+        """Sample each verified position as the plain path samples that token (its key (seed,
+        token index), its processors' history holding the tokens before it), accepting drafts
+        while they equal the samples: the first sample that differs replaces its draft. A stop,
+        EOS or max_tokens inside the run ends the request there. Returns (drafted, accepted)."""
+        seq = self._open[step.decode[0][0]]
+        st, drafts, n = seq.state, step.drafts, 0
+        for i in range(len(drafts) + 1):
+            tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
+                                            [st.request.top_logprobs])
+            with self._cond, self._tokenizer_lock:
+                self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
+            match = i < len(drafts) and tokens[0] == drafts[i]
+            n += match
+            if seq.phase == "done" or not match:
+                break
+        if n < len(drafts):
+            self._trim = (seq.uid, len(drafts) - n)  # every rank drops the rejected positions next step
+        self.metrics.speculated(len(drafts), n)
+        return len(drafts), n
 
     def _accept(self, seq: Seq, token: int, logprob: float, alts, now: float) -> None:
         st = seq.state

@@ -28,6 +28,8 @@ class StepRecord:
     collectives: int
     bytes: int  # collective payload per rank
     audit: bool = False  # a --check-sync audit (one gather) ran in it
+    drafted: int = 0  # a speculative verify step: proposals verified
+    accepted: int = 0  # of those, equal to the target's token
 
 
 class Metrics:
@@ -36,7 +38,8 @@ class Metrics:
         self.requests: deque[RequestRecord] = deque(maxlen=keep)
         self.steps: deque[StepRecord] = deque(maxlen=keep)
         self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                       "steps": 0, "decode_steps": 0, "collectives": 0, "bytes": 0, "refused": 0}
+                       "steps": 0, "decode_steps": 0, "collectives": 0, "bytes": 0, "refused": 0,
+                       "verify_steps": 0, "drafted": 0, "accepted": 0}
         self.outcomes: dict[str, int] = {}
         self.gauges: dict = {}  # queue depth, running, KV used/capacity, ...: the latest values
 
@@ -49,6 +52,13 @@ class Metrics:
             t["prompt_tokens"] += r.prompt_tokens
             t["cached_tokens"] += r.cached_tokens
             t["generated_tokens"] += r.generated_tokens
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        with self._lock:
+            t = self.totals
+            t["verify_steps"] += 1
+            t["drafted"] += drafted
+            t["accepted"] += accepted
 
     def refused(self) -> None:
         with self._lock:

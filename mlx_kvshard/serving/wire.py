@@ -14,7 +14,11 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
     REMOVE  uid                           drop a sequence (finished or cancelled), free its KV
     DROP    entry                         evict a prefix-cache entry
     JOIN    uid                           a prefilled sequence becomes the last batch row
+    TRIM    uid, n                        drop the last n positions of row uid's KV (a verify
+                                          step's rejected drafts; executed first)
     DECODE  n, uid*n, token*n             one decode step for the batch rows (in row order)
+    DRAFT   m, token*m                    with a one-row DECODE: a verify step, the row's input
+                                          token then these m proposals in one forward
     PREFILL uid, start, entry, hit, last, n, token*n
                                           a prompt chunk at position `start`; the first chunk
                                           (start == hit) starts from `hit` positions of prefix
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE = range(1, 11)
+IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE, TRIM, DRAFT = range(1, 13)
 HEADER = 2
 
 
@@ -45,9 +49,11 @@ class Prefill:
 
 @dataclass
 class Step:
-    """One step's decision, in execution order: saved rows, removals, joins, the decode,
-    prefill chunks, new prefix entries, evictions, then an audit."""
+    """One step's decision, in execution order: trims, saved rows, removals, joins, the
+    decode (a verify when it carries drafts), prefill chunks, new prefix entries, evictions,
+    then an audit."""
     index: int = 0
+    trim: list[tuple[int, int]] = field(default_factory=list)  # (uid, positions to drop)
     idle: bool = False
     stop: bool = False
     save: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
@@ -55,19 +61,21 @@ class Step:
     drop: list[int] = field(default_factory=list)
     join: list[int] = field(default_factory=list)
     decode: list[tuple[int, int]] = field(default_factory=list)  # (uid, input token) per batch row
+    drafts: list[int] = field(default_factory=list)  # proposals after the one decode row's token
     prefill: list[Prefill] = field(default_factory=list)
     put: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
     audit: bool = False
 
     def empty(self) -> bool:
-        return not (self.idle or self.stop or self.save or self.remove or self.drop or self.join or self.decode
+        return not (self.idle or self.stop or self.trim or self.save or self.remove or self.drop or self.join or self.decode
                     or self.prefill or self.put or self.audit)
 
 
-def capacity(max_batch: int, prefill_step: int, max_drops: int = 64) -> int:
+def capacity(max_batch: int, prefill_step: int, max_drops: int = 64, max_drafts: int = 0) -> int:
     """Words a step can need: every op at its most (the scheduler stays within it)."""
     per_seq = 4 + 2 + 2 + 2 + 7 + 4  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
-    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 * max_drops
+    spec = 3 + 2 + max_drafts if max_drafts else 0  # TRIM, DRAFT
+    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 * max_drops + spec
 
 
 def encode(step: Step, size: int) -> np.ndarray:
@@ -76,6 +84,8 @@ def encode(step: Step, size: int) -> np.ndarray:
         words.append(IDLE)
     if step.stop:
         words.append(STOP)
+    for uid, n in step.trim:
+        words += [TRIM, uid, n]
     for entry, uid, n in step.save:
         words += [SAVE, entry, uid, n]
     for uid in step.remove:
@@ -87,6 +97,8 @@ def encode(step: Step, size: int) -> np.ndarray:
     if step.decode:
         uids, tokens = zip(*step.decode)
         words += [DECODE, len(uids), *uids, *tokens]
+    if step.drafts:
+        words += [DRAFT, len(step.drafts), *step.drafts]
     for p in step.prefill:
         words += [PREFILL, p.uid, p.start, p.entry, p.hit, int(p.last), len(p.tokens), *p.tokens]
     for entry, uid, n in step.put:
@@ -122,6 +134,12 @@ def decode(buf: np.ndarray) -> Step:
             n = w[i]
             step.decode = list(zip(w[i + 1:i + 1 + n], w[i + 1 + n:i + 1 + 2 * n]))
             i += 1 + 2 * n
+        elif op == DRAFT:
+            n = w[i]
+            step.drafts = w[i + 1:i + 1 + n]
+            i += 1 + n
+        elif op == TRIM:
+            step.trim.append(tuple(w[i:i + 2])); i += 2
         elif op == PREFILL:
             uid, start, entry, hit, last, n = w[i:i + 6]
             step.prefill.append(Prefill(uid, start, w[i + 6:i + 6 + n], bool(last), entry, hit))

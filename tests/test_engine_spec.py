@@ -1,0 +1,118 @@
+"""Speculative decoding (prompt lookup) in the serving engine, on real ranks (float32): a
+request alone in the batch verifies proposals and gives exactly the plain engine's tokens
+(greedy = the mlx-lm oracle; seeded sampling with a repetition penalty; max_tokens and a
+stop string inside an accepted run), with fewer decode collectives per generated token;
+a batch of several falls back to plain decode and gives the same tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from checkpoints import checkpoint
+from liveness_procs import env_for, reap
+from mlx_kvshard.models.architectures import load_oracle
+
+REPO = Path(__file__).resolve().parent.parent
+REPEATING = "the cat the cat the cat the cat the cat the cat the cat the cat"  # llama_kv8 repeats it
+SPEC = ["--prompt-lookup", "3", "--num-draft", "4"]
+REQUESTS = [
+    {"prompt": REPEATING, "max_tokens": 20},
+    {"prompt": REPEATING, "max_tokens": 16, "temperature": 0.7, "top_k": 40, "seed": 5, "repetition_penalty": 1.2},
+    {"prompt": REPEATING, "max_tokens": 7},  # max_tokens falls inside a verify step's accepted run
+    {"prompt": "alpha beta gamma alpha beta", "max_tokens": 8},  # little to look up
+]
+
+
+def run_engine(tmp: Path, world: int, *flags: str, lines: list[dict] = REQUESTS) -> tuple[dict, dict]:
+    """`generate --prompts-file` on real ranks: ({index: result}, engine report)."""
+    name = "-".join(f.lstrip("-") for f in flags) or "plain"
+    f, report = tmp / f"{name}.jsonl", tmp / f"{name}.report.json"
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    argv = [sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(MODEL), "--prompts-file", str(f),
+            "--no-chat-template", "--max-context", "256", "--dtype", "float32", "--prefix-cache-bytes", "0",
+            "--engine-report", str(report), "--peer-timeout", "10", "--check-sync", *flags]
+    if world > 1:
+        argv += ["--simulate", str(world)]
+    tag = f"engine-spec-{name}-{world}"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env_for(tag), cwd=REPO,
+                              start_new_session=True)
+    finally:
+        reap(tag, None)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    results = {obj["index"]: obj for obj in map(json.loads, proc.stdout.splitlines())}
+    return results, json.loads(report.read_text())
+
+
+def per_token(report: dict, key: str | None) -> float:
+    """Decode steps (key None) or their collectives per generated token."""
+    m = report["metrics"]
+    decode = sum(s[key] if key else 1 for s in m["recent_steps"] if s["batch"])
+    return decode / m["totals"]["generated_tokens"]
+
+
+MODEL: Path
+
+
+@pytest.fixture(scope="module")
+def oracle(ckpt_root) -> list[int]:
+    global MODEL
+    MODEL = checkpoint(ckpt_root, "llama_kv8")
+    ids = load_tokenizer(MODEL).encode(REPEATING)
+    out = generate_step(mx.array(ids), load_oracle(MODEL, mx.float32), max_tokens=REQUESTS[0]["max_tokens"],
+                        sampler=lambda lp: mx.argmax(lp, axis=-1))
+    return [int(t) for t, _ in out]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_engine_prompt_lookup_keeps_the_plain_tokens(world, oracle, tmp_path):
+    # --max-batch 1: every request runs alone, so every decode step may verify proposals
+    plain, plain_report = run_engine(tmp_path, world, "--max-batch", "1")
+    spec, spec_report = run_engine(tmp_path, world, "--max-batch", "1", *SPEC)
+    assert plain[0]["tokens"] == oracle
+    for i in range(len(REQUESTS)):
+        assert spec[i]["tokens"] == plain[i]["tokens"], i
+        assert spec[i]["text"] == plain[i]["text"] and spec[i]["finish_reason"] == plain[i]["finish_reason"], i
+        assert len(spec[i]["tokens"]) <= REQUESTS[i]["max_tokens"]
+    t = spec_report["metrics"]["totals"]
+    assert t["drafted"] > 0 and t["accepted"] > 0 and t["verify_steps"] > 0
+    assert plain_report["metrics"]["totals"]["drafted"] == 0
+    assert per_token(spec_report, None) < per_token(plain_report, None)  # fewer forwards
+    if world > 1:
+        assert per_token(spec_report, "collectives") < per_token(plain_report, "collectives")
+
+    # a batch of several rows falls back to plain decode (no error), same tokens
+    batch, _ = run_engine(tmp_path, world, "--max-batch", "4", *SPEC)
+    for i in range(len(REQUESTS)):
+        assert batch[i]["tokens"] == plain[i]["tokens"], i
+
+
+def test_engine_stop_string_inside_an_accepted_run(oracle, tmp_path):
+    """A stop string reached inside a verify step's run ends the request there, as plain."""
+    # llama_kv8 continues this prompt with "j\ufffdw", then "Th" (one token) over and over; its 5th "Th"
+    # is an accepted draft, before the verify step's last position
+    stop = "Th" * 5
+    lines = [{"prompt": "one two three one two three one two three", "max_tokens": 20, "stop": stop}]
+    plain, _ = run_engine(tmp_path, 1, "--max-batch", "1", lines=lines)
+    spec, report = run_engine(tmp_path, 1, "--max-batch", "1", *SPEC, lines=lines)
+    assert plain[0]["finish_reason"] == "stop" and stop not in plain[0]["text"]
+    assert spec[0]["tokens"] == plain[0]["tokens"] and spec[0]["text"] == plain[0]["text"]
+    assert spec[0]["finish_reason"] == "stop" and report["metrics"]["totals"]["accepted"] > 0
+    last = [s for s in report["metrics"]["recent_steps"] if s["batch"]][-1]
+    assert last["accepted"] == last["drafted"] > 0  # it ended on an accepted draft: the rest was not emitted
+
+
+def test_engine_refuses_a_draft_model(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "x"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "generate", "--model", "tiny", "--prompts-file",
+                           str(f), "--draft-model", "tiny"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "--draft-model" in proc.stderr and "not implemented" in proc.stderr
