@@ -222,5 +222,6 @@ def stats_line(m: dict, wall: float) -> str:
             f"{t['refused']} refused; {t['prompt_tokens']} prompt tokens ({t['cached_tokens']} from the prefix "
             f"cache), {t['generated_tokens']} generated in {wall:.2f} s = {t['generated_tokens'] / wall:.1f} tok/s; "
             f"{t['steps']} steps, {t['collectives']} collectives, {t['bytes']} bytes per rank"
-            + (f"; speculative: {t['drafted']} drafted, {t['accepted']} accepted in {t['verify_steps']} verify steps"
-               if t.get("verify_steps") else ""))
+            + (f"; speculative: {t['drafted']} drafted, {t['accepted']} accepted in {t['verify_steps']} verify steps, "
+               f"{m['collectives_per_generated_token']:.1f} decode collectives per generated token"
+               if t["verify_steps"] else ""))

@@ -317,19 +317,20 @@ class Engine:
         while they equal the samples: the first sample that differs replaces its draft. A stop,
         EOS or max_tokens inside the run ends the request there. Returns (drafted, accepted)."""
         seq = self._open[step.decode[0][0]]
-        st, drafts, n = seq.state, step.drafts, 0
+        st, drafts, n, emitted = seq.state, step.drafts, 0, 0
         for i in range(len(drafts) + 1):
             tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
                                             [st.request.top_logprobs])
             with self._cond, self._tokenizer_lock:
                 self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
+            emitted += 1
             match = i < len(drafts) and tokens[0] == drafts[i]
             n += match
             if seq.phase == "done" or not match:
                 break
         if n < len(drafts):
             self._trim = (seq.uid, len(drafts) - n)  # every rank drops the rejected positions next step
-        self.metrics.speculated(len(drafts), n)
+        self.metrics.speculated(len(drafts), n, emitted)
         return len(drafts), n
 
     def _accept(self, seq: Seq, token: int, logprob: float, alts, now: float) -> None:

@@ -39,7 +39,7 @@ class Metrics:
         self.steps: deque[StepRecord] = deque(maxlen=keep)
         self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                        "steps": 0, "decode_steps": 0, "collectives": 0, "bytes": 0, "refused": 0,
-                       "verify_steps": 0, "drafted": 0, "accepted": 0}
+                       "decode_collectives": 0, "verify_steps": 0, "verify_tokens": 0, "drafted": 0, "accepted": 0}
         self.outcomes: dict[str, int] = {}
         self.gauges: dict = {}  # queue depth, running, KV used/capacity, ...: the latest values
 
@@ -53,10 +53,11 @@ class Metrics:
             t["cached_tokens"] += r.cached_tokens
             t["generated_tokens"] += r.generated_tokens
 
-    def speculated(self, drafted: int, accepted: int) -> None:
+    def speculated(self, drafted: int, accepted: int, tokens: int) -> None:
         with self._lock:
             t = self.totals
             t["verify_steps"] += 1
+            t["verify_tokens"] += tokens
             t["drafted"] += drafted
             t["accepted"] += accepted
 
@@ -71,6 +72,7 @@ class Metrics:
             t["steps"] += 1
             t["decode_steps"] += s.batch > 0
             t["collectives"] += s.collectives
+            t["decode_collectives"] += s.collectives if s.batch else 0
             t["bytes"] += s.bytes
 
     def set(self, **gauges) -> None:
@@ -80,7 +82,15 @@ class Metrics:
     def snapshot(self, recent: int = 0) -> dict:
         """Totals, outcomes and gauges; with `recent`, the last requests and steps too."""
         with self._lock:
-            out = {"totals": dict(self.totals), "outcomes": dict(self.outcomes), **self.gauges}
+            t = self.totals
+            out = {"totals": dict(t), "outcomes": dict(self.outcomes), **self.gauges,
+                   # decode collectives per generated token: the figure that compares plain and speculative runs
+                   "collectives_per_generated_token": t["decode_collectives"] / t["generated_tokens"]
+                   if t["generated_tokens"] else None,
+                   "speculative": {"drafted": t["drafted"], "accepted": t["accepted"],
+                                   "acceptance_rate": t["accepted"] / t["drafted"] if t["drafted"] else None,
+                                   "tokens_per_verify_step": t["verify_tokens"] / t["verify_steps"]
+                                   if t["verify_steps"] else None}}
             if recent:
                 out["recent_requests"] = [asdict(r) for r in list(self.requests)[-recent:]]
                 out["recent_steps"] = [asdict(s) for s in list(self.steps)[-recent:]]
