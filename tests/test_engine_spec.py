@@ -16,8 +16,8 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+import test_engine as engine_runs  # its run_engine: `generate --prompts-file` on real ranks
 from checkpoints import checkpoint
-from liveness_procs import env_for, reap
 from mlx_kvshard.models.architectures import load_oracle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,30 +26,18 @@ SPEC = ["--prompt-lookup", "3", "--num-draft", "4"]
 REQUESTS = [
     {"prompt": REPEATING, "max_tokens": 20},
     {"prompt": REPEATING, "max_tokens": 16, "temperature": 0.7, "top_k": 40, "seed": 5, "repetition_penalty": 1.2},
-    {"prompt": REPEATING, "max_tokens": 7},  # max_tokens falls inside a verify step's accepted run
+    {"prompt": REPEATING, "max_tokens": 7},  # the last verify step is cut to end at max_tokens
     {"prompt": "alpha beta gamma alpha beta", "max_tokens": 8},  # little to look up
 ]
 
 
 def run_engine(tmp: Path, world: int, *flags: str, lines: list[dict] = REQUESTS) -> tuple[dict, dict]:
-    """`generate --prompts-file` on real ranks: ({index: result}, engine report)."""
+    """test_engine's `generate --prompts-file` on real ranks: ({index: result}, engine report)."""
     name = "-".join(f.lstrip("-") for f in flags) or "plain"
-    f, report = tmp / f"{name}.jsonl", tmp / f"{name}.report.json"
-    f.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    argv = [sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(MODEL), "--prompts-file", str(f),
-            "--no-chat-template", "--max-context", "256", "--dtype", "float32", "--prefix-cache-bytes", "0",
-            "--engine-report", str(report), "--peer-timeout", "10", "--check-sync", *flags]
-    if world > 1:
-        argv += ["--simulate", str(world)]
-    tag = f"engine-spec-{name}-{world}"
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env_for(tag), cwd=REPO,
-                              start_new_session=True)
-    finally:
-        reap(tag, None)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    results = {obj["index"]: obj for obj in map(json.loads, proc.stdout.splitlines())}
-    return results, json.loads(report.read_text())
+    results, report, _ = engine_runs.run_engine(tmp, [json.dumps(r) for r in lines], world, "--dtype", "float32",
+                                                "--prefix-cache-bytes", "0", "--check-sync", *flags,
+                                                name=f"spec-{name}")
+    return results, report
 
 
 def per_token(report: dict, key: str | None) -> float:
@@ -65,7 +53,7 @@ MODEL: Path
 @pytest.fixture(scope="module")
 def oracle(ckpt_root) -> list[int]:
     global MODEL
-    MODEL = checkpoint(ckpt_root, "llama_kv8")
+    MODEL = engine_runs.MODEL = checkpoint(ckpt_root, "llama_kv8")
     ids = load_tokenizer(MODEL).encode(REPEATING)
     out = generate_step(mx.array(ids), load_oracle(MODEL, mx.float32), max_tokens=REQUESTS[0]["max_tokens"],
                         sampler=lambda lp: mx.argmax(lp, axis=-1))
