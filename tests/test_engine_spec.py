@@ -107,3 +107,23 @@ def test_engine_refuses_a_draft_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "generate", "--model", "tiny", "--prompts-file",
                            str(f), "--draft-model", "tiny"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and "--draft-model" in proc.stderr and "not implemented" in proc.stderr
+
+
+def test_serve_with_prompt_lookup_equals_generate_and_counts_drafts(oracle, tmp_path_factory):
+    """`serve --prompt-lookup` at world 2, through real HTTP: a lone greedy completion is
+    one-prompt generate's text, and /metrics counts the drafted and accepted tokens."""
+    import test_server as http
+
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(MODEL), "--prompt",
+                           REPEATING, "--max-tokens", "20", "--no-chat-template", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ref["tokens"] == oracle
+    with http.serve(MODEL, tmp_path_factory, "serve-spec", 2, *SPEC) as server:
+        r = http.client(server).completions.create(model=http.NAME, prompt=REPEATING, max_tokens=20, temperature=0)
+        assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == len(oracle)
+        m = http.metrics(server)
+    assert http.one(m, "mlx_kvshard_speculative_accepted_tokens_total") > 0
+    assert http.one(m, "mlx_kvshard_speculative_drafted_tokens_total") >= \
+        http.one(m, "mlx_kvshard_speculative_accepted_tokens_total")
