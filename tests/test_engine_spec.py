@@ -81,9 +81,13 @@ def test_engine_prompt_lookup_keeps_the_plain_tokens(world, oracle, tmp_path):
     assert speculative["tokens_per_verify_step"] > 1 and 0 < speculative["acceptance_rate"] <= 1
 
     # a batch of several rows falls back to plain decode (no error), same tokens
-    batch, _ = run_engine(tmp_path, world, "--max-batch", "4", *SPEC)
+    batch, batch_report = run_engine(tmp_path, world, "--max-batch", "4", *SPEC)
     for i in range(len(REQUESTS)):
         assert batch[i]["tokens"] == plain[i]["tokens"], i
+    steps = batch_report["metrics"]["recent_steps"]
+    assert any(s["batch"] > 1 for s in steps) and not any(s["drafted"] for s in steps if s["batch"] > 1)
+    # the longest request, left alone once the others finish, speculates again
+    assert any(s["drafted"] for s in steps if s["batch"] == 1)
 
 
 def test_engine_stop_string_inside_an_accepted_run(oracle, tmp_path):
