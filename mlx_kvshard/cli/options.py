@@ -37,7 +37,32 @@ def add_liveness_arguments(p) -> None:
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
                    help="a step taking longer than S seconds stops every rank "
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")
-    restart.add_arguments(p)
+    add_restart_arguments(p)
+
+
+def add_restart_arguments(p) -> None:
+    p.add_argument("--restart", type=int, default=0, metavar="N",
+                   help="after a rank is lost, relaunch up to N times (generate resumes from its last checkpoint)")
+    p.add_argument("--exclude", action="append", default=[], metavar="HOST",
+                   help=f"leave HOST out of relaunches ('{restart.FAILED}': the lost rank's host); repeatable")
+
+
+def check_restart_arguments(args: argparse.Namespace, rank_ns: argparse.Namespace | None = None) -> None:
+    """`rank_ns`: under `mlx-kvshard launch`, the parsed rank command."""
+    if args.restart < 0:
+        raise UserError(f"--restart {args.restart}: must be 0 or a number of relaunches")
+    if args.exclude and not args.restart:
+        raise UserError("--exclude applies to relaunches: give --restart N as well")
+    if args.restart and rank_ns is not None and liveness_timeouts(rank_ns) is None:
+        raise UserError(f"--restart relaunches generate or serve: the rank command is "
+                        f"{getattr(rank_ns, 'command', None)}")
+
+
+def liveness_timeouts(rank_ns: argparse.Namespace) -> tuple[float, float] | None:
+    """(peer, step) timeouts when the rank command keeps a liveness side channel, else None."""
+    if getattr(rank_ns, "command", None) not in ("generate", "serve"):
+        return None
+    return rank_ns.peer_timeout, rank_ns.step_timeout
 
 
 def rank_settings(args: argparse.Namespace) -> RankSettings:
@@ -49,7 +74,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
     )
     settings.validate()
-    restart.check_arguments(args)
+    check_restart_arguments(args)
     if args.restart and args.simulate is None:
         raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
     if args.simulate is not None and args.simulate < 1:
