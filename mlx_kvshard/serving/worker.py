@@ -63,10 +63,10 @@ def check_kv(loaded, asked: str) -> None:
     if kv.shard == "sequence" or plan.sequence_sharded:
         chose = " (auto chose sequence at this --max-context)" if asked == "auto" else ""
         raise UserError(f"--kv-shard {asked}{chose}: sequence-sharded KV is not implemented in the serving engine "
-                        f"yet; use one-prompt generate (no --prompts-file), or --kv-shard replicate")
+                        f"(--prompts-file, serve) yet; use one-prompt generate, or --kv-shard replicate")
     if kv.quant_start:
         raise UserError(f"--kv-quant-start {kv.quant_start}: late KV quantization is not implemented in the serving "
-                        f"engine yet (it quantizes from the first token); use one-prompt generate, or drop it")
+                        f"engine (--prompts-file, serve) yet; use one-prompt generate, or drop it")
 
 
 def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: Callable) -> int:
