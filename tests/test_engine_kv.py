@@ -107,3 +107,18 @@ def test_engine_refuses_sequence_kv_and_late_quantization(flags, world, message,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert message in proc.stderr and "use one-prompt generate" in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--prompts-file"]])
+def test_kv_group_size_checked_against_head_dim_before_ranks_start(command, ckpt_root, tmp_path):
+    """serve and --prompts-file take the --kv-* flags; a group size that does not divide
+    head_dim (32 here) fails before any rank starts."""
+    model = checkpoint(ckpt_root, "seq_kv2")
+    if command[-1] == "--prompts-file":
+        (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": "alpha"}) + "\n")
+        command = [*command, str(tmp_path / "r.jsonl")]
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", *command, "--model", str(model), "--kv-bits", "8",
+                           "--kv-group-size", "64", "--simulate", "2"], capture_output=True, text=True, timeout=120,
+                          env=env_for("ekv-usage"), cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "head_dim 32 is not a multiple of --kv-group-size 64" in proc.stderr and "[rank" not in proc.stderr
