@@ -14,7 +14,6 @@ from ..errors import UserError
 from ..engine.generate import SamplingParams
 from ..settings import (DEFAULT_CHECKPOINT_EVERY, CheckpointSettings, OutputSettings, RankSettings,
                         SpeculativeSettings, default_dtype)
-from ..settings import KV_SHARD_MODES, KVSettings
 
 
 def register(sub) -> None:
@@ -31,17 +30,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
-    p.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
-                   help="store each rank's KV cache quantized to 8 or 4 bits (default: the compute dtype)")
-    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
-                   help="head_dim elements per KV quantization scale and bias (default 64)")
-    p.add_argument("--kv-quant-start", type=int, default=0, metavar="T",
-                   help="with --kv-bits: keep the cache in full precision until it holds T tokens, "
-                        "then quantize it (as mlx-lm's quantized_kv_start)")
-    p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
-                   help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
-                        "by sequence position (KV per rank = total / N), or auto (less memory per rank "
-                        "at --max-context)")
     p.add_argument("--check-sync", action="store_true",
                    help="debug: verify every rank holds the identical token sequence")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -88,7 +76,6 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         options.rank_settings(args),
         checkpoint=CheckpointSettings(args.checkpoint, args.checkpoint_every, args.resume),
         output=OutputSettings(args.json, args.stats, args.check_sync),
-        kv=kv_settings(args),
         speculative=SpeculativeSettings(args.draft_model, args.num_draft, args.prompt_lookup),
     )
     settings.validate()
@@ -113,13 +100,6 @@ def apply_resume(ck, args: argparse.Namespace) -> None:
         args.max_tokens = ck.sampling["max_tokens"]
 
 
-def kv_settings(args) -> KVSettings:
-    kv = KVSettings(bits=args.kv_bits, group_size=args.kv_group_size, quant_start=args.kv_quant_start,
-                    shard=args.kv_shard)
-    kv.check()
-    return kv
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.prompts_file:  # many prompts through the serving engine
         return batch.run(args, rank_settings(args), sampling_params(args), simulate)
@@ -142,15 +122,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def simulate(args: argparse.Namespace) -> int:
     """Check what can be checked once, build the model once, then start the ranks."""
     from ..engine.rank import check_prompt
-    from ..engine.startup import resolve_model
 
     ck = None
     if args.resume:  # a corrupt or mismatched checkpoint fails here, before any rank starts
         ck = gencheckpoint.read(args.resume)
         apply_resume(ck, args)
     settings = rank_settings(args)
-    model_dir, cfg = resolve_model(settings.model)
-    settings.kv.check(cfg.head_dim)  # a head_dim the KV group size does not divide fails before any rank starts
+    model_dir, _ = options.resolve_checked(settings)
     _, tokenizer = check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
     if args.draft_model:
         from ..engine.draft import check_draft

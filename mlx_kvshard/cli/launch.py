@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..paths import new_run_dir
 
 from ..launch import restart
+from . import options
 from ..launch.hostfile import BACKENDS, Cable, ClusterFile, load_hostfile
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def register(sub) -> None:
                    help="rank 0's stdout unprefixed, other ranks' stdout to their logs only")
     p.add_argument("--finish-timeout", type=float, default=30.0,
                    help="seconds the others may run on after one rank finished before they count as hung")
-    restart.add_arguments(p)
+    options.add_restart_arguments(p)
     p.add_argument("rank_command", nargs=argparse.REMAINDER,
                    help="-- then the mlx-kvshard subcommand every rank runs, e.g. generate --prompt hi")
     p.set_defaults(func=run)
@@ -107,7 +108,7 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser, rank_args:
     cables = load_topology(args.topology, cluster) if args.topology else None
     wiring = wire(cluster, cables)
     rank_ns = _parse_rank_command(parser, rank_args)
-    restart.check_arguments(args, rank_ns)
+    options.check_restart_arguments(args, rank_ns)
     request = request_from(rank_ns, args.model)
     cfg = _local_config(request.model)
     if cfg is not None:  # declared memory_gb already tells whether the model can fit
@@ -156,7 +157,8 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
     from ..launch.topology import wire
 
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir()
-    if restart.liveness_timeouts(setup.rank_ns) is None:
+    timeouts = options.liveness_timeouts(setup.rank_ns)
+    if timeouts is None:
         return runner.run(setup.spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
     def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int) -> int:
@@ -166,7 +168,7 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
         return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
                           quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
-    return restart.run_launch(setup.cluster, setup.cables, setup.rank_args, setup.rank_ns, args.restart,
+    return restart.run_launch(setup.cluster, setup.cables, setup.rank_args, timeouts, args.restart,
                               args.exclude, start,
                               lambda text: print(f"mlx-kvshard launch: {text}", file=sys.stderr, flush=True))
 

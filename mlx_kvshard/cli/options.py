@@ -1,5 +1,6 @@
-"""Flags and typed settings shared by the rank commands (`generate`, `serve`): the model
-and how it is sharded, liveness, and starting N simulated ranks under the coordinator."""
+"""Flags and typed settings shared by the rank commands (`generate`, `serve`): the model,
+how it and its KV cache are sharded and stored, liveness, and starting N simulated ranks
+under the coordinator."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import sys
 
 from ..errors import UserError
 from ..launch import restart
-from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, LivenessSettings, ModelSettings,
-                        RankSettings, ShardingSettings, parse_shares)
+from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, KV_SHARD_MODES, KVSettings,
+                        LivenessSettings, ModelSettings, RankSettings, ShardingSettings, parse_shares)
 
 
 def add_model_arguments(p) -> None:
@@ -28,6 +29,23 @@ def add_model_arguments(p) -> None:
     p.add_argument("--link", metavar="PROFILE",
                    help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
+    add_kv_arguments(p.add_argument_group("KV cache"))
+
+
+def add_kv_arguments(p) -> None:
+    """How each rank stores its KV cache. The serving engine takes --kv-bits/--kv-group-size;
+    --kv-quant-start and --kv-shard sequence are one-prompt only (it refuses them at start)."""
+    p.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                   help="store each rank's KV cache quantized to 8 or 4 bits (default: the compute dtype)")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="head_dim elements per KV quantization scale and bias (default 64)")
+    p.add_argument("--kv-quant-start", type=int, default=0, metavar="T",
+                   help="with --kv-bits: keep the cache in full precision until it holds T tokens, "
+                        "then quantize it (as mlx-lm's quantized_kv_start; one-prompt generate only)")
+    p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
+                   help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
+                        "by sequence position (KV per rank = total / N), or auto (less memory per rank "
+                        "at --max-context); sequence is one-prompt generate only")
 
 
 def add_liveness_arguments(p) -> None:
@@ -37,7 +55,32 @@ def add_liveness_arguments(p) -> None:
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
                    help="a step taking longer than S seconds stops every rank "
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")
-    restart.add_arguments(p)
+    add_restart_arguments(p)
+
+
+def add_restart_arguments(p) -> None:
+    p.add_argument("--restart", type=int, default=0, metavar="N",
+                   help="after a rank is lost, relaunch up to N times (generate resumes from its last checkpoint)")
+    p.add_argument("--exclude", action="append", default=[], metavar="HOST",
+                   help=f"leave HOST out of relaunches ('{restart.FAILED}': the lost rank's host); repeatable")
+
+
+def check_restart_arguments(args: argparse.Namespace, rank_ns: argparse.Namespace | None = None) -> None:
+    """`rank_ns`: under `mlx-kvshard launch`, the parsed rank command."""
+    if args.restart < 0:
+        raise UserError(f"--restart {args.restart}: must be 0 or a number of relaunches")
+    if args.exclude and not args.restart:
+        raise UserError("--exclude applies to relaunches: give --restart N as well")
+    if args.restart and rank_ns is not None and liveness_timeouts(rank_ns) is None:
+        raise UserError(f"--restart relaunches generate or serve: the rank command is "
+                        f"{getattr(rank_ns, 'command', None)}")
+
+
+def liveness_timeouts(rank_ns: argparse.Namespace) -> tuple[float, float] | None:
+    """(peer, step) timeouts when the rank command keeps a liveness side channel, else None."""
+    if getattr(rank_ns, "command", None) not in ("generate", "serve"):
+        return None
+    return rank_ns.peer_timeout, rank_ns.step_timeout
 
 
 def rank_settings(args: argparse.Namespace) -> RankSettings:
@@ -46,15 +89,33 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         model=ModelSettings(args.model, args.dtype, args.max_context, args.prefill_step),
         sharding=ShardingSettings(parse_shares(args.weights, "--shares"), args.vocab_parallel, args.backend,
                                   args.link),
+        kv=kv_settings(args),
         liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
     )
     settings.validate()
-    restart.check_arguments(args)
+    check_restart_arguments(args)
     if args.restart and args.simulate is None:
         raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
     if args.simulate is not None and args.simulate < 1:
         raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
     return settings
+
+
+def kv_settings(args) -> KVSettings:
+    kv = KVSettings(bits=args.kv_bits, group_size=args.kv_group_size, quant_start=args.kv_quant_start,
+                    shard=args.kv_shard)
+    kv.check()
+    return kv
+
+
+def resolve_checked(settings: RankSettings):
+    """Resolve the model once before simulated ranks start (a download happens here, not on
+    every rank) and check what needs its config: a head_dim the KV group size does not divide."""
+    from ..engine.startup import resolve_model
+
+    model_dir, cfg = resolve_model(settings.model)
+    settings.kv.check(cfg.head_dim)
+    return model_dir, cfg
 
 
 def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> list[str]:

@@ -58,11 +58,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def simulate(args: argparse.Namespace) -> int:
     """Resolve the model once (a download happens here, not on every rank), then start the
     ranks under the liveness coordinator, relaunching on a lost rank with --restart N."""
-    from ..models.resolve import resolve_model_dir
     from ..settings import default_dtype
 
+    model_dir, _ = options.resolve_checked(options.rank_settings(args))
     args.served_model_name = args.served_model_name or args.model
-    args.model = str(resolve_model_dir(args.model))
+    args.model = str(model_dir)
     args.dtype = default_dtype(args.dtype)
     env = {}
     if args.api_key:  # to rank 0 through the environment, not its command line (ps shows that)

@@ -10,6 +10,7 @@ positions allocated (mlx-lm caches grow 256 positions at a time).
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache, dynamic_roll
 
 from ..plan import RankShard
@@ -284,9 +285,10 @@ def _pad_positions(x: mx.array, left: int, right: int) -> mx.array:
     return mx.pad(x, [(0, 0), (0, 0), (left, right), (0, 0)]) if left or right else x
 
 
-def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_padding: list[int]) -> list:
-    """Per layer, the batched cache for this rank's heads: mlx-lm's BatchKVCache, or the
-    quantized one above. Sequence-sharded heads and late quantization are single-stream only."""
+def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
+    """The batched cache for this rank's heads: mlx-lm's BatchKVCache, or the quantized one
+    above (both build a batch with `merge` of single-stream rows from `make_cache`).
+    Sequence-sharded heads and late quantization are single-stream only."""
     from ..errors import UserError
 
     if shard.seq_sharers > 1:
@@ -295,6 +297,25 @@ def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_paddi
     if kv.bits is not None and kv.quant_start:
         raise UserError("the batched engine quantizes the KV cache from the first token; "
                         "drop --kv-quant-start")
-    if kv.bits is None:
+    return BatchKVCache if kv.bits is None else BatchQuantizedKVCache
+
+
+def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_padding: list[int]) -> list:
+    """Per layer, an empty batched cache for this rank's heads (see batch_cache_class)."""
+    if batch_cache_class(shard, kv) is BatchKVCache:
         return [BatchKVCache(left_padding) for _ in range(n_layers)]
     return [BatchQuantizedKVCache(left_padding, kv.group_size, kv.bits) for _ in range(n_layers)]
+
+
+def prefix_copy(cache, n: int):
+    """A new single-stream cache of the same kind (KVCache or QuantizedKVCache) holding
+    copies of `cache`'s first n positions: a prefix-cache entry, or a prompt starting from one."""
+    if isinstance(cache, QuantizedKVCache):
+        out = QuantizedKVCache(group_size=cache.group_size, bits=cache.bits)
+    elif type(cache) is KVCache:
+        out = KVCache()
+    else:
+        raise TypeError(f"no prefix copy of a {type(cache).__name__}")
+    out.keys, out.values = tree_map(lambda x: mx.contiguous(x[..., :n, :]), (cache.keys, cache.values))
+    out.offset = n
+    return out

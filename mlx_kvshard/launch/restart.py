@@ -1,5 +1,5 @@
 """`--restart N` and `--exclude HOST`: when a rank is lost (the ranks exit 75, see
-mlx_kvshard/liveness.py), start them again from the last generation checkpoint,
+mlx_kvshard/liveness/client.py), start them again from the last generation checkpoint,
 optionally without some hosts. Each rank re-plans its shard for the world it finds,
 and sampling keyed by (seed, step) makes the resumed tokens those of an uninterrupted run.
 
@@ -16,24 +16,6 @@ from ..errors import UserError
 from ..liveness.client import EXIT_PEER_LOST
 
 FAILED = "failed"  # --exclude failed: the host of the rank that was lost
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--restart", type=int, default=0, metavar="N",
-                   help="after a rank is lost, relaunch up to N times, resuming from the last checkpoint")
-    p.add_argument("--exclude", action="append", default=[], metavar="HOST",
-                   help=f"leave HOST out of relaunches ('{FAILED}': the lost rank's host); repeatable")
-
-
-def check_arguments(args, rank_ns=None) -> None:
-    """`rank_ns`: under `mlx-kvshard launch`, the parsed rank command."""
-    if args.restart < 0:
-        raise UserError(f"--restart {args.restart}: must be 0 or a number of relaunches")
-    if args.exclude and not args.restart:
-        raise UserError("--exclude applies to relaunches: give --restart N as well")
-    if args.restart and rank_ns is not None and liveness_timeouts(rank_ns) is None:
-        raise UserError(f"--restart relaunches generate or serve: the rank command is "
-                        f"{getattr(rank_ns, 'command', None)}")
 
 
 @dataclass
@@ -101,13 +83,6 @@ def run_with_restarts(run_once: Callable[[list, list[str]], Attempt], hosts: lis
 
 # ---- the cluster launcher (`mlx-kvshard launch`) ---------------------------------------
 
-def liveness_timeouts(rank_ns) -> tuple[float, float] | None:
-    """(peer, step) timeouts when the rank command keeps a liveness side channel, else None."""
-    if getattr(rank_ns, "command", None) not in ("generate", "serve"):
-        return None
-    return rank_ns.peer_timeout, rank_ns.step_timeout
-
-
 def subset(cluster, cables, kept: list):
     """`cluster` (and `cables`) with only the HostSpecs `kept`, re-indexed: the cables and
     RDMA links between kept hosts stay, so the smaller world is wired like the first."""
@@ -125,15 +100,16 @@ def subset(cluster, cables, kept: list):
     return replace(cluster, hosts=hosts, cables=remap(cluster.cables)), None if cables is None else remap(cables)
 
 
-def run_launch(cluster, cables, rank_args: list[str], rank_ns, restarts: int, exclude: list[str],
-               start: Callable, say: Callable[[str], None]) -> int:
-    """Every attempt under a coordinator. `start(cluster, cables, rank_args, env, attempt)`
-    wires, builds and runs the ranks with `env` added, and returns the exit code."""
+def run_launch(cluster, cables, rank_args: list[str], timeouts: tuple[float, float], restarts: int,
+               exclude: list[str], start: Callable, say: Callable[[str], None]) -> int:
+    """Every attempt under a coordinator with the rank command's (peer, step) `timeouts`.
+    `start(cluster, cables, rank_args, env, attempt)` wires, builds and runs the ranks with
+    `env` added, and returns the exit code."""
     from ..liveness.coordinator import local_address_towards
 
     from .topology import wire
 
-    peer_timeout, step_timeout = liveness_timeouts(rank_ns)
+    peer_timeout, step_timeout = timeouts
     remote = [h for h in cluster.hosts if not h.is_local]
     # Remote ranks reach the launcher at its address on the route to them.
     bind, advertise = ("127.0.0.1", None) if not remote else (

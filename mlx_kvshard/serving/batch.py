@@ -5,7 +5,9 @@ rank issues the same collectives and holds the same rows.
 Running sequences share one mlx-lm `BatchKVCache` per layer (left-padded rows, with
 per-row RoPE offsets and padding masks): one sharded forward decodes the whole batch with
 the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
-`KVCache` (chunk by chunk, interleaved with decode steps), then merged into the batch.
+single-stream cache (chunk by chunk, interleaved with decode steps), then merged into the
+batch. With --kv-bits these are mlx-lm's `QuantizedKVCache` and our `BatchQuantizedKVCache`
+(engine/kvcache.py picks them from the rank's KV settings); prefix entries keep that form.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from ..engine.kvcache import allocated_positions, batch_cache_class, prefix_copy
 from .wire import Step
 
 
@@ -36,10 +39,11 @@ class BatchState:
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
+        self.batch_class = batch_cache_class(model.shard, model.kv)  # BatchKVCache, or quantized with --kv-bits
         self.rows: list[int] = []  # uid of each batch row
         self.cache: list[BatchKVCache] | None = None
-        self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache, until it joins
-        self.entries: dict[int, list[tuple[mx.array, mx.array]]] = {}  # prefix entry -> per-layer (keys, values)
+        self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
+        self.entries: dict[int, list[KVCache]] = {}  # prefix entry -> per-layer single-stream cache of its positions
 
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
@@ -47,9 +51,7 @@ class BatchState:
             self._trim(uid, n)
         for entry, uid, n in step.save:
             i = self.rows.index(uid)
-            self.entries[entry] = [(k[..., :n, :], v[..., :n, :])
-                                   for k, v in ((c.keys, c.values) for c in (b.extract(i) for b in self.cache))]
-            mx.eval(self.entries[entry])
+            self._keep(entry, [b.extract(i) for b in self.cache], n)
         for uid in step.remove:
             self._remove(uid)
         for uid in step.join:
@@ -64,9 +66,7 @@ class BatchState:
                 out.first_logits[p.uid] = logits
         out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
         for entry, uid, n in step.put:
-            self.entries[entry] = [(mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :]))
-                                   for c in self.pending[uid]]
-            mx.eval(self.entries[entry])
+            self._keep(entry, self.pending[uid], n)
         for entry in step.drop:  # after this step's prefills: a hit taken this step has copied its slice
             del self.entries[entry]
         if step.audit:
@@ -134,15 +134,17 @@ class BatchState:
         return logits[0] if logits is not None else None
 
     def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
-        caches = [KVCache() for _ in self.model.layers]
         if entry >= 0:  # a prefix-cache hit: its first `hit` positions are this prompt's too
-            for c, (k, v) in zip(caches, self.entries[entry]):
-                c.keys, c.values = mx.contiguous(k[..., :hit, :]), mx.contiguous(v[..., :hit, :])
-                c.offset = hit
-        return caches
+            return [prefix_copy(c, hit) for c in self.entries[entry]]
+        return self.model.make_cache()
+
+    def _keep(self, entry: int, caches: list, n: int) -> None:
+        """Keep the first n positions of a sequence's per-layer caches as prefix entry `entry`."""
+        self.entries[entry] = [prefix_copy(c, n) for c in caches]
+        mx.eval([c.state for c in self.entries[entry]])
 
     def _join(self, uid: int) -> None:
-        merged = [BatchKVCache.merge([c]) for c in self.pending.pop(uid)]
+        merged = [self.batch_class.merge([c]) for c in self.pending.pop(uid)]
         if self.cache is None:
             self.cache = merged
         else:
@@ -176,10 +178,10 @@ class BatchState:
         if self.cache:
             c = self.cache[0]
             lens = (mx.array(c._idx) - c.left_padding).tolist()  # each row's real tokens
-            allocated = c.keys.shape[2] if c.keys is not None else 0
+            allocated = allocated_positions(c)
         return {"rank": self.comm.rank, "rows": list(self.rows), "row_tokens": lens,
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
                 "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
                 "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
                 "entries": sorted(self.entries),
-                "entry_bytes": sum(k.nbytes + v.nbytes for e in self.entries.values() for k, v in e)}
+                "entry_bytes": sum(c.nbytes for e in self.entries.values() for c in e)}

@@ -55,6 +55,20 @@ def check_batchable(loaded) -> None:
                         f"batched engine needs ({type(e).__name__}: {e}); use the one-prompt generate") from None
 
 
+def check_kv(loaded, asked: str) -> None:
+    """Quantized KV from the first token is batched; sequence-sharded KV (`asked` is the
+    --kv-shard given: auto may resolve to it) and late quantization are one-prompt only.
+    Decided from the plan and settings every rank shares, so every rank refuses alike."""
+    kv, plan = loaded.plan.kv, loaded.plan
+    if kv.shard == "sequence" or plan.sequence_sharded:
+        chose = " (auto chose sequence at this --max-context)" if asked == "auto" else ""
+        raise UserError(f"--kv-shard {asked}{chose}: sequence-sharded KV is not implemented in the serving engine "
+                        f"(--prompts-file, serve) yet; use one-prompt generate, or --kv-shard replicate")
+    if kv.quant_start:
+        raise UserError(f"--kv-quant-start {kv.quant_start}: late KV quantization is not implemented in the serving "
+                        f"engine (--prompts-file, serve) yet; use one-prompt generate, or drop it")
+
+
 def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: Callable) -> int:
     """Run this rank of the engine. On rank 0, `front(engine)` runs with the engine ready:
     it must call `engine.run()` on this (the main) thread, and `engine.shutdown()` from
@@ -69,6 +83,7 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
             raise UserError("the serving engine at world > 1 needs the liveness coordinator, to park idle ranks "
                             "off the ring: start it with --simulate N or `mlx-kvshard launch`, not plain mlx.launch")
         check_batchable(loaded)  # deterministic: every rank reaches the same verdict
+        check_kv(loaded, settings.kv.shard)
         capacity, ranks = kv_capacity(loaded, engine_settings)
         state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel)
         live.phase("idle")
