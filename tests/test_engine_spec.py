@@ -131,3 +131,17 @@ def test_serve_with_prompt_lookup_equals_generate_and_counts_drafts(oracle, tmp_
     assert http.one(m, "mlx_kvshard_speculative_accepted_tokens_total") > 0
     assert http.one(m, "mlx_kvshard_speculative_drafted_tokens_total") >= \
         http.one(m, "mlx_kvshard_speculative_accepted_tokens_total")
+
+
+
+def test_engine_prompt_lookup_with_quantized_kv(oracle, ckpt_root, tmp_path):
+    """--kv-bits 8: the batch cache (BatchQuantizedKVCache) trims like BatchKVCache; same tokens as plain."""
+    kv = ["--max-batch", "1", "--kv-bits", "8", "--kv-group-size", "32"]
+    engine_runs.MODEL = checkpoint(ckpt_root, "kvq")  # head_dim 64
+    try:
+        plain, _ = run_engine(tmp_path, 1, *kv, lines=REQUESTS[:2])
+        spec, report = run_engine(tmp_path, 1, *kv, *SPEC, lines=REQUESTS[:2])
+    finally:
+        engine_runs.MODEL = MODEL
+    assert [spec[i]["tokens"] for i in range(2)] == [plain[i]["tokens"] for i in range(2)]
+    assert report["metrics"]["totals"]["accepted"] > 0
