@@ -50,12 +50,14 @@ BAD = [
 MAX_CONTEXT = 256
 
 
-def run_engine(tmp: Path, lines: list[str], world: int, *flags: str, name: str = "run") -> tuple[dict, dict, str]:
-    """Run `generate --prompts-file` and return ({index: result line}, engine report, stderr)."""
+def run_engine(tmp: Path, lines: list[str], world: int, *flags: str, name: str = "run",
+               model: Path | None = None) -> tuple[dict, dict, str]:
+    """Run `generate --prompts-file` on `model` (default: this module's MODEL) and return
+    ({index: result line}, engine report, stderr)."""
     f = tmp / f"{name}.jsonl"
     f.write_text("\n".join(lines) + "\n")
     report = tmp / f"{name}.report.json"
-    argv = [sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(MODEL), "--prompts-file", str(f),
+    argv = [sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(model or MODEL), "--prompts-file", str(f),
             "--no-chat-template", "--prefill-step", str(PREFILL_STEP), "--max-context", str(MAX_CONTEXT),
             "--engine-report", str(report), "--peer-timeout", "10", *flags]
     if world > 1:

@@ -31,12 +31,13 @@ REQUESTS = [
 ]
 
 
-def run_engine(tmp: Path, world: int, *flags: str, lines: list[dict] = REQUESTS) -> tuple[dict, dict]:
+def run_engine(tmp: Path, world: int, *flags: str, lines: list[dict] = REQUESTS,
+               model: Path | None = None) -> tuple[dict, dict]:
     """test_engine's `generate --prompts-file` on real ranks: ({index: result}, engine report)."""
     name = "-".join(f.lstrip("-") for f in flags) or "plain"
     results, report, _ = engine_runs.run_engine(tmp, [json.dumps(r) for r in lines], world, "--dtype", "float32",
                                                 "--prefix-cache-bytes", "0", "--check-sync", *flags,
-                                                name=f"spec-{name}")
+                                                name=f"spec-{name}", model=model or MODEL)
     return results, report
 
 
@@ -53,7 +54,7 @@ MODEL: Path
 @pytest.fixture(scope="module")
 def oracle(ckpt_root) -> list[int]:
     global MODEL
-    MODEL = engine_runs.MODEL = checkpoint(ckpt_root, "llama_kv8")
+    MODEL = checkpoint(ckpt_root, "llama_kv8")
     ids = load_tokenizer(MODEL).encode(REPEATING)
     out = generate_step(mx.array(ids), load_oracle(MODEL, mx.float32), max_tokens=REQUESTS[0]["max_tokens"],
                         sampler=lambda lp: mx.argmax(lp, axis=-1))
@@ -137,11 +138,8 @@ def test_serve_with_prompt_lookup_equals_generate_and_counts_drafts(oracle, tmp_
 def test_engine_prompt_lookup_with_quantized_kv(oracle, ckpt_root, tmp_path):
     """--kv-bits 8: the batch cache (BatchQuantizedKVCache) trims like BatchKVCache; same tokens as plain."""
     kv = ["--max-batch", "1", "--kv-bits", "8", "--kv-group-size", "32"]
-    engine_runs.MODEL = checkpoint(ckpt_root, "kvq")  # head_dim 64
-    try:
-        plain, _ = run_engine(tmp_path, 1, *kv, lines=REQUESTS[:2])
-        spec, report = run_engine(tmp_path, 1, *kv, *SPEC, lines=REQUESTS[:2])
-    finally:
-        engine_runs.MODEL = MODEL
+    kvq = checkpoint(ckpt_root, "kvq")  # head_dim 64
+    plain, _ = run_engine(tmp_path, 1, *kv, lines=REQUESTS[:2], model=kvq)
+    spec, report = run_engine(tmp_path, 1, *kv, *SPEC, lines=REQUESTS[:2], model=kvq)
     assert [spec[i]["tokens"] for i in range(2)] == [plain[i]["tokens"] for i in range(2)]
     assert report["metrics"]["totals"]["accepted"] > 0
