@@ -52,8 +52,8 @@ class BatchState:
         for entry, uid, n in step.save:
             i = self.rows.index(uid)
             self._keep(entry, [b.extract(i) for b in self.cache], n)
-        for uid in step.remove:
-            self._remove(uid)
+        if step.remove:
+            self._remove(step.remove)
         for uid in step.join:
             self._join(uid)
         t0 = time.perf_counter()
@@ -152,18 +152,25 @@ class BatchState:
                 mine.extend(new)
         self.rows.append(uid)
 
-    def _remove(self, uid: int) -> None:
-        if uid in self.pending:
-            del self.pending[uid]
+    def _remove(self, uids) -> None:
+        """Drop finished sequences: pending ones by key, batch rows with one `filter` for all
+        of them (each filter copies the whole batch cache, ~10 ms at 16 rows on the tiny
+        preset; one per removed row made a step ending several requests pay it per row)."""
+        gone = set()
+        for uid in uids:
+            if uid in self.pending:
+                del self.pending[uid]
+            else:
+                gone.add(self.rows.index(uid))
+        if not gone:
             return
-        i = self.rows.index(uid)
-        del self.rows[i]
+        keep = [j for j in range(len(self.rows)) if j not in gone]
+        self.rows = [self.rows[j] for j in keep]
         if not self.rows:
             self.cache = None
             return
-        keep = mx.array([j for j in range(len(self.rows) + 1) if j != i])
         for c in self.cache:
-            c.filter(keep)  # also trims the left padding the rows no longer need
+            c.filter(mx.array(keep))  # also trims the left padding the rows no longer need
         mx.eval([c.state for c in self.cache])
 
     # ---- facts ------------------------------------------------------------------------
