@@ -71,6 +71,21 @@ class DecodeTimings:
     decode_tokens: int = 0  # tokens yielded after the first
 
 
+PENALTY_CONTEXT = 20  # tokens mlx-lm's presence and frequency penalties read (its default, used here)
+
+
+def logits_processors(params: SamplingParams) -> tuple[list, int]:
+    """mlx-lm's logits processors for `params`, and how many trailing tokens of history they
+    read: a sampler keeps only that window instead of growing the history every token."""
+    processors = make_logits_processors(
+        repetition_penalty=params.repetition_penalty,
+        repetition_context_size=params.repetition_context_size,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+    )
+    return processors, max(params.repetition_context_size, PENALTY_CONTEXT)
+
+
 class TokenSampler:
     """Last-position logits -> the next token id: logits processors over the window of
     history they read, then the sampler seeded by (seed, step). `agree`, when given, makes
@@ -80,14 +95,7 @@ class TokenSampler:
                  agree: Callable[[mx.array], mx.array] | None = None):
         self.params = params
         self.sampler = make_sampler(params.temp, params.top_p, params.min_p, top_k=params.top_k)
-        self.processors = make_logits_processors(
-            repetition_penalty=params.repetition_penalty,
-            repetition_context_size=params.repetition_context_size,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
-        # The repetition penalty reads only the last repetition_context_size tokens: keep that window.
-        self.window = params.repetition_context_size
+        self.processors, self.window = logits_processors(params)
         self.history = mx.array(context[-self.window:], dtype=mx.uint32)
         self.agree = agree
 

@@ -9,9 +9,9 @@ the work, one row at a time; greedy rows take one argmax together.
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_sampler
 
-from ..engine.generate import SamplingParams, step_seed
+from ..engine.generate import SamplingParams, logits_processors, step_seed
 
 
 class RowSampler:
@@ -22,13 +22,8 @@ class RowSampler:
         self.greedy = params.temp == 0
         self.sampler = None if self.greedy else make_sampler(params.temp, params.top_p, params.min_p,
                                                               top_k=params.top_k)
-        self.processors = make_logits_processors(
-            repetition_penalty=params.repetition_penalty,
-            repetition_context_size=params.repetition_context_size,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
-        self.history = mx.array(prompt, dtype=mx.uint32) if self.processors else None
+        self.processors, self.window = logits_processors(params)
+        self.history = mx.array(prompt[-self.window:], dtype=mx.uint32) if self.processors else None
 
     def logprobs(self, logits: mx.array) -> mx.array:
         """[vocab] logits -> [1, vocab] log-probabilities after this sequence's processors."""
@@ -45,7 +40,8 @@ class RowSampler:
 
     def accept(self, token: int) -> None:
         if self.processors:
-            self.history = mx.concatenate([self.history, mx.array([token], dtype=mx.uint32)])
+            # only the window the processors read: no concatenate that grows every token
+            self.history = mx.concatenate([self.history, mx.array([token], dtype=mx.uint32)])[-self.window:]
 
 
 def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int],
