@@ -96,11 +96,6 @@ class ShardPlan:
     kv: KVSettings = field(default_factory=KVSettings)  # shard mode resolved: never "auto"
     context: int = 0  # tokens per sequence whose KV the MLP split reserves room for (0: none)
 
-    @property
-    def weights(self) -> list[float]:
-        """Old name of `shares` (kept for callers not yet renamed)."""
-        return self.shares
-
     # ---- construction -------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, world: int, shares: Sequence[float] | None = None,

@@ -117,7 +117,7 @@ def test_fit_and_largest_context_by_hand():
 
 def test_memory_weights_the_split():
     ev = capacity.evaluate(cfg(LLAMA3_70B), [Host("big", 128), Host("small", 32)], None, Options())
-    assert ev.plan.weights == [96.0, pytest.approx(32 * 2 / 3)]
+    assert ev.plan.shares == [96.0, pytest.approx(32 * 2 / 3)]
     assert ev.plan.shards[0].local_kv_heads > ev.plan.shards[1].local_kv_heads
 
 

@@ -143,8 +143,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     opts.check()
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)
-    weights = _per_rank(parse_numbers(args.weights, "--shares"), len(hosts), "--shares")
-    cluster = capacity.evaluate(cfg, hosts, link, opts, weights=weights, compute_dtype=args.dtype)
+    shares = _per_rank(parse_numbers(args.weights, "--shares"), len(hosts), "--shares")
+    cluster = capacity.evaluate(cfg, hosts, link, opts, shares=shares, compute_dtype=args.dtype)
     decision = capacity.decide(cfg, cluster, link, opts, compute_dtype=args.dtype)
     ckpt = checkpoint_bytes(args.model, Path(config_path))
     render = render_json if args.json else render_text

@@ -61,7 +61,7 @@ def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: Mo
     hosts = [capacity.Host(label, mem) for label, mem in zip(labels, memory_gb)]
     opts = options_for(request, context)
     shares = request.shares or [1.0] * world  # what the ranks will run with, not the planner's memory default
-    fits = capacity.evaluate(cfg, hosts, None, opts, weights=shares, compute_dtype=request.dtype).fits
+    fits = capacity.evaluate(cfg, hosts, None, opts, shares=shares, compute_dtype=request.dtype).fits
     short = [f for f in fits if not f.fits]
     if not short:
         return

@@ -386,18 +386,22 @@ class Evaluation:
         return f.max_context, f.rank
 
 
-def memory_weights(hosts: Sequence[Host], opts: Options) -> list[float] | None:
-    """ShardPlan weights from usable memory, so a 64 GB Mac takes more heads than a 24 GB one."""
+def memory_shares(hosts: Sequence[Host], opts: Options) -> list[float] | None:
+    """ShardPlan shares from usable memory, so a 64 GB Mac takes more heads than a 24 GB one."""
     usable = [usable_bytes(h, opts.usable_fraction) for h in hosts]
     return None if None in usable else [u / GIB for u in usable]
 
 
-def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, opts: Options,
-             weights: Sequence[float] | None = None, compute_dtype: str | None = None) -> Evaluation:
-    hosts = list(hosts)
-    plan = ShardPlan.build(cfg, len(hosts), weights if weights is not None else memory_weights(hosts, opts),
+def _plan(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, compute_dtype) -> ShardPlan:
+    return ShardPlan.build(cfg, len(hosts), shares if shares is not None else memory_shares(hosts, opts),
                            compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel,
                            kv=opts.kv, context=opts.context * opts.batch)
+
+
+def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, opts: Options,
+             shares: Sequence[float] | None = None, compute_dtype: str | None = None) -> Evaluation:
+    hosts = list(hosts)
+    plan = _plan(cfg, hosts, opts, shares, compute_dtype)
     fits = fit_ranks(plan, hosts, opts)
     prediction = None
     if all(h.chip is not None for h in hosts) and (len(hosts) == 1 or link is not None):
@@ -409,17 +413,15 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
                 opts.draft_gb * GIB, opts.eta, opts.t_fixed_s, opts.kv_bits)
     ev = Evaluation(plan, hosts, fits, prediction)
     if len(hosts) > cfg.num_key_value_heads:
-        ev.kv_modes = {m: _mode_summary(cfg, hosts, replace(opts, kv_shard=m), weights, compute_dtype)
+        ev.kv_modes = {m: _mode_summary(cfg, hosts, replace(opts, kv_shard=m), shares, compute_dtype)
                        for m in ("replicate", "sequence")}
     return ev
 
 
-def _mode_summary(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, weights, compute_dtype) -> dict:
+def _mode_summary(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, compute_dtype) -> dict:
     """Fullest rank's weights and KV, and the largest context, in one KV shard mode."""
     try:
-        plan = ShardPlan.build(cfg, len(hosts), weights if weights is not None else memory_weights(hosts, opts),
-                               compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel,
-                               kv=opts.kv, context=opts.context * opts.batch)
+        plan = _plan(cfg, hosts, opts, shares, compute_dtype)
     except UserError as e:  # e.g. replicate with more sharers than query heads
         return {"error": str(e)}
     fits = fit_ranks(plan, hosts, opts)
