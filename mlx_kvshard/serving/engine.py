@@ -287,7 +287,7 @@ class Engine:
         samplers = [s.state.sampler for s in rows]
         tokens, lps, alts = sample_rows(mx.concatenate(logits, axis=0), samplers,
                                         [len(s.generated) for s in rows],
-                                        [s.state.request.top_logprobs for s in rows])
+                                        [s.state.request.reported_logprobs for s in rows])
         now = time.perf_counter()
         with self._cond, self._tokenizer_lock:  # detokenizing may call the tokenizer submit() uses
             for seq, tok, lp, alt in zip(rows, tokens, lps, alts):
@@ -320,7 +320,7 @@ class Engine:
         st, drafts, n, emitted = seq.state, step.drafts, 0, 0
         for i in range(len(drafts) + 1):
             tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
-                                            [st.request.top_logprobs])
+                                            [st.request.reported_logprobs])
             with self._cond, self._tokenizer_lock:
                 self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
             emitted += 1

@@ -35,6 +35,12 @@ class Request:
     top_logprobs: int = 0  # and this many alternatives (at most 20)
     tag: object = None  # the caller's own, carried back in every event (e.g. the input line)
 
+    @property
+    def reported_logprobs(self) -> int | None:
+        """What the sampler computes for it: None = no log-probabilities, else how many
+        alternatives beside the token's own."""
+        return self.top_logprobs if self.logprobs or self.top_logprobs else None
+
 
 @dataclass
 class Usage:
