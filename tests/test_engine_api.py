@@ -108,3 +108,37 @@ def test_queue_full(model):
         return str(e.value)
 
     assert "--max-waiting 0" in with_engine(model, body, max_batch=1, max_waiting=0)
+
+
+def test_row_slots_reuse_a_hole_and_cut_unused_columns(model, monkeypatch):
+    """A finished row leaves a hole (no copy of the batch cache); a waiting prompt is written
+    into it in place, and the columns every live row leaves unused are cut: each request's
+    tokens still equal what it produces alone."""
+    from mlx_kvshard.serving import batch
+
+    events = {"placed": 0, "cut": 0}
+    place, trim_left = batch.place, batch.BatchState._trim_left
+
+    def counting_place(*a):
+        events["placed"] += 1
+        place(*a)
+
+    def counting_trim(self):
+        before = self.cache[0]._idx
+        trim_left(self)
+        events["cut"] += before - self.cache[0]._idx
+
+    monkeypatch.setattr(batch, "place", counting_place)
+    monkeypatch.setattr(batch.BatchState, "_trim_left", counting_trim)
+    long = Request(prompt_ids=[(5 * i + 1) % 200 + 10 for i in range(180)], params=greedy(3))
+    shorts = [Request(prompt_ids=PROMPT[k:k + 12], params=greedy(30)) for k in range(3)]
+    requests = [long, *shorts]  # 3 rows at most: the third short waits for the long one's slot
+
+    def together(engine):
+        handles = [engine.submit(r) for r in requests]
+        return [h.result().tokens for h in handles]
+
+    got = with_engine(model, together, max_batch=3, prefix_cache_bytes=0)
+    assert events["placed"] >= 1 and events["cut"] >= batch.TRIM_COLUMNS, events
+    alone = with_engine(model, lambda e: [e.generate(r).tokens for r in requests], max_batch=1, prefix_cache_bytes=0)
+    assert got == alone

@@ -8,6 +8,15 @@ the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
 single-stream cache (chunk by chunk, interleaved with decode steps), then merged into the
 batch. With --kv-bits these are mlx-lm's `QuantizedKVCache` and our `BatchQuantizedKVCache`
 (engine/kvcache.py picks them from the rank's KV settings); prefix entries keep that form.
+
+Row slots. mlx-lm's `filter` and `extend` copy the whole batch cache, so a closed loop of
+clients paid two full copies per request (a quarter of the step time with a long shared
+prefix). A finished row's slot is therefore kept as a hole (its KV freed for reuse, its
+row decoded and ignored) while holes are few, and a joining prompt is written into a hole
+in place. Holes are compacted away with one `filter` when they outnumber half the live
+rows, and the columns every live row leaves unused on the left are cut once they reach
+`TRIM_COLUMNS`. Every rank runs this policy on the same messages, so every rank holds the
+same slots. Quantized batch caches (--kv-bits) keep the copying path.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, prefix_copy
 from .wire import Step
+
+TRIM_COLUMNS = 128  # cut the unused left columns of the batch cache once every live row leaves this many
 
 
 @dataclass
@@ -40,7 +51,8 @@ class BatchState:
         self.comm = comm
         self.needs_logits = needs_logits
         self.batch_class = batch_cache_class(model.shard, model.kv)  # BatchKVCache, or quantized with --kv-bits
-        self.rows: list[int] = []  # uid of each batch row
+        self.rows: list[int | None] = []  # uid of each batch row (slot), None for a hole
+        self.slots = self.batch_class is BatchKVCache  # holes and in-place joins (not with --kv-bits)
         self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
         self.entries: dict[int, list[KVCache]] = {}  # prefix entry -> per-layer single-stream cache of its positions
@@ -50,7 +62,7 @@ class BatchState:
         for uid, n in step.trim:
             self._trim(uid, n)
         for entry, uid, n in step.save:
-            i = self.rows.index(uid)
+            i = self.rows.index(uid)  # its slot
             self._keep(entry, [b.extract(i) for b in self.cache], n)
         if step.remove:
             self._remove(step.remove)
@@ -94,11 +106,25 @@ class BatchState:
         mx.eval(self.model.model(tokens, cache), [c.state for c in cache])
         return None
 
+    @property
+    def live(self) -> list[int]:
+        return [u for u in self.rows if u is not None]
+
     def _decode(self, rows: list[tuple[int, int]]) -> mx.array | None:
-        uids, tokens = zip(*rows)
-        if list(uids) != self.rows:
-            raise AssertionError(f"decode rows {list(uids)} but this rank holds {self.rows}: ranks out of sync")
-        return self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
+        """One decode step for every slot (a hole decodes token 0, its output unused);
+        the logits come back in `rows` order."""
+        slot = {u: j for j, u in enumerate(self.rows) if u is not None}
+        if len(rows) != len(slot) or any(u not in slot for u, _ in rows):
+            raise AssertionError(f"decode rows {[u for u, _ in rows]} but this rank holds {self.live}: "
+                                 f"ranks out of sync")
+        tokens = [0] * len(self.rows)
+        for u, t in rows:
+            tokens[slot[u]] = t
+        logits = self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
+        order = [slot[u] for u, _ in rows]
+        if logits is None or order == list(range(len(self.rows))):
+            return logits
+        return logits[mx.array(order)]
 
     def _verify(self, step: Step) -> mx.array | None:
         """A speculative verify step for the batch's one row: its input token and the drafts
@@ -115,7 +141,8 @@ class BatchState:
         return None
 
     def can_trim(self) -> bool:
-        return self.cache is not None and all(c.is_trimmable() for c in self.cache)
+        """Speculation trims every row alike: only a batch of one row and no holes."""
+        return self.cache is not None and None not in self.rows and all(c.is_trimmable() for c in self.cache)
 
     def _trim(self, uid: int, n: int) -> None:
         """Drop a verify step's rejected drafts from the one row's KV (this rank's heads)."""
@@ -144,33 +171,62 @@ class BatchState:
         mx.eval([c.state for c in self.entries[entry]])
 
     def _join(self, uid: int) -> None:
-        merged = [self.batch_class.merge([c]) for c in self.pending.pop(uid)]
+        pending = self.pending.pop(uid)
         if self.cache is None:
-            self.cache = merged
-        else:
-            for mine, new in zip(self.cache, merged):
-                mine.extend(new)
+            self.cache = [self.batch_class.merge([c]) for c in pending]
+            self.rows = [uid]
+            return
+        if None in self.rows and pending[0].offset > self.cache[0]._idx:
+            self._compact()  # longer than the batch's columns: it joins by extend, which pads the left
+        if None in self.rows:
+            j = self.rows.index(None)
+            for mine, c in zip(self.cache, pending):
+                place(mine, j, c)
+            self.rows[j] = uid
+            return
+        for mine, c in zip(self.cache, pending):
+            mine.extend(self.batch_class.merge([c]))
         self.rows.append(uid)
 
     def _remove(self, uids) -> None:
-        """Drop finished sequences: pending ones by key, batch rows with one `filter` for all
-        of them (each filter copies the whole batch cache, ~10 ms at 16 rows on the tiny
-        preset; one per removed row made a step ending several requests pay it per row)."""
-        gone = set()
+        """Drop finished sequences: pending ones by key; batch rows leave a hole each (no
+        copy), compacted by one `filter` for all holes once they outnumber half the live
+        rows (each filter copies the whole batch cache)."""
+        gone = False
         for uid in uids:
             if uid in self.pending:
                 del self.pending[uid]
             else:
-                gone.add(self.rows.index(uid))
+                self.rows[self.rows.index(uid)] = None
+                gone = True
         if not gone:
             return
-        keep = [j for j in range(len(self.rows)) if j not in gone]
+        live = len(self.live)
+        if not live:
+            self.rows, self.cache = [], None
+        elif not self.slots or 2 * (len(self.rows) - live) > live:
+            self._compact()
+        else:
+            self._trim_left()
+
+    def _compact(self) -> None:
+        keep = [j for j, u in enumerate(self.rows) if u is not None]
         self.rows = [self.rows[j] for j in keep]
-        if not self.rows:
-            self.cache = None
-            return
         for c in self.cache:
             c.filter(mx.array(keep))  # also trims the left padding the rows no longer need
+        mx.eval([c.state for c in self.cache])
+
+    def _trim_left(self) -> None:
+        """Cut the columns every live row leaves unused (holes included: their rows are unused)."""
+        c0 = self.cache[0]
+        pad = c0.left_padding.tolist()
+        cut = min(p for p, u in zip(pad, self.rows) if u is not None)
+        if cut < TRIM_COLUMNS:
+            return
+        for c in self.cache:
+            c.keys, c.values = c.keys[..., cut:, :], c.values[..., cut:, :]
+            c._idx -= cut
+            c.left_padding = mx.maximum(c.left_padding - cut, 0)
         mx.eval([c.state for c in self.cache])
 
     # ---- facts ------------------------------------------------------------------------
@@ -184,11 +240,22 @@ class BatchState:
         lens, allocated = [], 0
         if self.cache:
             c = self.cache[0]
-            lens = (mx.array(c._idx) - c.left_padding).tolist()  # each row's real tokens
+            lens = (mx.array(c._idx) - c.left_padding).tolist()  # each slot's real tokens
+            lens = [n for n, u in zip(lens, self.rows) if u is not None]
             allocated = allocated_positions(c)
-        return {"rank": self.comm.rank, "rows": list(self.rows), "row_tokens": lens,
+        return {"rank": self.comm.rank, "rows": self.live, "slots": len(self.rows), "row_tokens": lens,
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
                 "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
                 "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
                 "entries": sorted(self.entries),
                 "entry_bytes": sum(c.nbytes for e in self.entries.values() for c in e)}
+
+
+def place(batch: BatchKVCache, j: int, cache: KVCache) -> None:
+    """Write a prefilled single-stream cache into slot j of `batch`, right-aligned with the
+    batch's current column, in place (the slot's old contents are a finished row's)."""
+    n, end = cache.offset, batch._idx
+    batch.keys[j:j + 1, :, end - n:end, :] = cache.keys[..., :n, :]
+    batch.values[j:j + 1, :, end - n:end, :] = cache.values[..., :n, :]
+    batch.left_padding[j] = end - n
+    batch.offset[j] = n
