@@ -167,15 +167,22 @@ def start_ours(model_dir: Path, world: int, port: int, prefix_cache: bool, log: 
     return Running(argv, benchlib.rank_env(world), f"http://127.0.0.1:{port}", log)
 
 
-def start_mlxlm(model_dir: Path, port: int, log: Path, max_batch: int) -> Running:
+def start_mlxlm(model_dir: Path, port: int, log: Path, max_batch: int, world: int) -> Running:
+    """mlx_lm.server; at world > 1 under MLX's ring launcher, where it shards the model with
+    `shard()` (tensor parallelism: heads and MLP columns must divide by the world)."""
     argv = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(port),
             "--log-level", "WARNING", "--decode-concurrency", str(max_batch)]
-    return Running(argv, benchlib.rank_env(1), f"http://127.0.0.1:{port}", log)
+    if world > 1:
+        argv = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n", str(world),
+                "--backend", "ring", "--starting-port", str(benchlib.free_port_base(world)), "--", *argv]
+    return Running(argv, benchlib.rank_env(world), f"http://127.0.0.1:{port}", log)
 
 
-def systems(worlds: list[int]) -> list[tuple[str, int, str, bool]]:
+def systems(worlds: list[int], mlxlm_worlds: list[int]) -> list[tuple[str, int, str, bool]]:
     """(system, world, mix, prefix cache) for every configuration measured."""
-    out = [("mlx_lm.server", 1, "unique", True), ("mlx_lm.server", 1, "shared", True)]
+    out = []
+    for w in mlxlm_worlds:
+        out += [("mlx_lm.server", w, "unique", True), ("mlx_lm.server", w, "shared", True)]
     for w in worlds:
         out += [("mlx-kvshard", w, "unique", True), ("mlx-kvshard", w, "shared", True),
                 ("mlx-kvshard", w, "shared", False)]
@@ -185,7 +192,8 @@ def systems(worlds: list[int]) -> list[tuple[str, int, str, bool]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(benchlib.PRESETS))
-    p.add_argument("--worlds", default="1,2", help="world sizes for mlx-kvshard (mlx_lm.server runs at 1)")
+    p.add_argument("--worlds", default="1,2", help="world sizes for mlx-kvshard")
+    p.add_argument("--mlxlm-worlds", default="1,2", help="world sizes for mlx_lm.server (tensor parallel at > 1)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency (min 4)")
     p.add_argument("--timeout", type=float, default=600, help="seconds a server may take to come up")
@@ -194,16 +202,17 @@ def main() -> int:
     p.add_argument("--machine-tag", default=benchlib.machine_tag(), help="tag for file and section names")
     a = p.parse_args()
     worlds = [int(w) for w in a.worlds.split(",")]
+    mlxlm_worlds = [int(w) for w in a.mlxlm_worlds.split(",") if w]
     levels = [int(c) for c in a.concurrency.split(",")]
     model_dir = benchlib.bench_model_dir(a.preset)
     t0 = time.time()
     rows = []
     logs = Path(a.out) / "serve-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for system, world, mix, cache in systems(worlds):
+    for system, world, mix, cache in systems(worlds, mlxlm_worlds):
         port = benchlib.free_port_base(1)
         log = logs / f"{system}-w{world}-{mix}-{'cache' if cache else 'nocache'}.log"
-        server = (start_mlxlm(model_dir, port, log, max(levels)) if system == "mlx_lm.server"
+        server = (start_mlxlm(model_dir, port, log, max(levels), world) if system == "mlx_lm.server"
                   else start_ours(model_dir, world, port, cache, log, max(levels)))
         try:
             server.wait(a.timeout)
