@@ -19,12 +19,20 @@ class Hit:
     tokens: int  # prompt positions reused
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix: a binary search over slice comparisons, which run in C
+    (a loop in Python over every token of every entry cost ~2% of a served step)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class PrefixIndex:
@@ -43,7 +51,7 @@ class PrefixIndex:
 
     def lookup(self, prompt: list[int]) -> Hit | None:
         """The longest reusable prefix (always leaving one prompt token to compute, for its logits)."""
-        best = None
+        best, prompt = None, tuple(prompt)
         for entry, tokens in self._entries.items():
             n = min(common_prefix(tokens, prompt), len(prompt) - 1)
             if n >= self.min_tokens and (best is None or n > best.tokens):
@@ -58,7 +66,7 @@ class PrefixIndex:
     def insert(self, prompt: list[int]) -> tuple[int | None, list[int]]:
         """Decide whether to keep `prompt`'s KV: (new entry id or None, entries to evict).
         An entry the new prompt extends is dropped (the new one covers it)."""
-        need = len(prompt) * self.bytes_per_token
+        need, prompt = len(prompt) * self.bytes_per_token, tuple(prompt)
         if len(prompt) < self.min_tokens or need > self.max_bytes:
             return None, []
         evict = []
