@@ -189,6 +189,28 @@ def systems(worlds: list[int], mlxlm_worlds: list[int]) -> list[tuple[str, int, 
     return out
 
 
+def measure(a, model_dir: Path, logs: Path, levels: list[int], system: str, world: int, mix: str, cache: bool,
+            run: int) -> list[dict]:
+    """One server up, warmed, then each concurrency level: a row each."""
+    port = benchlib.free_port_base(1)
+    log = logs / f"{system}-w{world}-{mix}-{'cache' if cache else 'nocache'}.log"
+    server = (start_mlxlm(model_dir, port, log, max(levels), world) if system == "mlx_lm.server"
+              else start_ours(model_dir, world, port, cache, log, max(levels)))
+    rows = []
+    try:
+        server.wait(a.timeout)
+        model = str(model_dir)
+        load(server.url, model, prompts(model_dir, mix, 2, 0), 1)  # warm-up (compiles, caches the preamble)
+        for c in levels:
+            work = prompts(model_dir, mix, max(4, a.requests * c), salt=c + 1000 * run)
+            rows.append({"system": system, "world": world, "mix": mix, "prefix_cache": cache, "concurrency": c,
+                         "run": run, **load(server.url, model, work, c)})
+            print(fmt_row(rows[-1]), flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(benchlib.PRESETS))
@@ -196,6 +218,8 @@ def main() -> int:
     p.add_argument("--mlxlm-worlds", default="1,2", help="world sizes for mlx_lm.server (tensor parallel at > 1)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency (min 4)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="rounds over every system (interleaved); the table shows each row's median-tok/s run")
     p.add_argument("--timeout", type=float, default=600, help="seconds a server may take to come up")
     p.add_argument("--out", default=str(benchlib.REPO / "docs" / "bench"), help="folder for the JSON results")
     p.add_argument("--doc", default=str(benchlib.REPO / "docs" / "benchmarks.md"), help="markdown to update ('' = none)")
@@ -209,23 +233,9 @@ def main() -> int:
     rows = []
     logs = Path(a.out) / "serve-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for system, world, mix, cache in systems(worlds, mlxlm_worlds):
-        port = benchlib.free_port_base(1)
-        log = logs / f"{system}-w{world}-{mix}-{'cache' if cache else 'nocache'}.log"
-        server = (start_mlxlm(model_dir, port, log, max(levels), world) if system == "mlx_lm.server"
-                  else start_ours(model_dir, world, port, cache, log, max(levels)))
-        try:
-            server.wait(a.timeout)
-            model = str(model_dir)
-            load(server.url, model, prompts(model_dir, mix, 2, 0), 1)  # warm-up (compiles, caches the preamble)
-            for c in levels:
-                work = prompts(model_dir, mix, max(4, a.requests * c), salt=c)
-                res = load(server.url, model, work, c)
-                rows.append({"system": system, "world": world, "mix": mix, "prefix_cache": cache,
-                             "concurrency": c, **res})
-                print(fmt_row(rows[-1]), flush=True)
-        finally:
-            server.stop()
+    for run in range(a.runs):
+        for system, world, mix, cache in systems(worlds, mlxlm_worlds):
+            rows += measure(a, model_dir, logs, levels, system, world, mix, cache, run)
     report = {"machine": benchlib.machine(), "preset": a.preset, "mix": MIX, "shared_prefix_tokens":
               SHARED_PREFIX_TOKENS, "time": benchlib.timestamp(), "rows": rows}
     benchlib.publish(a, "serve", report, table(report), t0)
@@ -251,8 +261,44 @@ def table(report: dict) -> str:
     lines = [f"Machine: {m['system']}, {m['cores']}-core {m['cpu']}, MLX {m['mlx']} CPU, {m['blas']}; "
              f"preset `{report['preset']}`, mix {report['mix']} (prompt, max tokens), shared preamble "
              f"{report['shared_prefix_tokens']} tokens; {report['time']}.", "", HEADER]
-    lines += [fmt_row(r) for r in report["rows"]]
+    groups: dict[tuple, list[dict]] = {}
+    for r in report["rows"]:
+        groups.setdefault((r["system"], r["world"], r["mix"], r["prefix_cache"], r["concurrency"]), []).append(r)
+    runs = max(len(g) for g in groups.values())
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], not k[3], k[4])):
+        g = sorted(groups[key], key=lambda r: r["tok_s"])
+        row = fmt_row(g[len(g) // 2])
+        if runs > 1:  # the median run, with the range of tok/s over the runs
+            row = row.replace(f"| {g[len(g) // 2]['tok_s']:.1f} |",
+                              f"| {g[len(g) // 2]['tok_s']:.1f} ({g[0]['tok_s']:.0f}-{g[-1]['tok_s']:.0f}) |", 1)
+        lines.append(row)
+    if runs > 1:
+        lines.insert(1, f"\nMedian of {runs} interleaved runs (by tok/s; its range in brackets).")
+    lines += ["", *ratios(groups)]
     return "\n".join(lines)
+
+
+def ratios(groups: dict[tuple, list[dict]]) -> list[str]:
+    """The issue's two targets from the median runs: ours / mlx_lm.server aggregate tok/s at
+    equal world and concurrency, and ours' shared-mix TTFT p50 with the prefix cache / without."""
+    def median(key, field):
+        g = sorted(groups[key], key=lambda r: r["tok_s"])
+        return g[len(g) // 2][field]
+
+    out = []
+    for (system, world, mix, cache, c) in sorted(groups):
+        if system != "mlx-kvshard" or not cache:
+            continue
+        peer = ("mlx_lm.server", world, mix, True, c)
+        if peer in groups:
+            out.append(f"- world {world}, {mix}, C = {c}: tok/s ours / mlx_lm.server = "
+                       f"{median((system, world, mix, cache, c), 'tok_s') / median(peer, 'tok_s'):.2f}")
+        off = (system, world, mix, False, c)
+        if mix == "shared" and off in groups:
+            on_ttft, off_ttft = median((system, world, mix, cache, c), "ttft_p50"), median(off, "ttft_p50")
+            out.append(f"- world {world}, shared, C = {c}: TTFT p50 prefix cache on / off = "
+                       f"{on_ttft / off_ttft:.2f} ({1000 * on_ttft:.0f} / {1000 * off_ttft:.0f} ms)")
+    return out
 
 
 if __name__ == "__main__":
