@@ -197,3 +197,24 @@ def test_vocab_parallel_every_rank_joins_the_logits_gather(model, alone, tmp_pat
     decode_only = [s for s in report["metrics"]["recent_steps"] if s["batch"] and not s["prefill_tokens"]
                    and not s["audit"]]
     assert decode_only and all(s["collectives"] == 2 * layers + 2 for s in decode_only)  # + the gather
+
+
+def test_more_ranks_than_kv_heads(ckpt_root, tmp_path):
+    """World 3 on 2 KV heads (--kv-shard replicate, the engine's mode): a KV head's cache is
+    replicated on the ranks that share it, each computing its share of the group's query
+    heads. Batched and continuous as at any world: greedy requests equal the mlx-lm oracle."""
+    model = checkpoint(ckpt_root, "seq_kv2")
+    requests = [{"prompt": prompt(n, k), "max_tokens": 12} for n, k in ((3, 0), (12, 2), (5, 3), (9, 4))]
+    results, report, _ = run_engine(tmp_path, [json.dumps(r) for r in requests], 3, "--check-sync",
+                                    name="kv2", model=model)
+    oracle = load_oracle(model, mx.float32)
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(model)
+    for i, r in enumerate(requests):
+        ids = tok.encode(r["prompt"])
+        want = [int(t) for t, _ in generate_step(mx.array(ids), oracle, max_tokens=r["max_tokens"],
+                                                 sampler=lambda lp: mx.argmax(lp, axis=-1))]
+        assert results[i]["tokens"] == want, (i, results[i], want)
+    assert report["info"]["world"] == 3
+    assert max(s["batch"] for s in report["metrics"]["recent_steps"]) >= 2  # they ran together

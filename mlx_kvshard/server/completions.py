@@ -152,10 +152,6 @@ def engine_request(req: s.ChatCompletionRequest | s.CompletionRequest, default_m
     return Request(prompt=prompt, params=params, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
 
 
-_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "top_logprobs"}
-
-
 def refusal(e: RequestError, prompt_field: str) -> ApiError:
     """The engine's refusal (it speaks OpenAI's field names) as an HTTP error."""
     msg = str(e)
@@ -163,12 +159,7 @@ def refusal(e: RequestError, prompt_field: str) -> ApiError:
         return ApiError(429, msg, code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineStopped):
         return ApiError(503, msg, code="unavailable")
-    first = msg.split(" ", 1)[0].rstrip(":")
-    if first in _FIELDS:
-        return ApiError(400, msg, param=first)
-    too_long = "max context" in msg or "KV tokens" in msg
-    return ApiError(400, msg, param=prompt_field if "prompt" in msg else None,
-                    code="context_length_exceeded" if too_long else None)
+    return ApiError(400, msg, param=prompt_field if e.param == "prompt" else e.param, code=e.code)
 
 
 # ---- answering -------------------------------------------------------------------------------

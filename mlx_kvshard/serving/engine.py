@@ -158,26 +158,26 @@ class Engine:
         try:
             request.params.validate()
         except UserError as e:
-            raise RequestError(_openai_names(str(e))) from None
+            raise RequestError(*_openai_names(str(e))) from None
         if not 0 <= request.top_logprobs <= 20:
-            raise RequestError(f"top_logprobs {request.top_logprobs}: must be between 0 and 20")
+            raise RequestError(f"top_logprobs {request.top_logprobs}: must be between 0 and 20", "top_logprobs")
         with self._tokenizer_lock:  # a Hugging Face fast tokenizer must not run on two threads at once
             ids = self._tokenize(request)
         if not ids:
-            raise RequestError("the prompt is empty after tokenization")
+            raise RequestError("the prompt is empty after tokenization", "prompt")
         if len(ids) >= self.max_context:
             raise RequestError(f"the prompt is {len(ids)} tokens, but the max context is {self.max_context}; "
-                               f"shorten the prompt")
+                               f"shorten the prompt", "prompt", "context_length_exceeded")
         budget = min(request.params.max_tokens, self.max_context - len(ids))
         why = self.scheduler.never_fits(len(ids), budget)
         if why:
-            raise RequestError(why)
+            raise RequestError(why, "prompt", "context_length_exceeded")
         return ids, budget
 
     def _tokenize(self, request: Request) -> list[int]:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
         if sum(given) != 1:
-            raise RequestError("give exactly one of prompt, messages or prompt_ids")
+            raise RequestError("give exactly one of prompt, messages or prompt_ids", "prompt")
         tok = self.tokenizer
         try:
             if request.prompt_ids is not None:
@@ -185,11 +185,12 @@ class Engine:
                 vocab = self.loaded.cfg.vocab_size
                 bad = [t for t in ids if not 0 <= t < vocab]
                 if bad:
-                    raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                    raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                       "prompt")
                 return ids
             if request.messages is not None:
                 if not tok.chat_template:
-                    raise RequestError("this model's tokenizer has no chat template; send a text prompt")
+                    raise RequestError("this model's tokenizer has no chat template; send a text prompt", "prompt")
                 return list(tok.apply_chat_template(request.messages, add_generation_prompt=True))
             if request.chat_template and tok.chat_template:
                 return list(tok.apply_chat_template([{"role": "user", "content": request.prompt}],
@@ -198,7 +199,7 @@ class Engine:
         except RequestError:
             raise
         except Exception as e:  # a template or tokenizer that rejects this input
-            raise RequestError(f"could not tokenize the prompt ({type(e).__name__}: {e})") from None
+            raise RequestError(f"could not tokenize the prompt ({type(e).__name__}: {e})", "prompt") from None
 
     # ---- the loop (rank 0's main thread) ------------------------------------------------
 
@@ -391,7 +392,10 @@ _FLAG_NAMES = {"--max-tokens": "max_tokens", "--temp": "temperature", "--top-p":
                "--repetition-context-size": "repetition_context_size", "--stop": "stop"}
 
 
-def _openai_names(message: str) -> str:
-    """SamplingParams.validate speaks in command-line flags; requests use OpenAI's field names."""
+def _openai_names(message: str) -> tuple[str, str | None]:
+    """SamplingParams.validate speaks in command-line flags; requests use OpenAI's field
+    names: (the message in those, the field)."""
     flag = message.split(" ", 1)[0].rstrip(":")
-    return _FLAG_NAMES.get(flag, flag) + message[len(flag):] if flag in _FLAG_NAMES else message
+    if flag not in _FLAG_NAMES:
+        return message, None
+    return _FLAG_NAMES[flag] + message[len(flag):], _FLAG_NAMES[flag]

@@ -10,8 +10,15 @@ from ..errors import UserError
 
 class RequestError(UserError):
     """The request is refused before any rank sees it (a bad parameter, a prompt past the
-    context, one that can never fit the KV cache, a tokenizer error): HTTP 400."""
+    context, one that can never fit the KV cache, a tokenizer error): HTTP 400. `param`
+    names the request field at fault in OpenAI's words ("prompt" also stands for a chat's
+    messages); `code` is OpenAI's error code where one fits."""
     exit_code = 2
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 class QueueFull(RequestError):
