@@ -140,8 +140,9 @@ def main() -> None:
     p.add_argument("--closed", action="store_true", help="16 clients x 3 requests, back to back")
     p.add_argument("--ref", action="store_true", help="mlx-lm BatchGenerator instead of the engine")
     p.add_argument("--profile", action="store_true", help="cProfile the engine thread")
+    p.add_argument("--preset", default="tiny", choices=sorted(B.PRESETS))
     a = p.parse_args()
-    model_dir = B.bench_model_dir("tiny")
+    model_dir = B.bench_model_dir(a.preset)
     print(json.dumps((run_ref if a.ref else run_engine)(a, model_dir)))
 
 

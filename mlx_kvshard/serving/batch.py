@@ -14,7 +14,8 @@ clients paid two full copies per request (a quarter of the step time with a long
 prefix). A finished row's slot is therefore kept as a hole (its KV freed for reuse, its
 row decoded and ignored) while holes are few, and a joining prompt is written into a hole
 in place. Holes are compacted away with one `filter` when they outnumber half the live
-rows, and the columns every live row leaves unused on the left are cut once they reach
+rows or would hold the batch past the admitted KV capacity, and the columns every live
+row leaves unused on the left are cut once they reach
 `TRIM_COLUMNS`. Every rank runs this policy on the same messages, so every rank holds the
 same slots. Quantized batch caches (--kv-bits) keep the copying path.
 """
@@ -44,15 +45,17 @@ class StepOutput:
 
 
 class BatchState:
-    def __init__(self, model, comm, needs_logits: bool):
+    def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None):
         """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
-        gather is a collective every rank must run)."""
+        gather is a collective every rank must run). `kv_capacity`: the KV tokens per rank
+        the engine admits by (the same on every rank); holes are not kept past it."""
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
         self.batch_class = batch_cache_class(model.shard, model.kv)  # BatchKVCache, or quantized with --kv-bits
         self.rows: list[int | None] = []  # uid of each batch row (slot), None for a hole
         self.slots = self.batch_class is BatchKVCache  # holes and in-place joins (not with --kv-bits)
+        self.kv_capacity = kv_capacity
         self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
         self.entries: dict[int, list[KVCache]] = {}  # prefix entry -> per-layer single-stream cache of its positions
@@ -204,10 +207,14 @@ class BatchState:
         live = len(self.live)
         if not live:
             self.rows, self.cache = [], None
-        elif not self.slots or 2 * (len(self.rows) - live) > live:
+        elif not self.slots or 2 * (len(self.rows) - live) > live or self._over_capacity():
             self._compact()
         else:
             self._trim_left()
+
+    def _over_capacity(self) -> bool:
+        """Admission counts live rows only: holes must not hold the batch past the capacity."""
+        return self.kv_capacity is not None and len(self.rows) * self.cache[0]._idx > self.kv_capacity
 
     def _compact(self) -> None:
         keep = [j for j, u in enumerate(self.rows) if u is not None]

@@ -85,7 +85,8 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         check_batchable(loaded)  # deterministic: every rank reaches the same verdict
         check_kv(loaded, settings.kv.shard)
         capacity, ranks = kv_capacity(loaded, engine_settings)
-        state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel)
+        state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel,
+                           kv_capacity=capacity)
         live.phase("idle")
         if loaded.comm.rank == 0:
             from .engine import Engine
