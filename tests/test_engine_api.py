@@ -40,7 +40,7 @@ def with_engine(model_dir, body, **engine_settings):
         return 0
 
     settings = RankSettings(model=ModelSettings(str(model_dir), "float32", 256, 16))
-    assert serve_rank(settings, EngineSettings(prefill_step=16, **engine_settings), front) == 0
+    assert serve_rank(settings, EngineSettings(**{"prefill_step": 16, **engine_settings}), front) == 0
     if "error" in out:
         raise out["error"]
     return out["result"]
@@ -140,5 +140,31 @@ def test_row_slots_reuse_a_hole_and_cut_unused_columns(model, monkeypatch):
 
     got = with_engine(model, together, max_batch=3, prefix_cache_bytes=0)
     assert events["placed"] >= 1 and events["cut"] >= batch.TRIM_COLUMNS, events
+    alone = with_engine(model, lambda e: [e.generate(r).tokens for r in requests], max_batch=1, prefix_cache_bytes=0)
+    assert got == alone
+
+
+def test_whole_prompts_of_one_step_prefill_together(model, monkeypatch):
+    """Prompts that arrive together and fit the step's budget are prefilled as one
+    left-padded batch, then extracted row by row: each request's tokens equal alone."""
+    from mlx_kvshard.serving import batch
+
+    groups = []
+    together = batch.BatchState._prefill_together
+
+    def counting(self, prompts):
+        groups.append(len(prompts))
+        return together(self, prompts)
+
+    monkeypatch.setattr(batch.BatchState, "_prefill_together", counting)
+    requests = [Request(prompt_ids=PROMPT[k:k + n], params=greedy(6)) for k, n in ((0, 10), (3, 20), (7, 5), (1, 16))]
+
+    def at_once(engine):
+        with engine._cond:  # the engine takes all four from one drain of its inbox
+            handles = [engine.submit(r) for r in requests]
+        return [h.result().tokens for h in handles]
+
+    got = with_engine(model, at_once, max_batch=4, prefill_step=64, prefix_cache_bytes=0)
+    assert groups and max(groups) >= 2, groups
     alone = with_engine(model, lambda e: [e.generate(r).tokens for r in requests], max_batch=1, prefix_cache_bytes=0)
     assert got == alone

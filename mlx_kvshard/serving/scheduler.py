@@ -110,12 +110,13 @@ class Scheduler:
 
     def prefill_budget(self) -> int:
         """Prompt tokens this step may prefill: all of --prefill-step when nothing decodes, or
-        when as many prompts wait to prefill as rows decode (a burst of arrivals: getting
-        them going is worth more than a few rows' TPOT; 8 requests submitted one after the
-        other had the 7 behind the first spread over several steps); else what costs about
-        `prefill_decode_ratio` decode forwards (at least a small chunk)."""
+        when at least half as many prompts wait to prefill as rows decode (a burst of
+        arrivals: getting them going is worth more than those rows' TPOT; 16 requests
+        submitted one after the other had the last 7 spread over many steps); else what
+        costs about `prefill_decode_ratio` decode forwards (at least a small chunk), which
+        keeps a long prompt arriving beside running rows from freezing them."""
         s = self.settings
-        if not self.running or not s.prefill_decode_ratio or len(self.prefilling) >= len(self.running):
+        if not self.running or not s.prefill_decode_ratio or 2 * len(self.prefilling) >= len(self.running):
             return s.prefill_step
         least = min(s.min_prefill_chunk, s.prefill_step)  # the step message holds prefill_step tokens
         if self.decode_s is None or self.prefill_token_s is None:
