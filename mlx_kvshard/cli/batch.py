@@ -42,7 +42,8 @@ def add_engine_arguments(g) -> None:
                    help="per-rank bytes for cached prompt prefixes (0 = off; default 256 MiB)")
     g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
                    help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
-                        "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step)")
+                        "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step; a burst of "
+                        "at least half as many waiting prompts as decoding rows gets all of --prefill-step)")
 
 
 @dataclasses.dataclass
