@@ -16,11 +16,12 @@ from ..plan import RankShard
 from .dist import Comm
 
 
-def partial_attention(queries: mx.array, keys, values, q_pos: mx.array, k_pos: mx.array, scale: float,
-                      quantization: tuple[int, int] | None = None) -> tuple[mx.array, mx.array]:
-    """Attention of `queries` (B, Hq, L, D) at absolute positions `q_pos` over the stored
-    `keys`/`values` (B, Hkv, n, D), or mlx-lm's quantized (packed, scales, biases) triples,
-    at `k_pos`; a query sees the keys at or before its position. Returns (out, lse) with out
+def partial_attention(queries: mx.array, keys, values, scale: float, quantization: tuple[int, int] | None = None,
+                      q_pos: mx.array | None = None, k_pos: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Attention of `queries` (B, Hq, L, D) over the stored `keys`/`values` (B, Hkv, n, D),
+    or mlx-lm's quantized (packed, scales, biases) triples. With absolute positions `q_pos`
+    and `k_pos`, a query sees the keys at or before its position; without them it sees every
+    key (a decode step: all stored positions precede it). Returns (out, lse) with out
     (B, Hq, L, D) normalised over these keys only and lse (B, Hq, L) in float32
     (-inf, with out 0, for a query that sees none of them)."""
     B, n_q, L, D = queries.shape
@@ -34,7 +35,9 @@ def partial_attention(queries: mx.array, keys, values, q_pos: mx.array, k_pos: m
         scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=group_size, bits=bits)
     else:
         scores = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
-    scores = mx.where(k_pos[None, :] <= q_pos[:, None], scores.astype(mx.float32), -mx.inf)
+    scores = scores.astype(mx.float32)
+    if q_pos is not None:
+        scores = mx.where(k_pos[None, :] <= q_pos[:, None], scores, -mx.inf)
     m = scores.max(axis=-1, keepdims=True)
     m = mx.where(m == -mx.inf, 0.0, m)  # a query with no visible key: exp(-inf) = 0 below
     p = mx.exp(scores - m)
@@ -66,16 +69,16 @@ def sequence_sharded_attention(queries: mx.array, keys: mx.array, values: mx.arr
     rank issues the same one all_gather per layer, sharer or not."""
     L = queries.shape[2]
     start = cache.offset
-    q_pos = mx.arange(start, start + L)
+    keys, values = cache.update_and_fetch(keys, values)
     if shard.seq_sharers == 1:  # whole head here: plain causal attention, but join the gather
         from mlx_lm.models.base import scaled_dot_product_attention
 
-        keys, values = cache.update_and_fetch(keys, values)
         out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale,
                                            mask="causal" if L > 1 else None)
         w = merge_weights(mx.zeros(out.shape[:3], mx.float32), shard, comm)
         return out * w[..., None].astype(out.dtype)
-    keys, values = cache.update_and_fetch(keys, values)
-    out, lse = partial_attention(queries, keys, values, q_pos, cache.positions(), scale, cache.quantization)
+    # one decode position sees every stored one: the causal mask is for prefill chunks and verify steps
+    positions = (mx.arange(start, start + L), cache.positions()) if L > 1 else ()
+    out, lse = partial_attention(queries, keys, values, scale, cache.quantization, *positions)
     w = merge_weights(lse, shard, comm)
     return out * w[..., None].astype(out.dtype)
