@@ -25,7 +25,7 @@ def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtyp
     shard = plan.shards[comm.rank]
     ckpt = Checkpoint(model_dir)
     vocab_sizes = [s.local_vocab(cfg.vocab_size) for s in plan.shards] if plan.vocab_parallel else None
-    model = ShardedModel(cfg, shard, comm, vocab_sizes, kv=plan.kv, sequence_merge=plan.sequence_sharded)
+    model = ShardedModel(cfg, shard, comm, vocab_sizes, kv=plan.kv)
     if cfg.quantization:
         q = cfg.quantization
         # Quantize exactly the modules the checkpoint stores quantized (as mlx-lm does).

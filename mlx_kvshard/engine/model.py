@@ -136,17 +136,18 @@ class ShardedModel(nn.Module):
     """One rank's part of the model; parameter names match the HF checkpoint."""
 
     def __init__(self, cfg: ModelConfig, shard: RankShard, comm: Comm, vocab_sizes: list[int] | None = None,
-                 kv: KVSettings | None = None, sequence_merge: bool = False):
+                 kv: KVSettings | None = None):
         """`vocab_sizes`: every rank's lm_head rows, when the plan is vocab-parallel; `kv`: how
-        the cache stores this rank's heads; `sequence_merge`: the plan splits some KV head by
-        sequence position (every rank then joins one LSE all_gather per layer)."""
+        the cache stores this rank's heads (the plan's, its shard mode resolved). In sequence
+        mode some KV head is split by position (the plan puts it there only when ranks
+        outnumber KV heads), and every rank joins one LSE all_gather per layer."""
         super().__init__()
         self.config = cfg
         self.shard = shard
         self.comm = comm
         self.kv = kv or KVSettings()
         self._vocab_sizes = tuple(vocab_sizes or ())
-        self.model = DecoderModel(cfg, model_args(cfg), shard, comm, sequence_merge)
+        self.model = DecoderModel(cfg, model_args(cfg), shard, comm, sequence_merge=self.kv.shard == "sequence")
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, shard.local_vocab(cfg.vocab_size), bias=False)
 
