@@ -109,11 +109,24 @@ class TokenSampler:
 
     def sample_row(self, logits: mx.array, step: int, history: mx.array) -> mx.array:
         """One position's (B, vocab) logits -> its token, keyed by (seed, step), without agreement."""
-        for proc in self.processors:
-            logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.random.seed(step_seed(self.params.seed, step))
-        return self.sampler(logprobs).reshape(-1).astype(mx.uint32)
+        logits = processed(logits, self.processors, history)
+        if self.params.temp != 0:  # greedy's argmax does not need the logits normalized
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return keyed_sample(self.sampler, logits, self.params.seed, step).reshape(-1).astype(mx.uint32)
+
+
+def processed(logits: mx.array, processors: list, history: mx.array) -> mx.array:
+    """The logits after mlx-lm's processors (the penalties), which read the recent history."""
+    for proc in processors:
+        logits = proc(history, logits)
+    return logits
+
+
+def keyed_sample(sampler, logprobs: mx.array, seed: int, index: int) -> mx.array:
+    """A sample keyed by (seed, token index): a token does not depend on a resume or on the
+    batch it was sampled in (the key is taken as the op is built)."""
+    mx.random.seed(step_seed(seed, index))
+    return sampler(logprobs)
 
 
 def prefill(model, cache: list, prompt: list[int], prefill_step: int,

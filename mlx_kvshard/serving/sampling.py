@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from ..engine.generate import SamplingParams, logits_processors, step_seed
+from ..engine.generate import SamplingParams, keyed_sample, logits_processors, processed
 
 
 class RowSampler:
@@ -27,16 +27,13 @@ class RowSampler:
 
     def logprobs(self, logits: mx.array) -> mx.array:
         """[vocab] logits -> [1, vocab] log-probabilities after this sequence's processors."""
-        logits = logits[None]
-        for proc in self.processors:
-            logits = proc(self.history, logits)
+        logits = processed(logits[None], self.processors, self.history)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def sample(self, logprobs: mx.array, index: int) -> mx.array:
         if self.greedy:
             return mx.argmax(logprobs, axis=-1)
-        mx.random.seed(step_seed(self.params.seed, index))  # the key is taken as the op is built
-        return self.sampler(logprobs)
+        return keyed_sample(self.sampler, logprobs, self.params.seed, index)
 
     def accept(self, token: int) -> None:
         if self.processors:
@@ -73,13 +70,13 @@ def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int]
     chosen = mx.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
     k = max((n for n in logprobs if n), default=0)
     top = mx.argsort(-lp, axis=-1)[:, :k] if k else None
-    mx.eval(tokens, chosen, top if top is not None else [])
+    top_lp = mx.take_along_axis(lp, top, axis=-1) if k else None
+    mx.eval(tokens, chosen, [top, top_lp] if k else [])  # one evaluation for all of them
     toks, probs = tokens.tolist(), chosen.tolist()
     probs = [p if n is not None else None for p, n in zip(probs, logprobs)]
     alts: list[list[tuple[int, float]]] = [[] for _ in samplers]
     if top is not None:
-        top_ids = top.tolist()
-        top_lp = mx.take_along_axis(lp, top, axis=-1).tolist()
+        top_ids, top_lp = top.tolist(), top_lp.tolist()
         alts = [list(zip(top_ids[i][:n or 0], top_lp[i][:n or 0])) for i, n in enumerate(logprobs)]
     for s, t in zip(samplers, toks):
         s.accept(t)
