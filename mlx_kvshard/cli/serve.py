@@ -46,13 +46,14 @@ def server_settings(args):
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = options.rank_settings(args)  # every flag checked before anything starts
-    batch.engine_settings(args).validate()
-    server_settings(args).validate()
+    engine, server = batch.engine_settings(args), server_settings(args)
+    engine.validate()
+    server.validate()
     if args.simulate is not None:
         return simulate(args)
     from ..server.run import serve
 
-    return serve(settings, batch.engine_settings(args), server_settings(args))
+    return serve(settings, engine, server)
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ..engine.kvcache import allocated_positions, batch_cache_class, prefix_copy
+from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache, prefix_copy
 from .wire import Step
 
 TRIM_COLUMNS = 128  # cut the unused left columns of the batch cache once every live row leaves this many
@@ -76,10 +76,11 @@ class BatchState:
             out.decode_logits = self._verify(step) if step.drafts else self._decode(step.decode)
         t1 = time.perf_counter()
         whole = [p for p in step.prefill if self.slots and p.start == 0 and p.entry < 0 and p.last]
-        if len(whole) > 1:  # several whole prompts: one left-padded forward for all of them
+        together = {p.uid for p in whole} if len(whole) > 1 else set()
+        if together:  # several whole prompts: one left-padded forward for all of them
             out.first_logits.update(self._prefill_together(whole))
         for p in step.prefill:
-            if len(whole) > 1 and p in whole:
+            if p.uid in together:
                 continue
             logits = self._prefill(p)
             if logits is not None:
@@ -177,7 +178,7 @@ class BatchState:
         longest = max(len(p.tokens) for p in prompts)
         pad = [longest - len(p.tokens) for p in prompts]
         tokens = mx.array([[0] * k + list(p.tokens) for k, p in zip(pad, prompts)], dtype=mx.uint32)
-        cache = [BatchKVCache(pad) for _ in self.model.make_cache()]
+        cache = make_batch_cache(self.model.shard, self.model.kv, len(self.model.model.layers), pad)
         logits = self._forward(tokens, cache, last=True)
         for i, p in enumerate(prompts):
             self.pending[p.uid] = [c.extract(i) for c in cache]

@@ -61,7 +61,7 @@ class Engine:
             prefix = PrefixIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.min_prefix_tokens)
         self.scheduler = Scheduler(settings, kv_capacity, prefix)
         self.metrics = Metrics()
-        self.size = wire.capacity(settings.max_batch, settings.prefill_step, max_drafts=settings.max_drafts)
+        self.size = wire.engine_capacity(settings)
         self._cond = threading.Condition()
         self._tokenizer_lock = threading.Lock()
         self._inbox: list[Seq] = []
@@ -286,7 +286,7 @@ class Engine:
         if not rows:
             return
         samplers = [s.state.sampler for s in rows]
-        tokens, lps, alts = sample_rows(mx.concatenate(logits, axis=0), samplers,
+        tokens, lps, alts = sample_rows(logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0), samplers,
                                         [len(s.generated) for s in rows],
                                         [s.state.request.reported_logprobs for s in rows])
         now = time.perf_counter()

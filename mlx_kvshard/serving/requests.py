@@ -92,5 +92,3 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     error: str | None = None
-    ttft_s: float | None = None
-    tpot_s: float | None = None

@@ -66,9 +66,11 @@ class Step:
     put: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
     audit: bool = False
 
-    def empty(self) -> bool:
-        return not (self.idle or self.stop or self.trim or self.save or self.remove or self.drop or self.join or self.decode
-                    or self.prefill or self.put or self.audit)
+
+
+def engine_capacity(settings) -> int:
+    """The step message size for an engine's settings: rank 0 and every other rank must agree."""
+    return capacity(settings.max_batch, settings.prefill_step, max_drafts=settings.max_drafts)
 
 
 def capacity(max_batch: int, prefill_step: int, max_drops: int = 64, max_drafts: int = 0) -> int:

@@ -92,8 +92,7 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
             from .engine import Engine
 
             return int(front(Engine(loaded, live, engine_settings, capacity, state, ranks)) or 0)
-        follow(loaded.comm, live, state, wire.capacity(engine_settings.max_batch, engine_settings.prefill_step,
-                                                   max_drafts=engine_settings.max_drafts))
+        follow(loaded.comm, live, state, wire.engine_capacity(engine_settings))
         return 0
 
 
