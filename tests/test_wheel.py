@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _can_build_without_isolation() -> bool:
     """setuptools builds wheels itself from 70.1 on; before that it needs `wheel`."""
+    if importlib.util.find_spec("setuptools") is None:  # a uv environment has none: build isolated
+        return False
     return (importlib.util.find_spec("wheel") is not None
             or importlib.util.find_spec("setuptools.command.bdist_wheel") is not None)
 
