@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, argv: list[str], tag: str, port: int | None = None):
+    def __init__(self, tmp: Path, argv: list[str], tag: str, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.tag = tag
         self.out, self.err = tmp / f"{tag}.out", tmp / f"{tag}.err"
-        env = {**env_for(tag), "TMPDIR": str(tmp)}  # the launcher keeps a failed run's logs under TMPDIR
+        env = {**env_for(tag), "TMPDIR": str(tmp), **(env or {})}  # the launcher keeps a failed run's logs under TMPDIR
         self.proc = subprocess.Popen([sys.executable, "-m", "mlx_kvshard", *argv], stdout=open(self.out, "wb"),
                                      stderr=open(self.err, "wb"), stdin=subprocess.DEVNULL, env=env, cwd=REPO,
                                      start_new_session=True)

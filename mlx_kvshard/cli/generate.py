@@ -129,7 +129,8 @@ def simulate(args: argparse.Namespace) -> int:
         apply_resume(ck, args)
     settings = rank_settings(args)
     model_dir, _ = options.resolve_checked(settings)
-    _, tokenizer = check_prompt(settings, args.prompt, not args.no_chat_template, ck)  # fails fast before any rank starts
+    _, tokenizer = check_prompt(settings, args.prompt, not args.no_chat_template, ck,  # fails fast before any rank starts
+                                sampling_params(args))
     if args.draft_model:
         from ..engine.draft import check_draft
 

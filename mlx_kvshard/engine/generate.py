@@ -55,6 +55,13 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise UserError("--stop: stop strings must not be empty")
 
+    def check_model(self, vocab_size: int) -> None:
+        """What only the model bounds, checked before any rank samples: mlx-lm's top-k raises
+        unless 0 < top_k < vocabulary (inside a step, that would stop every rank)."""
+        if self.top_k >= vocab_size:
+            raise UserError(f"--top-k {self.top_k}: must be below the vocabulary size {vocab_size} "
+                            f"(0 disables it)")
+
 
 def step_seed(seed: int, step: int) -> int:
     """Randomness keyed by (seed, step): a run resumed at step k samples what an

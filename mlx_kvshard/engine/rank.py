@@ -20,11 +20,14 @@ from .startup import (LoadedRank, check_context, encode_prompt, join_group, load
 OnResume = Callable[[object], tuple[RankSettings, SamplingParams]]
 
 
-def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, ck=None) -> tuple[list[int], object]:
-    """Resolve the model, tokenize the prompt and check it fits; the ids and the tokenizer.
-    Deterministic, so every rank reaches the same verdict without talking to the others.
-    `ck`, a generation checkpoint to resume, brings the prompt ids instead."""
+def check_prompt(settings: RankSettings, text: str, chat_template: bool = True, ck=None,
+                 params: SamplingParams | None = None) -> tuple[list[int], object]:
+    """Resolve the model, tokenize the prompt and check it (and `params`) fit the model; the
+    ids and the tokenizer. Deterministic, so every rank reaches the same verdict without
+    talking to the others. `ck`, a generation checkpoint to resume, brings the prompt ids instead."""
     model_dir, cfg = resolve_model(settings.model)
+    if params is not None:
+        params.check_model(cfg.vocab_size)
     tokenizer = load_tokenizer(model_dir, cfg)
     if ck is not None:  # its ids mean something only with its model and tokenizer
         from ..liveness.checkpoint import check_model
@@ -54,7 +57,7 @@ def generate_on_rank(settings: RankSettings, params: SamplingParams, prompt: str
     ck = load_on_ranks(settings.checkpoint.resume, comm) if settings.checkpoint.resume else None
     if ck:  # that run's model, sampling, dtype, context
         settings, params = (on_resume or (lambda c: resumed(c, settings, params)))(ck)
-    ids, tokenizer = check_prompt(settings, prompt, chat_template, ck)  # before the long load
+    ids, tokenizer = check_prompt(settings, prompt, chat_template, ck, params)  # before the long load
     rank = load_rank(settings, comm, tokenizer)
     from .draft import load_draft
 

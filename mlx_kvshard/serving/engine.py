@@ -157,6 +157,7 @@ class Engine:
     def _prepare(self, request: Request) -> tuple[list[int], int]:
         try:
             request.params.validate()
+            request.params.check_model(self.loaded.cfg.vocab_size)
         except UserError as e:
             raise RequestError(*_openai_names(str(e))) from None
         if not 0 <= request.top_logprobs <= 20:
