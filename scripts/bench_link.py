@@ -60,7 +60,7 @@ def main() -> int:
     from mlx_kvshard.planner.capacity import allreduce_seconds, predict_decode, weight_bytes_read_per_token
     from mlx_kvshard.config import ModelConfig
     from mlx_kvshard.plan import ShardPlan
-    from mlx_kvshard.planner.profiles import ChipProfile, load_link
+    from mlx_kvshard.hardware.profiles import ChipProfile, load_link
 
     t0 = time.time()
     model_dir = B.bench_model_dir(a.preset)

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from mlx_kvshard.planner import capacity, profiles
+from mlx_kvshard.hardware import profiles
+from mlx_kvshard.planner import capacity
 from mlx_kvshard.planner.capacity import GIB, Host, Options
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.errors import UserError
 from mlx_kvshard.plan import ShardPlan
-from mlx_kvshard.planner.profiles import ChipProfile, LinkProfile
+from mlx_kvshard.hardware.profiles import ChipProfile, LinkProfile
 
 LLAMA3_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
                   num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,

@@ -218,3 +218,23 @@ def test_more_ranks_than_kv_heads(ckpt_root, tmp_path):
         assert results[i]["tokens"] == want, (i, results[i], want)
     assert report["info"]["world"] == 3
     assert max(s["batch"] for s in report["metrics"]["recent_steps"]) >= 2  # they ran together
+
+
+def test_link_emulation_is_paid_in_the_engine(model, alone, tmp_path):
+    """--link makes the serving engine pay each step's collectives at the link's cost on
+    every rank, as one-prompt generate does: a decode step pays at least its 2·L all_sums."""
+    from mlx_kvshard.hardware.links import allreduce_seconds
+    from mlx_kvshard.hardware.profiles import load_link
+
+    lines = [json.dumps(r) for r in REQUESTS[:2]]
+    results, report, _ = run_engine(tmp_path, lines, 2, "--link", "tb4-ring", name="link")
+    for i in range(2):
+        assert results[i]["tokens"] == alone[i]["tokens"], (i, results[i], alone[i])
+    cfg = json.loads((MODEL / "config.json").read_text())
+    link = load_link("tb4-ring")
+    decode_only = [s for s in report["metrics"]["recent_steps"] if s["batch"] and not s["prefill_tokens"]]
+    assert decode_only
+    for s in decode_only:
+        layers_cost = 2 * cfg["num_hidden_layers"] * allreduce_seconds(link, 2, s["batch"] * cfg["hidden_size"] * 4)
+        assert s["link_s"] >= layers_cost, s
+    assert report["metrics"]["totals"]["link_s"] >= sum(s["link_s"] for s in decode_only) > 0

@@ -103,3 +103,14 @@ def test_only_the_command_line_imports_the_command_line():
                        if t.split(".")[:2] == ["mlx_kvshard", "cli"]
                        and m.split(".")[:2] != ["mlx_kvshard", "cli"] and m != "mlx_kvshard.__main__")
     assert not offenders, "runtime modules import the command line: " + "; ".join(offenders)
+
+
+def test_the_runtime_imports_no_planner():
+    """The engine and the serving engine sit below the planner: the link cost model they
+    share lives in mlx_kvshard.hardware, under both."""
+    graph = import_graph()
+    below = ("engine", "serving", "hardware", "models")
+    offenders = sorted(f"{m} imports {t}" for m, ts in graph.items() for t in ts
+                       if t.split(".")[:2] == ["mlx_kvshard", "planner"] and m.split(".")[1:2] and
+                       m.split(".")[1] in below)
+    assert not offenders, "runtime modules import the planner: " + "; ".join(offenders)

@@ -67,7 +67,7 @@ def _per_rank(values: list | None, world: int, flag: str) -> list | None:
 def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
     """Hosts from --hostfile, --world, --memory and --chip (flags override the hostfile)."""
     from ..launch.hostfile import load_hostfile
-    from ..planner.profiles import load_chip
+    from ..hardware.profiles import load_chip
 
     cluster = load_hostfile(args.hostfile, planning=True) if args.hostfile else None
     entries, backend = (cluster.hosts, cluster.backend) if cluster else ([], None)
@@ -93,7 +93,7 @@ def resolve_hosts(args: argparse.Namespace) -> tuple[list[Host], str | None]:
 
 def choose_link(args: argparse.Namespace, hosts: list[Host], backend: str | None):
     """The --link profile, else one implied by the hostfile's backend and the chips' Thunderbolt."""
-    from ..planner.profiles import load_link
+    from ..hardware.profiles import load_link
 
     if args.link:
         return load_link(args.link), "--link"

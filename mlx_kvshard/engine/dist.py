@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
-
 import mlx.core as mx
 
-
-LinkCost = Callable[[str, int, int], float]  # (kind 'sum'|'gather', world, nbytes) -> seconds
+from ..hardware.links import LinkCost
 
 
 @dataclass
 class CommStats:
     collectives: int = 0
     bytes: int = 0  # payload bytes handed to collectives (per rank)
+    link_s: float = 0.0  # emulated link time paid (--link)
 
 
 class Comm:
@@ -27,12 +25,11 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.world = group.size() if group is not None else 1
         self.stats = CommStats()
-        # cost(kind, world, nbytes) -> seconds of an emulated link (simulation only);
-        # handed in by the caller so the per-token path imports no planner.
+        # cost(kind, world, nbytes) -> seconds of an emulated link (simulation only, --link)
         self.link_cost: LinkCost | None = None
         self._owed_s = 0.0
 
-    def emulate_link(self, cost: "LinkCost") -> None:
+    def emulate_link(self, cost: LinkCost) -> None:
         """Make each collective cost at least `cost(kind, world, nbytes)` seconds ('sum' or
         'gather'): owed at issue, paid by `pay_link_time()` after the step that ran it is evaluated."""
         self.link_cost = cost
@@ -41,6 +38,7 @@ class Comm:
         owed, self._owed_s = self._owed_s, 0.0
         if owed > 0:
             time.sleep(owed)
+            self.stats.link_s += owed
         return owed
 
     def _issue(self, x: mx.array, kind: str) -> None:

@@ -20,7 +20,7 @@ from ..settings import ModelSettings, RankSettings
 if TYPE_CHECKING:  # MLX-free at import: the CLI checks settings before any rank starts
     import mlx.core as mx
 
-    from .dist import Comm, LinkCost
+    from .dist import Comm
     from .model import ShardedModel
 
 # Test-only hooks, read here and nowhere else. Never set them outside tests.
@@ -108,26 +108,13 @@ def mx_dtype(name: str) -> mx.Dtype | None:
 
 def join_group(settings: RankSettings, live) -> Comm:
     """Join the group (through liveness, which guards the join) and emulate the link if asked."""
+    from ..hardware.links import link_cost
     from .dist import init_comm
 
     comm = live.join(lambda: init_comm(settings.sharding.backend))
     if settings.sharding.link:
         comm.emulate_link(link_cost(settings.sharding.link))
     return comm
-
-
-def link_cost(name: str) -> LinkCost:
-    """cost(kind, world, nbytes) -> seconds for a link profile: the planner's model of it."""
-    from ..planner import capacity
-    from ..planner.profiles import load_link
-
-    link = load_link(name)
-
-    def cost(kind: str, world: int, nbytes: int) -> float:
-        seconds = capacity.allreduce_seconds if kind == "sum" else capacity.allgather_seconds
-        return seconds(link, world, nbytes)
-
-    return cost
 
 
 def start_rank(settings: RankSettings, live) -> LoadedRank:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..paths import CONFIGS_DIR
-from ..planner.profiles import available
+from ..hardware.profiles import available
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring")
 HOST_FIELDS = ("ssh", "ips", "rdma", "label", "memory_gb", "chip", "python", "cwd")

@@ -19,7 +19,8 @@ from ..config import DTYPE_BYTES, ModelConfig
 from ..errors import UserError
 from ..plan import ShardPlan, human_bytes, kv_position_bytes
 from ..settings import KVSettings
-from .profiles import ChipProfile, LinkProfile
+from ..hardware.links import allgather_seconds, allreduce_seconds
+from ..hardware.profiles import ChipProfile, LinkProfile
 
 GIB = 1024**3
 
@@ -191,25 +192,6 @@ def fit_ranks(plan: ShardPlan, hosts: Sequence[Host], opts: Options) -> list[Ran
 
 
 # ---- communication --------------------------------------------------------------------
-def allreduce_seconds(link: LinkProfile, world: int, nbytes: float) -> float:
-    """One all_sum of `nbytes` (the payload each rank holds) across `world` ranks."""
-    if world <= 1:
-        return 0.0
-    if link.algorithm == "mesh" and nbytes <= link.mesh_max_bytes:
-        # one step: each rank sends its whole payload to every peer at once, one cable per peer
-        return link.alpha_s + nbytes / link.bandwidth_Bps
-    # ring: N-1 reduce-scatter steps then N-1 all-gather steps of payload/N each (MLX ring.cpp)
-    steps = 2 * (world - 1)
-    return steps * link.alpha_s + steps / world * nbytes / link.bandwidth_Bps
-
-
-def allgather_seconds(link: LinkProfile, world: int, nbytes: float) -> float:
-    """One all_gather where each rank contributes `nbytes` (ring: N-1 steps of one block)."""
-    if world <= 1:
-        return 0.0
-    return (world - 1) * (link.alpha_s + nbytes / link.bandwidth_Bps)
-
-
 def vocab_gather_bytes(plan: ShardPlan, batch: int) -> int:
     """Per-rank block of the vocab-parallel logits gather (padded to the largest slice); 0 if off."""
     if not plan.vocab_parallel:

@@ -9,7 +9,7 @@ from . import capacity
 from .capacity import GIB, Decision, Evaluation, Options
 from ..plan import human_bytes
 from ..table import columns
-from .profiles import LinkProfile
+from ..hardware.profiles import LinkProfile
 
 
 def _ms(seconds: float) -> str:

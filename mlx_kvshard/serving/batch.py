@@ -74,6 +74,7 @@ class BatchState:
         t0 = time.perf_counter()
         if step.decode:
             out.decode_logits = self._verify(step) if step.drafts else self._decode(step.decode)
+            self.comm.pay_link_time()  # --link: what the step message and the decode's collectives cost
         t1 = time.perf_counter()
         whole = [p for p in step.prefill if self.slots and p.start == 0 and p.entry < 0 and p.last]
         together = {p.uid for p in whole} if len(whole) > 1 else set()
@@ -85,6 +86,7 @@ class BatchState:
             logits = self._prefill(p)
             if logits is not None:
                 out.first_logits[p.uid] = logits
+        self.comm.pay_link_time()  # --link: the prefills' collectives (the message's, on a prefill-only step)
         out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
         for entry, uid, n in step.put:
             self._keep(entry, self.pending[uid], n)

@@ -256,7 +256,7 @@ class Engine:
 
     def _run_step(self, step: wire.Step) -> None:
         t0 = time.perf_counter()
-        c0, b0 = self.comm.stats.collectives, self.comm.stats.bytes
+        c0, b0, l0 = self.comm.stats.collectives, self.comm.stats.bytes, self.comm.stats.link_s
         self._broadcast(step)
         out = self.state.apply(step)
         drafted = accepted = 0
@@ -273,7 +273,8 @@ class Engine:
                                     sum(len(p.tokens) for p in step.prefill))
         self.metrics.step(StepRecord(step.index, len(step.decode), sum(len(p.tokens) for p in step.prefill),
                                      wall, self.comm.stats.collectives - c0,
-                                     self.comm.stats.bytes - b0, step.audit, drafted, accepted))
+                                     self.comm.stats.bytes - b0, step.audit, drafted, accepted,
+                                     self.comm.stats.link_s - l0))
         self._gauges()
 
     def _sample(self, step: wire.Step, out: StepOutput) -> None:

@@ -30,6 +30,7 @@ class StepRecord:
     audit: bool = False  # a --check-sync audit (one gather) ran in it
     drafted: int = 0  # a speculative verify step: proposals verified
     accepted: int = 0  # of those, equal to the target's token
+    link_s: float = 0.0  # emulated link time this rank paid in the step (--link)
 
 
 class Metrics:
@@ -39,7 +40,8 @@ class Metrics:
         self.steps: deque[StepRecord] = deque(maxlen=keep)
         self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                        "steps": 0, "decode_steps": 0, "collectives": 0, "bytes": 0, "refused": 0,
-                       "decode_collectives": 0, "verify_steps": 0, "verify_tokens": 0, "drafted": 0, "accepted": 0}
+                       "decode_collectives": 0, "verify_steps": 0, "verify_tokens": 0, "drafted": 0, "accepted": 0,
+                       "link_s": 0.0}
         self.outcomes: dict[str, int] = {}
         self.gauges: dict = {}  # queue depth, running, KV used/capacity, ...: the latest values
 
@@ -74,6 +76,7 @@ class Metrics:
             t["collectives"] += s.collectives
             t["decode_collectives"] += s.collectives if s.batch else 0
             t["bytes"] += s.bytes
+            t["link_s"] += s.link_s
 
     def set(self, **gauges) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Link and chip profiles for the capacity planner, read from the package's
+"""Link and chip profiles for the capacity planner and the link emulation, read from the package's
 `configs/{links,chips}/*.json` (or from a user's own JSON file, by path).
 
 Every number in a profile is `{"value": ..., "source": "..."}`: the planner's predictions
