@@ -6,7 +6,7 @@ Pure Python, no MLX."""
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
@@ -89,6 +89,10 @@ class KVSettings:
     # share of its positions ("sequence"); "auto" picks the smaller per-rank memory at max context
     shard: str = "replicate"
 
+    def full_precision(self) -> "KVSettings":
+        """The same layout (shard mode) storing K and V in the compute dtype."""
+        return replace(self, bits=None, quant_start=0)
+
     def check(self, head_dim: int | None = None) -> None:
         from .errors import UserError
 
@@ -103,6 +107,19 @@ class KVSettings:
         if self.bits and head_dim is not None and head_dim % self.group_size:
             raise UserError(f"--kv-bits {self.bits}: head_dim {head_dim} is not a multiple of "
                             f"--kv-group-size {self.group_size}; choose a group size that divides it")
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    """`mlx-kvshard perplexity`: which text, scored in windows of how many tokens."""
+    file: str
+    context: int | None = None  # tokens per window; None = the whole text, up to the max context
+    compare_fp: bool = False  # also run full-precision KV beside it: KL divergence, top-1 agreement
+    json: bool = False
+
+    def validate(self) -> None:
+        if self.context is not None and self.context < 2:
+            raise UserError(f"--context {self.context}: a window needs at least 2 tokens")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def version_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate as cmd_generate, plan as cmd_plan, serve as cmd_serve
+    from . import generate as cmd_generate, perplexity as cmd_perplexity, plan as cmd_plan, serve as cmd_serve
     from . import launch as launch_cli
 
     parser = argparse.ArgumentParser(
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_generate.register(sub)
     cmd_serve.register(sub)
     cmd_plan.register(sub)
+    cmd_perplexity.register(sub)
     launch_cli.register(sub)
     return parser
 

@@ -1,0 +1,92 @@
+"""`mlx-kvshard perplexity`: a text scored through the sharded model and its KV cache as
+generation fills it. The same value at world 1 and world 3 (1e-4 relative, float32), and
+the value mlx-lm's own unsharded model gives through its own caches in the same chunks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from checkpoints import checkpoint
+from mlx_kvshard.models.architectures import load_oracle
+
+PROSE = Path(__file__).parent / "data" / "prose.txt"
+CONTEXT, STEP = 40, 8  # windows of 40 tokens, each prefilled in chunks of 8
+
+
+def perplexity(*argv) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "perplexity", "--json", *argv],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def oracle(model_dir: Path, text: Path, make_cache) -> tuple[float, int]:
+    """Perplexity from mlx-lm's model and caches: windows of CONTEXT, chunks of STEP."""
+    model = load_oracle(model_dir, mx.float32)
+    ids = load_tokenizer(model_dir).encode(text.read_text())
+    nll, n = 0.0, 0
+    for w in range(0, len(ids), CONTEXT):
+        window = ids[w:w + CONTEXT]
+        cache = [make_cache() for _ in model.layers]
+        for s in range(0, len(window) - 1, STEP):
+            x = mx.array(window[s:s + STEP + 1])
+            logits = model(x[None, :-1], cache=cache)[0].astype(mx.float32)
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            nll -= mx.take_along_axis(lp, x[1:, None], axis=-1).sum().item()
+            n += x.shape[0] - 1
+    return math.exp(nll / n), n
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "prose.txt"
+    path.write_text(PROSE.read_text()[:500])  # a few windows on the byte-level test tokenizer
+    return path
+
+
+def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
+    model = checkpoint(ckpt_root, "kvq")  # 4 KV heads: world 3 holds 2, 1, 1
+    args = ["--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step", str(STEP),
+            "--kv-bits", "4", "--kv-group-size", "32", "--compare-fp"]
+    one, three = perplexity(*args, "--simulate", "1"), perplexity(*args, "--simulate", "3")
+    assert one["tokens_scored"] == three["tokens_scored"] > 2 * CONTEXT and one["windows"] >= 3
+    for key in ("perplexity", "fp_perplexity", "kl_divergence_mean"):
+        assert math.isclose(three[key], one[key], rel_tol=1e-4), (key, one[key], three[key])
+    assert one["kl_divergence_mean"] > 0 and one["perplexity"] != one["fp_perplexity"]  # 4-bit KV is not free
+    want, n = oracle(model, text, lambda: QuantizedKVCache(group_size=32, bits=4))
+    assert n == one["tokens_scored"]
+    assert math.isclose(one["perplexity"], want, rel_tol=1e-4), (one["perplexity"], want)
+    want_fp, _ = oracle(model, text, KVCache)
+    assert math.isclose(one["fp_perplexity"], want_fp, rel_tol=1e-4), (one["fp_perplexity"], want_fp)
+    # KV per rank follows the heads it holds
+    assert [r["kv_bytes"] for r in three["ranks"]] == [2 * three["ranks"][1]["kv_bytes"]] + [three["ranks"][1]["kv_bytes"]] * 2
+
+
+def test_sequence_sharded_kv_equals_mlx_lm(ckpt_root, text):
+    """World 3 on 2 KV heads, one of them split by sequence position, 8-bit: the LSE merge
+    over quantized shares gives mlx-lm's perplexity through its own 8-bit cache."""
+    model = checkpoint(ckpt_root, "seq_kv2")
+    got = perplexity("--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step",
+                     str(STEP), "--kv-bits", "8", "--kv-group-size", "32", "--kv-shard", "sequence",
+                     "--simulate", "3")
+    assert got["kv"]["shard"] == "sequence"
+    want, _ = oracle(model, text, lambda: QuantizedKVCache(group_size=32, bits=8))
+    assert math.isclose(got["perplexity"], want, rel_tol=1e-4), (got["perplexity"], want)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    for argv, needle in ((["--file", str(tmp_path / "missing.txt")], "no such file"),
+                         (["--file", str(PROSE), "--context", "1"], "at least 2 tokens")):
+        proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "perplexity", "--simulate", "1", *argv],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
