@@ -164,23 +164,22 @@ class ShardPlan:
         return plan
 
     def _check_quant_alignment(self) -> None:
-        q = self.config.quantization
-        if q is None:
-            return
         hd = self.config.head_dim
-        for s in self.shards:
-            # o_proj is split along its input (query-head) axis, which is quantized in groups.
-            if (s.q_heads[0] * hd) % q.group_size:
-                raise UserError(
-                    f"rank {s.rank} would start o_proj at column {s.q_heads[0] * hd}, not a multiple of "
-                    f"the quantization group size {q.group_size} (head_dim {hd}); choose a world "
-                    f"size that splits at whole groups, or use an unquantized checkpoint"
-                )
+        for q in self.config.quantized_modules("self_attn.o_proj"):
+            for s in self.shards:
+                # o_proj is split along its input (query-head) axis, which is quantized in groups.
+                if (s.q_heads[0] * hd) % q.group_size:
+                    raise UserError(
+                        f"rank {s.rank} would start o_proj at column {s.q_heads[0] * hd}, not a multiple of "
+                        f"the quantization group size {q.group_size} (head_dim {hd}); choose a world "
+                        f"size that splits at whole groups, or use an unquantized checkpoint"
+                    )
 
     def _split_mlp(self) -> list[tuple[int, int]]:
         cfg = self.config
-        if cfg.quantization:
-            align = cfg.quantization.group_size  # down_proj's input axis is quantized in groups
+        groups = [q.group_size for q in cfg.quantized_modules("mlp.down_proj")]
+        if groups:
+            align = math.lcm(*groups)  # down_proj's input axis is quantized in groups, in every layer
         else:  # whole SIMD-friendly blocks when the model is big enough for them
             align = 32 if cfg.intermediate_size % 32 == 0 and cfg.intermediate_size // 32 >= self.world else 1
         units = cfg.intermediate_size // align
@@ -194,10 +193,13 @@ class ShardPlan:
                 f"intermediate_size {cfg.intermediate_size} has only {units} column groups of "
                 f"{align}; it cannot be split across {self.world} ranks"
             )
-        per_unit = 3 * self._linear_bytes(align, cfg.hidden_size)
-        # attention weights plus the KV reserved at the planned context, per layer
-        attn = [self._attention_bytes(s) + self.kv_bytes(s.rank, self.context) / cfg.num_hidden_layers
-                for s in self.shards]
+        # one unit of MLP columns (gate and up rows, down columns) and each rank's attention
+        # weights plus the KV reserved at the planned context, over all layers
+        h = cfg.hidden_size
+        per_unit = sum(self._linear_bytes(align, h, f"{p}.gate_proj") + self._linear_bytes(align, h, f"{p}.up_proj")
+                       + self._linear_bytes(h, align, f"{p}.down_proj") for p in self._layer_prefixes("mlp"))
+        attn = [sum(self._attention_bytes(s, layer) for layer in range(cfg.num_hidden_layers))
+                + self.kv_bytes(s.rank, self.context) for s in self.shards]
         budget = sum(attn) + units * per_unit
         wsum = sum(self.shares)
         # Each rank's share of all layer bytes follows its weight; MLP fills what attention leaves.
@@ -213,55 +215,70 @@ class ShardPlan:
         cfg = self.config
         return DTYPE_BYTES[cfg.dtype] if cfg.dtype in DTYPE_BYTES else 2
 
-    def _linear_bytes(self, out_features: int, in_features: int) -> int:
-        q = self.config.quantization
+    def _linear_bytes(self, out_features: int, in_features: int, module: str) -> int:
+        """Bytes of `module`'s matrix (out x in) as the checkpoint stores it (config.json's
+        quantization: its defaults, or the module's own entry)."""
+        q = self.config.quant_for(module)
         if q is None:
             return out_features * in_features * self._param_bytes
-        groups = in_features // q.group_size
-        # packed weight + one scale and one bias per group, stored in the model dtype
-        return out_features * in_features * q.bits // 8 + out_features * groups * 2 * self._param_bytes
+        return q.linear_bytes(out_features, in_features, self._param_bytes)
 
-    def _attention_bytes(self, s: RankShard) -> int:
+    def _layer_prefixes(self, block: str) -> list[str]:
+        return [f"model.layers.{i}.{block}" for i in range(self.config.num_hidden_layers)]
+
+    def _attention_bytes(self, s: RankShard, layer: int) -> int:
         cfg = self.config
         hd, h = cfg.head_dim, cfg.hidden_size
-        b = self._linear_bytes(s.local_q_heads * hd, h) + 2 * self._linear_bytes(s.local_kv_heads * hd, h)
-        b += self._linear_bytes(h, s.local_q_heads * hd)
+        p = f"model.layers.{layer}.self_attn"
+        b = self._linear_bytes(s.local_q_heads * hd, h, f"{p}.q_proj")
+        b += self._linear_bytes(s.local_kv_heads * hd, h, f"{p}.k_proj")
+        b += self._linear_bytes(s.local_kv_heads * hd, h, f"{p}.v_proj")
+        b += self._linear_bytes(h, s.local_q_heads * hd, f"{p}.o_proj")
         if cfg.attention_bias:
             b += (s.local_q_heads + 2 * s.local_kv_heads) * hd * self._param_bytes
         return b
 
-    def layer_bytes(self, rank: int) -> int:
+    def layer_bytes(self, rank: int, layer: int = 0) -> int:
+        """Bytes of one layer's slice on `rank` (layers differ when config.json quantizes them
+        differently)."""
         s = self.shards[rank]
         cfg = self.config
-        b = self._attention_bytes(s)
-        b += 2 * self._linear_bytes(s.local_mlp_cols, cfg.hidden_size)
-        b += self._linear_bytes(cfg.hidden_size, s.local_mlp_cols)
+        p = f"model.layers.{layer}.mlp"
+        b = self._attention_bytes(s, layer)
+        b += self._linear_bytes(s.local_mlp_cols, cfg.hidden_size, f"{p}.gate_proj")
+        b += self._linear_bytes(s.local_mlp_cols, cfg.hidden_size, f"{p}.up_proj")
+        b += self._linear_bytes(cfg.hidden_size, s.local_mlp_cols, f"{p}.down_proj")
         b += 2 * cfg.hidden_size * self._param_bytes  # two RMSNorms (replicated)
         if cfg.model_type == "qwen3":
             b += 2 * cfg.head_dim * self._param_bytes  # q_norm, k_norm
         return b
 
+    def layers_bytes(self, rank: int) -> int:
+        """Bytes of every layer's slice on `rank`."""
+        return sum(self.layer_bytes(rank, layer) for layer in range(self.config.num_hidden_layers))
+
     def replicated_bytes(self) -> int:
         """Embedding and final norm: held whole on every rank."""
         cfg = self.config
-        return self._linear_bytes(cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * self._param_bytes
+        return (self._linear_bytes(cfg.vocab_size, cfg.hidden_size, "model.embed_tokens")
+                + cfg.hidden_size * self._param_bytes)
 
     def logits_bytes(self, rank: int) -> int:
         """The vocabulary rows this rank multiplies for the logits (lm_head, or the tied embedding)."""
         cfg = self.config
-        return self._linear_bytes(self.shards[rank].local_vocab(cfg.vocab_size), cfg.hidden_size)
+        module = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        return self._linear_bytes(self.shards[rank].local_vocab(cfg.vocab_size), cfg.hidden_size, module)
 
     def weight_bytes(self, rank: int) -> int:
         """Bytes this rank stores."""
         lm_head = 0 if self.config.tie_word_embeddings else self.logits_bytes(rank)
-        return self.config.num_hidden_layers * self.layer_bytes(rank) + self.replicated_bytes() + lm_head
+        return self.layers_bytes(rank) + self.replicated_bytes() + lm_head
 
     def decode_read_bytes(self, rank: int) -> int:
         """Weight bytes one decode step reads: every layer slice, the final norm and the
         logits rows; the embedding lookup reads a single row."""
         cfg = self.config
-        return (cfg.num_hidden_layers * self.layer_bytes(rank) + cfg.hidden_size * self._param_bytes
-                + self.logits_bytes(rank))
+        return self.layers_bytes(rank) + cfg.hidden_size * self._param_bytes + self.logits_bytes(rank)
 
     def kv_bytes_per_token(self, rank: int) -> int:
         """KV bytes per position this rank holds (all layers, its heads, at the plan's KV bits)."""
@@ -310,6 +327,7 @@ class ShardPlan:
             "head_dim": cfg.head_dim,
             "intermediate_size": cfg.intermediate_size,
             "quantization": (vars(cfg.quantization) if cfg.quantization else None),
+            "quantization_overrides": {m: (vars(q) if q else None) for m, q in cfg.quant_overrides},
             "compute_dtype": self.compute_dtype,
             "vocab_parallel": self.vocab_parallel,
             "kv": {"bits": self.kv.bits, "group_size": self.kv.group_size, "shard": self.kv.shard,

@@ -51,10 +51,35 @@ SPECS = {
                              intermediate_size=128), None, 1),
     "seq_kv4": (llama_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
                              intermediate_size=128), None, 1),
+    # mixed precision as mlx_lm.convert --quant-predicate writes it: 4-bit group 32 by default,
+    # per-module entries in config.json (8-bit embedding used as the tied lm_head, 5/6/8-bit
+    # row-parallel layers, a module left unquantized); 4 KV heads split 2,1,1 at world 3
+    "q_mixed": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+                             intermediate_size=256, tie_word_embeddings=True), (4, 32), 1),
+    # MLX's microscaling mode (no biases, 8-bit scales)
+    "mxfp4": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+                           intermediate_size=256), (4, 32), 1),
 }
+
+MIXED = {
+    "model.embed_tokens": {"group_size": 32, "bits": 8},
+    "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 8},
+    "model.layers.1.mlp.down_proj": {"group_size": 32, "bits": 6},
+    "model.layers.1.self_attn.o_proj": {"group_size": 32, "bits": 5},
+    "model.layers.1.self_attn.q_proj": False,
+}
+
+
+def mixed_predicate(path, module):
+    return MIXED.get(path, True)
+
+
+# name -> extra write_checkpoint arguments (mlx-lm's quantize_model with a predicate or a mode)
+QUANT_EXTRA = {"q_mixed": {"quant_predicate": mixed_predicate}, "mxfp4": {"quant_mode": "mxfp4"}}
 
 
 def checkpoint(root: Path, name: str) -> Path:
     cfg, quant, shards = SPECS[name]
     return write_atomically(root / name, lambda tmp: write_checkpoint(tmp, cfg, seed=zlib.crc32(name.encode()) % 1000,
-                                                                      quantize=quant, shards=shards))
+                                                                      quantize=quant, shards=shards,
+                                                                      **QUANT_EXTRA.get(name, {})))

@@ -13,7 +13,7 @@ import numpy as np
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.engine.dist import init_comm
 from mlx_kvshard.engine.generate import DecodeTimings, SamplingParams, generate_tokens
-from mlx_kvshard.engine.loader import load_rank_model
+from mlx_kvshard.engine.loader import load_rank_model, parameter_bytes
 from mlx_kvshard.plan import ShardPlan
 from mlx_kvshard.engine.safetensors_reader import Checkpoint
 
@@ -49,6 +49,8 @@ def main(out: Path, model_dirs: list[str], vocab_parallel: bool) -> None:
             "kv_tokens_allocated": int(cache[0].keys.shape[2]),
             "plan_kv_bytes_per_token": plan.kv_bytes_per_token(comm.rank),
             "cache_kv_heads": int(cache[0].keys.shape[1]),
+            "param_bytes": parameter_bytes(model),
+            "plan_weight_bytes": plan.weight_bytes(comm.rank),
         }
         (out / f"{d.name}.rank{comm.rank}.json").write_text(json.dumps(facts))
         if comm.rank == 0:

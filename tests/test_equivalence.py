@@ -18,14 +18,14 @@ from ranks import mlx_launch
 # (world, vocab-parallel lm_head) -> checkpoints run that way
 RUNS = {
     (1, False): ["llama_g2", "qwen3_qknorm"],
-    (2, False): ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4", "q8"],
-    (3, False): ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4"],
+    (2, False): ["llama_g2", "qwen2_bias", "qwen3_qknorm", "mistral", "bf16", "q4", "q8", "q_mixed", "mxfp4"],
+    (3, False): ["llama_g2", "llama_g4_tied_rope", "llama_kv8", "q4", "q_mixed"],
     (4, False): ["llama_g2", "llama_g4_tied_rope", "q4"],
     # 6 > 4 KV heads: shared heads, 2,2,1,1 ranks per head (8 ranks on 4 KV heads: test_cli.py)
     (6, False): ["llama_g2", "llama_g4_tied_rope"],
-    (3, True): ["llama_g2", "llama_g4_tied_rope", "q4", "q4_tied"],  # untied, tied, quantized
+    (3, True): ["llama_g2", "llama_g4_tied_rope", "q4", "q4_tied", "q_mixed"],  # untied, tied, quantized
 }
-TOLERANCE = {"q4": 1e-3, "q8": 1e-3, "q4_tied": 1e-3}  # quantized matmuls sum in another order per shard
+TOLERANCE = {"q4": 1e-3, "q8": 1e-3, "q4_tied": 1e-3, "q_mixed": 1e-3, "mxfp4": 1e-3}  # quantized matmuls sum in another order per shard
 _oracle_cache: dict = {}
 
 
@@ -58,6 +58,10 @@ def test_sharded_matches_unsharded(world, vocab_parallel, ckpt_root, tmp_path):
             assert f["k_proj_is_own_heads"], f
             assert f["cache_kv_heads"] == f["kv_heads"][1] - f["kv_heads"][0]
             assert f["kv_bytes"] == f["kv_tokens_allocated"] * f["plan_kv_bytes_per_token"]
+            # the plan's weight bytes are what the rank holds (per-module quantization included),
+            # where loading in float32 keeps the checkpoint's dtype
+            if json.loads((d / "config.json").read_text())["torch_dtype"] == "float32":
+                assert f["param_bytes"] == f["plan_weight_bytes"], (name, f)
         owned = sorted(h for f in facts for h in range(*f["kv_heads"]))
         n_kv = json.loads((d / "config.json").read_text())["num_key_value_heads"]
         if world <= n_kv:  # no sharing: every KV head held by exactly one rank

@@ -92,6 +92,46 @@ def test_quantized_columns_on_group_boundaries():
     assert q < ShardPlan.build(cfg(), 3).layer_bytes(0) / 3
 
 
+def test_per_module_quantization_in_bytes_and_alignment():
+    """mlx-lm's per-module entries: the embedding at 8 bits, one down_proj at group 128, one layer's
+    q_proj left unquantized (false); every other module takes the 4-bit group-64 defaults."""
+    d = dict(model_type="llama", hidden_size=8192, num_hidden_layers=4, intermediate_size=28672,
+             num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+             torch_dtype="bfloat16",
+             quantization={"bits": 4, "group_size": 64, "model.embed_tokens": {"bits": 8, "group_size": 64},
+                           "model.layers.2.mlp.down_proj": {"bits": 8, "group_size": 128},
+                           "model.layers.1.self_attn.q_proj": False})
+    c = ModelConfig.from_dict(d)
+    assert c.quant_for("model.layers.1.self_attn.q_proj") is None
+    assert c.quant_for("model.embed_tokens").bits == 8
+    assert c.quant_for("model.layers.0.mlp.down_proj").bits == 4
+    plan = ShardPlan.build(c, 3)
+    for s in plan.shards:  # the MLP split follows the widest down_proj group of any layer
+        assert s.mlp_cols[0] % 128 == 0
+    # every module at the defaults (the group-128 down_proj kept)
+    d["quantization"] = {"bits": 4, "group_size": 64, "model.layers.2.mlp.down_proj": {"bits": 4, "group_size": 128}}
+    uniform = ShardPlan.build(ModelConfig.from_dict(d), 3)
+    # the unquantized q_proj slice (bf16) costs more than its 4-bit version
+    q_rows = plan.shards[0].local_q_heads * 128
+    extra_q = q_rows * 8192 * 2 - (q_rows * 8192 // 2 + q_rows * 8192 // 64 * 4)
+    assert plan._attention_bytes(plan.shards[0], 1) - uniform._attention_bytes(uniform.shards[0], 1) == extra_q
+    # the 8-bit embedding: twice the packed bytes, same scales and biases
+    assert plan.replicated_bytes() - uniform.replicated_bytes() == 128256 * 8192 // 2
+    assert plan.weight_bytes(0) == sum(plan.layer_bytes(0, i) for i in range(4)) + plan.replicated_bytes()
+
+
+def test_quantization_mode_other_than_mlx_is_refused():
+    d = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+             num_attention_heads=4, num_key_value_heads=4, vocab_size=1000,
+             quantization={"bits": 4, "group_size": 32, "mode": "fp3"})
+    with pytest.raises(UserError, match="mode 'fp3', which MLX cannot run"):
+        ModelConfig.from_dict(d)
+    d["quantization"] = {"bits": 4, "group_size": 32, "mode": "mxfp4"}
+    plan = ShardPlan.build(ModelConfig.from_dict(d), 1)
+    # mxfp4: packed 4-bit values and one 8-bit scale per 32, no biases
+    assert plan.replicated_bytes() == 1000 * 256 // 2 + 1000 * 256 // 32 + 256 * 2
+
+
 def test_quantized_head_split_off_group_boundary_is_refused():
     # head_dim 16 with group 64: a rank starting at query head 2 starts o_proj at column 32
     c = cfg(n_heads=8, n_kv=8, hidden=128, inter=256, layers=2, quant=(4, 64))

@@ -26,11 +26,17 @@ def load_rank_model(model_dir: Path, plan: ShardPlan, comm: Comm, dtype: mx.Dtyp
     ckpt = Checkpoint(model_dir)
     vocab_sizes = [s.local_vocab(cfg.vocab_size) for s in plan.shards] if plan.vocab_parallel else None
     model = ShardedModel(cfg, shard, comm, vocab_sizes, kv=plan.kv)
-    if cfg.quantization:
-        q = cfg.quantization
-        # Quantize exactly the modules the checkpoint stores quantized (as mlx-lm does).
-        nn.quantize(model, group_size=q.group_size, bits=q.bits,
-                    class_predicate=lambda path, m: f"{path}.scales" in ckpt)
+    if cfg.quantization or cfg.quant_overrides:
+        overrides = dict(cfg.quant_overrides)
+
+        def stored_as(path: str, module: nn.Module):
+            """As mlx-lm decides: a module's own entry in config.json first, else the defaults
+            for exactly the modules the checkpoint stores quantized."""
+            q = overrides[path] if path in overrides else (
+                cfg.quantization if f"{path}.scales" in ckpt else None)
+            return False if q is None else q.params()
+
+        nn.quantize(model, class_predicate=stored_as)
     weights = []
     params = tree_flatten(model.parameters())
     t_last = time.monotonic()

@@ -178,7 +178,8 @@ def _rows_as_linear(embed: nn.Module, start: int, stop: int, x: mx.array) -> mx.
     """x @ embed.weight[start:stop].T, for a plain or a quantized embedding (row slices
     of a contiguous matrix are views: nothing is copied)."""
     if isinstance(embed, nn.QuantizedEmbedding):
+        biases = embed.get("biases")  # none in the microscaling modes
         return mx.quantized_matmul(x, embed["weight"][start:stop], scales=embed["scales"][start:stop],
-                                   biases=embed["biases"][start:stop], transpose=True,
-                                   group_size=embed.group_size, bits=embed.bits)
+                                   biases=None if biases is None else biases[start:stop], transpose=True,
+                                   group_size=embed.group_size, bits=embed.bits, mode=embed.mode)
     return x @ embed.weight[start:stop].T

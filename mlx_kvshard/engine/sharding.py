@@ -47,13 +47,15 @@ def tensor_slice(name: str, shard: RankShard, cfg: ModelConfig) -> Slice:
         if leaf == "bias":
             return Slice(None, zero=shard.rank != 0)
         a, b, n = _feature_range(ROW_PARALLEL[module], shard, cfg)
-        q = cfg.quantization
+        q = cfg.quant_for(name.rsplit(".", 1)[0])
         if q is None:
             return Slice(1, a, b, n)
-        # Quantized: the input axis is packed (32 // bits values per uint32) and has one
-        # scale and bias per group; ShardPlan keeps a, b on group boundaries.
-        div = 32 // q.bits if leaf == "weight" else q.group_size
-        return Slice(1, a // div, b // div, n // div)
+        # Quantized: the input axis is packed (`bits` bits per value, in uint32 words) and has
+        # one scale (and bias) per group; ShardPlan keeps a, b on group boundaries, which are
+        # whole words for every width (group_size * bits is a multiple of 32).
+        if leaf == "weight":
+            return Slice(1, a * q.bits // 32, b * q.bits // 32, n * q.bits // 32)
+        return Slice(1, a // q.group_size, b // q.group_size, n // q.group_size)
     if module == "lm_head" and shard.vocab_rows is not None:
         return Slice(0, shard.vocab_rows[0], shard.vocab_rows[1], cfg.vocab_size)
     return Slice(None)

@@ -75,10 +75,12 @@ def llama_config(**overrides: Any) -> dict:
 
 def write_checkpoint(path: str | Path, config: dict, seed: int = 0,
                      quantize: tuple[int, int] | None = None, shards: int = 1,
-                     std: float = 0.08) -> Path:
+                     std: float = 0.08, quant_predicate=None, quant_mode: str = "affine") -> Path:
     """Write config.json, safetensors (optionally split in `shards` files with an index)
     and tokenizer files. `quantize=(bits, group_size)` writes an MLX-quantized checkpoint
-    the way mlx-community publishes them."""
+    the way mlx-community publishes them; `quant_predicate(path, module)` (mlx-lm's
+    convert --quant-predicate: False, True or a dict of per-module parameters) and
+    `quant_mode` go to mlx-lm's own quantize_model, which records per-module entries."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -104,7 +106,18 @@ def write_checkpoint(path: str | Path, config: dict, seed: int = 0,
             value = std * mx.random.normal(p.shape, key=keys[i])
         params[name] = value.astype(dtype)
     model.load_weights(list(params.items()))
-    if quantize:
+    if quantize and (quant_predicate or quant_mode != "affine"):
+        from mlx_lm.utils import quantize_model
+
+        bits, group_size = quantize
+        model, config = quantize_model(model, config, group_size, bits, mode=quant_mode,
+                                       quant_predicate=quant_predicate)
+        # record the modules left unquantized as `false` (mlx-lm reads both forms)
+        for name, module in model.named_modules():
+            if hasattr(module, "to_quantized") and name:
+                config["quantization"][name] = False
+        config["quantization_config"] = config["quantization"]
+    elif quantize:
         bits, group_size = quantize
         nn.quantize(model, group_size=group_size, bits=bits)
         config["quantization"] = {"group_size": group_size, "bits": bits}
