@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..errors import UserError
+from .detokenize import TextDecoder
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,14 @@ def _decode(model, cache: list, y: mx.array, sample: TokenSampler, first_step: i
 
 
 class StopChecker:
-    """EOS and stop strings, evaluated identically on every rank."""
+    """EOS and stop strings, evaluated identically on every rank, over the completion's text
+    (detokenize.TextDecoder: leading space kept after `context`, the prompt's tokens, unless
+    `trim_first_space`, as chat content)."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, stop: tuple[str, ...], context: list[int] = (), trim_first_space: bool = False):
         self.eos = set(tokenizer.eos_token_ids or [])
         self.stop = stop
-        self.detok = tokenizer.detokenizer
-        self.detok.reset()
+        self.detok = TextDecoder(tokenizer, context, trim_first_space)
         self.text = ""
         self.finish_reason = "length"
         self.cut_at_stop_string = False
@@ -224,9 +226,8 @@ class StopChecker:
         if token in self.eos:
             self.finish_reason = "stop"
             return "", True
-        self.detok.add_token(token)
         before = len(self.text)
-        self.text += self.detok.last_segment
+        self.text += self.detok.add(token)
         for s in self.stop:
             # only the tail can newly contain a stop string
             i = self.text.find(s, max(0, before - len(s)))
@@ -240,7 +241,6 @@ class StopChecker:
     def flush(self) -> str:
         if self.cut_at_stop_string:  # the rest is past the stop string
             return ""
-        self.detok.finalize()
-        rest = self.detok.last_segment
+        rest = self.detok.flush()
         self.text += rest
         return rest

@@ -62,7 +62,7 @@ def generate_on_rank(settings: RankSettings, params: SamplingParams, prompt: str
     from .draft import load_draft
 
     draft = load_draft(settings.speculative.draft_model, rank)  # rank 0's; None elsewhere
-    run = _generate(rank, settings, params, ids, ck, live, draft)
+    run = _generate(rank, settings, params, ids, ck, live, draft, chat_template)
     _report(rank, settings, run)
     return 0
 
@@ -81,11 +81,14 @@ class _Run:
 
 
 def _generate(rank: LoadedRank, settings: RankSettings, params: SamplingParams, prompt: list[int], ck, live,
-              draft=None):
+              draft=None, chat_template: bool = True):
     from ..liveness.checkpoint import Writer
 
     comm = rank.comm
-    run = _Run(prompt, StopChecker(rank.tokenizer, params.stop), resumed_tokens=len(ck.tokens) if ck else 0,
+    # the text as the server gives it: a chat's content (first space trimmed), else a completion's
+    chat = chat_template and bool(rank.tokenizer.chat_template)
+    stopper = StopChecker(rank.tokenizer, params.stop, prompt, trim_first_space=chat)
+    run = _Run(prompt, stopper, resumed_tokens=len(ck.tokens) if ck else 0,
                cache=rank.model.make_cache())
     show = comm.rank == 0 and not settings.output.json
     ckpt = Writer.for_rank(settings.checkpoint, comm.rank, rank.model_dir, prompt, params, rank.max_context,

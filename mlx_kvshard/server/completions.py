@@ -212,17 +212,23 @@ async def stream(handle, call: Call, backend: Backend, metrics: ServerMetrics) -
             yield call.chunk("", [], role=True)
         async for ev in handle:
             call.seen(ev)
-            lps = [(ev.token, ev.logprob, ev.top_logprobs)] if ev.kind == "token" and call.logprobs else []
-            if ev.kind == "token" and (ev.text or lps):
-                yield call.chunk(ev.text, lps)
-            elif ev.kind == "done" and ev.finish_reason != "cancelled":
-                outcome, usage = ev.finish_reason, ev.usage
-                yield call.chunk(ev.text or None, [], finish=ev.finish_reason)
-                if call.include_usage:
-                    yield call.usage_chunk(ev.usage)
-            elif ev.final:  # a lost rank, or the server shutting down (it cancels what runs)
+            try:
+                lps = [(ev.token, ev.logprob, ev.top_logprobs)] if ev.kind == "token" and call.logprobs else []
+                if ev.kind == "token" and (ev.text or lps):
+                    yield call.chunk(ev.text, lps)
+                elif ev.kind == "done" and ev.finish_reason != "cancelled":
+                    outcome, usage = ev.finish_reason, ev.usage
+                    yield call.chunk(ev.text or None, [], finish=ev.finish_reason)
+                    if call.include_usage:
+                        yield call.usage_chunk(ev.usage)
+                elif ev.final:  # it failed, a rank was lost, or the server is shutting down (it cancels)
+                    outcome = "error"
+                    yield sse(_json(error_body(**await failure(ev, backend))))
+            except Exception as e:  # this response could not be written: end it alone (and its row)
                 outcome = "error"
-                yield sse(_json(error_body(**await failure(ev, backend))))
+                handle.cancel()
+                yield sse(_json(error_body(500, unwritable(e), code="request_failed")))
+                break
         yield sse("[DONE]")
     finally:
         if outcome == "cancelled":  # the client went away mid-stream (or the loop is ending): free its KV
@@ -260,10 +266,19 @@ async def collect(http: HttpRequest, handle, call: Call, backend: Backend, metri
         metrics.finished(call, "error", None)
         err = await failure(last, backend)
         raise ApiError(err["status"], err["message"], code=err["code"])
-    metrics.finished(call, last.finish_reason, last.usage)
     text = "".join(ev.text for ev in events_)
     lps = [(ev.token, ev.logprob, ev.top_logprobs) for ev in events_ if ev.kind == "token"] if call.logprobs else []
-    return JSONResponse(call.whole(text, lps, last.finish_reason, last.usage))
+    try:
+        response = JSONResponse(call.whole(text, lps, last.finish_reason, last.usage))
+    except Exception as e:  # this response could not be written: it fails alone
+        metrics.finished(call, "error", None)
+        raise ApiError(500, unwritable(e), code="request_failed") from None
+    metrics.finished(call, last.finish_reason, last.usage)
+    return response
+
+
+def unwritable(e: Exception) -> str:
+    return f"the response could not be written: {type(e).__name__}: {e}"
 
 
 async def failure(ev, backend: Backend) -> dict:
@@ -273,6 +288,8 @@ async def failure(ev, backend: Backend) -> dict:
     if ev.kind == "done":  # cancelled by a shutdown
         return {"status": 503, "message": "the server is shutting down; the request was cancelled",
                 "code": "unavailable"}
+    if ev.code == "request_failed":  # this request alone failed; the engine goes on
+        return {"status": 500, "message": ev.error, "code": ev.code}
     deadline = time.monotonic() + VERDICT_WAIT_S
     while backend.state != "lost" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -46,6 +46,10 @@ def install(app: FastAPI) -> None:
             metrics.refused(ENDPOINTS[request.url.path], "invalid")
         return error_response(validation_error(e.errors()))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):  # a bug handling this request: it fails alone, as JSON
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
         messages = {404: f"no such endpoint: {request.method} {request.url.path}",

@@ -11,8 +11,10 @@ or an asyncio queue (`submit_async`, for an HTTP server running its own event lo
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -27,7 +29,7 @@ from .handles import AsyncRequestHandle, EventCallback, RequestHandle
 from .metrics import Metrics, RequestRecord, StepRecord
 from .prefix_cache import PrefixIndex
 from .requests import Completion, EngineStopped, Event, QueueFull, Request, RequestError, Usage
-from .sampling import RowSampler, sample_rows
+from .sampling import RowSampler, injected_fault, sample_rows
 from .scheduler import Scheduler, Seq
 
 @dataclass
@@ -111,7 +113,9 @@ class Engine:
             uid = self._next_id
             self._next_id = self._next_id % (2**31 - 1) + 1
             handle = RequestHandle(self, uid, on_event)
-            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop),
+            # chat content has its first space trimmed (as before); a completion's text keeps it
+            chat = request.messages is not None or (request.chat_template and bool(self.tokenizer.chat_template))
+            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop, prompt, chat),
                           time.perf_counter())
             seq = Seq(uid, prompt, budget, state)
             self._open[uid] = seq
@@ -245,8 +249,11 @@ class Engine:
 
     def _take_inbox(self) -> None:
         for seq in self._inbox:
-            seq.state.sampler = RowSampler(seq.state.request.params, seq.prompt)
             self.scheduler.waiting.append(seq)
+            try:
+                seq.state.sampler = RowSampler(seq.state.request.params, seq.prompt)
+            except Exception as e:
+                self._fail(seq, "building its sampler", e)
         self._inbox = []
         for uid in self._cancels:
             seq = self._open.get(uid)
@@ -287,16 +294,41 @@ class Engine:
             logits.append(lg[None])
         if not rows:
             return
-        samplers = [s.state.sampler for s in rows]
-        tokens, lps, alts = sample_rows(logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0), samplers,
-                                        [len(s.generated) for s in rows],
-                                        [s.state.request.reported_logprobs for s in rows])
+        results = self._sample_contained(logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=0), rows)
         now = time.perf_counter()
         with self._cond, self._tokenizer_lock:  # detokenizing may call the tokenizer submit() uses
-            for seq, tok, lp, alt in zip(rows, tokens, lps, alts):
-                if seq.phase == "prefill":
-                    self.scheduler.prefilled(seq)
-                self._accept(seq, tok, lp, alt, now)
+            for seq, got in zip(rows, results):
+                if isinstance(got, Exception):
+                    self._fail(seq, "sampling", got)
+                    continue
+                try:
+                    if seq.phase == "prefill":
+                        self.scheduler.prefilled(seq)
+                    self._accept(seq, *got, now)
+                except Exception as e:
+                    self._fail(seq, "processing its token", e)
+
+    def _sample_contained(self, logits: mx.array, rows: list[Seq]) -> list:
+        """Each row's (token, logprob, alternatives), or the exception its own sampling raised.
+        Rows are sampled together; when that raises (one row's parameters or processors),
+        again one by one, so only the row at fault fails and its batch-mates get the very
+        tokens they would have (each keyed by its own seed and index). Rank 0 alone samples:
+        nothing here is a collective, and the verdict reaches the others as the next step's
+        `remove`."""
+        samplers = [s.state.sampler for s in rows]
+        indices = [len(s.generated) for s in rows]
+        wants = [s.state.request.reported_logprobs for s in rows]
+        try:
+            return list(zip(*sample_rows(logits, samplers, indices, wants)))
+        except Exception:
+            pass
+        out = []
+        for i in range(len(rows)):
+            try:
+                out.append(next(zip(*sample_rows(logits[i:i + 1], [samplers[i]], [indices[i]], [wants[i]]))))
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _speculate(self, step: wire.Step) -> None:
         """Rank 0: send the last verify step's trim, and make this step a verify step when
@@ -322,10 +354,14 @@ class Engine:
         seq = self._open[step.decode[0][0]]
         st, drafts, n, emitted = seq.state, step.drafts, 0, 0
         for i in range(len(drafts) + 1):
-            tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
-                                            [st.request.reported_logprobs])
             with self._cond, self._tokenizer_lock:
-                self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
+                try:
+                    tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
+                                                    [st.request.reported_logprobs])
+                    self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
+                except Exception as e:  # it leaves every rank next step: no trim needed for it
+                    self._fail(seq, "sampling or processing its token", e)
+                    return len(drafts), n
             emitted += 1
             match = i < len(drafts) and tokens[0] == drafts[i]
             n += match
@@ -337,7 +373,14 @@ class Engine:
         return len(drafts), n
 
     def _accept(self, seq: Seq, token: int, logprob: float, alts, now: float) -> None:
+        """One sampled token into its request: history, text, stop, event. Raises for this
+        row alone (the caller fails it); a token outside the vocabulary never reaches a step
+        message."""
         st = seq.state
+        if not 0 <= token < self.loaded.cfg.vocab_size:
+            raise ValueError(f"sampled token {token} is outside the vocabulary (0..{self.loaded.cfg.vocab_size - 1})")
+        injected_fault(st.request.params, len(seq.generated), "text")
+        st.sampler.accept(token)
         seq.generated.append(token)
         st.t_first = st.t_first or now
         st.t_last = now
@@ -361,6 +404,25 @@ class Engine:
         tpot = (st.t_last - st.t_first) / (n - 1) if n > 1 else None
         self.metrics.request(RequestRecord(seq.uid, reason, len(seq.prompt), seq.cached, n, ttft, tpot))
         st.handle._emit(Event(seq.uid, "done", text=tail, finish_reason=reason, usage=usage, tag=st.request.tag))
+
+    def _fail(self, seq: Seq, what: str, e: Exception) -> None:
+        """This request's own work raised (its sampler, processors, stop strings, text, event):
+        end it alone with the reason; its row leaves every rank with the next step's `remove`,
+        as a cancelled row does. Nothing it ran was a collective, so the ranks stay in step."""
+        if seq.phase == "done":
+            return
+        message = f"the request failed while {what}: {type(e).__name__}: {e}"
+        print(f"mlx-kvshard: request {seq.uid}: {message}", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+        self.scheduler.finish(seq)
+        self._open.pop(seq.uid, None)
+        self.metrics.request(RequestRecord(seq.uid, "error", len(seq.prompt), seq.cached, len(seq.generated),
+                                           None, None))
+        try:
+            seq.state.handle._emit(Event(seq.uid, "error", error=message, code="request_failed",
+                                         tag=seq.state.request.tag))
+        except Exception:  # a consumer that cannot take events (its loop closed) has nobody to tell
+            pass
 
     def _check_audit(self, reports: list[dict]) -> None:
         first = {k: v for k, v in reports[0].items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}

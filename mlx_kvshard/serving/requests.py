@@ -66,7 +66,8 @@ class Event:
     """One thing that happened to a request. `kind` is "token" (one generated token and
     the text it completes, possibly ""), "done" (the last event: finish_reason "stop",
     "length" or "cancelled", the usage and any text held back until the end) or "error"
-    (the last event: the engine stopped, e.g. a rank was lost)."""
+    (the last event: the engine stopped, e.g. a rank was lost, with `code` None; or this
+    request alone failed, `code` "request_failed", and the engine goes on)."""
     request_id: int
     kind: str
     token: int | None = None
@@ -76,6 +77,7 @@ class Event:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    code: str | None = None
     tag: object = None
 
     @property

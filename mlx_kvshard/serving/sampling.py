@@ -4,14 +4,38 @@ Randomness is keyed by (request seed, token index), never by the step or the bat
 so a request's tokens do not depend on which requests shared its batch (and equal a
 one-prompt `generate` with the same seed). mlx-lm's samplers and logits processors do
 the work, one row at a time; greedy rows take one argmax together.
+
+Log-probabilities leave here finite: a value below LOGPROB_FLOOR, -inf or NaN (an extreme
+repetition_penalty can make them) is reported as LOGPROB_FLOOR, vLLM's -9999.0, so no
+non-finite number reaches a client's JSON.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from ..engine.generate import SamplingParams, keyed_sample, logits_processors, processed
+
+
+LOGPROB_FLOOR = -9999.0
+TEST_FAIL_ROW = "MLX_KVSHARD_TEST_FAIL_ROW"  # test hook: "SEED:INDEX:STAGE[,...]", see injected_fault
+
+
+def reportable(logprob: float) -> float:
+    """A log-probability as a client may see it: finite, at least LOGPROB_FLOOR."""
+    return max(logprob, LOGPROB_FLOOR) if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def injected_fault(params: SamplingParams, index: int, stage: str) -> None:
+    """Test-only: raise in one request's row work (the request with this seed, at this token
+    index, in stage "sample" or "text"), as a bug in its sampler or detokenizer would."""
+    spec = os.environ.get(TEST_FAIL_ROW)
+    if spec and f"{params.seed}:{index}:{stage}" in spec.split(","):
+        raise RuntimeError(f"test hook {TEST_FAIL_ROW}: seed {params.seed} fails at token {index} ({stage})")
 
 
 class RowSampler:
@@ -31,6 +55,7 @@ class RowSampler:
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def sample(self, logprobs: mx.array, index: int) -> mx.array:
+        injected_fault(self.params, index, "sample")
         if self.greedy:
             return mx.argmax(logprobs, axis=-1)
         return keyed_sample(self.sampler, logprobs, self.params.seed, index)
@@ -46,7 +71,9 @@ def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int]
     """Sample one token per row of `logits` [rows, vocab]; `indices[i]` is row i's token
     index within its request; `logprobs[i]` is None when row i reports no log-probabilities,
     else how many top alternatives it wants beside its token's (0 = none). Returns the
-    tokens, their log-probabilities (None where not asked) and the alternatives. Rows
+    tokens, their log-probabilities (None where not asked; finite) and the alternatives.
+    The caller hands each row's token to its sampler's `accept` (one row at a time, so a
+    row that fails there fails alone). Rows
     without logits processors are normalized together and greedy rows take one argmax
     together (the common case: a few ops per step, not per row). A step of greedy rows
     that report no log-probabilities skips the normalization: on MLX's CPU build the
@@ -55,8 +82,6 @@ def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int]
     if not wanted and all(s.greedy and not s.processors for s in samplers):
         tokens = mx.argmax(logits, axis=-1)
         toks = tokens.tolist()
-        for s, t in zip(samplers, toks):
-            s.accept(t)
         return toks, [None] * len(toks), [[] for _ in samplers]
     if any(s.processors for s in samplers):
         lp = mx.concatenate([s.logprobs(logits[i]) for i, s in enumerate(samplers)], axis=0)
@@ -73,11 +98,10 @@ def sample_rows(logits: mx.array, samplers: list[RowSampler], indices: list[int]
     top_lp = mx.take_along_axis(lp, top, axis=-1) if k else None
     mx.eval(tokens, chosen, [top, top_lp] if k else [])  # one evaluation for all of them
     toks, probs = tokens.tolist(), chosen.tolist()
-    probs = [p if n is not None else None for p, n in zip(probs, logprobs)]
+    probs = [reportable(p) if n is not None else None for p, n in zip(probs, logprobs)]
     alts: list[list[tuple[int, float]]] = [[] for _ in samplers]
     if top is not None:
         top_ids, top_lp = top.tolist(), top_lp.tolist()
-        alts = [list(zip(top_ids[i][:n or 0], top_lp[i][:n or 0])) for i, n in enumerate(logprobs)]
-    for s, t in zip(samplers, toks):
-        s.accept(t)
+        alts = [[(t, reportable(v)) for t, v in zip(top_ids[i][:n or 0], top_lp[i][:n or 0])]
+                for i, n in enumerate(logprobs)]
     return toks, probs, alts
