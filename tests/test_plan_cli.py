@@ -174,3 +174,30 @@ def test_kv_shard_modes_side_by_side_and_auto_choice(model, capsys):
     # 8-bit, group 64, bf16 scales: per position (1 KV head, 80 layers) 2*80*128 values + their groups
     assert d["ranks"][0]["kv_bytes_per_position"] == 2 * 80 * 128 + 2 * 80 * 128 // 64 * 2 * 2
     assert d["ranks"][0]["kv_bytes"] == 65536 * d["ranks"][0]["kv_bytes_per_position"]
+
+
+def test_users_times_context_per_kv_mode_and_recommendation(model, capsys):
+    """16 Macs of 64 GB on 8 KV heads: every precision in both shard modes; sequence halves the
+    fullest rank's KV per user (2 sharers), 8 and 4 bits shrink it; the most precise mode that
+    holds --batch users is recommended."""
+    args = ("--model", str(model), "--world", "16", "--memory", "64", "--context", "32768")
+    plan(*args, "--batch", "8", "--json")
+    d = json.loads(capsys.readouterr().out)["kv_capacity"]
+    modes = {(m["kv_bits"], m["kv_shard"]): m for m in d["modes"]}
+    assert sorted(modes) == [(b, s) for b in (4, 8, 16) for s in ("replicate", "sequence")]
+    for bits in (16, 8, 4):
+        rep, seq = modes[bits, "replicate"], modes[bits, "sequence"]
+        assert rep["kv_bytes_per_user"] == 2 * seq["kv_bytes_per_user"]
+        assert seq["users"] > rep["users"] and seq["max_context"] > rep["max_context"]
+    assert modes[16, "replicate"]["kv_bytes_per_user"] == 32768 * 80 * 2 * 128 * 2  # one KV head, bf16
+    assert modes[4, "sequence"]["users"] > modes[8, "sequence"]["users"] > modes[16, "sequence"]["users"]
+    assert d["recommended"] == {"kv_bits": 16, "kv_shard": "replicate"}
+    want = modes[16, "replicate"]["users"] + 1  # more users than fp replicated holds: fp sequence
+    plan(*args, "--batch", str(want))
+    out = capsys.readouterr().out
+    assert "users x context per KV mode" in out and "recommended KV mode: fp, sequence" in out
+    plan(*args, "--batch", "100000")  # none holds them: the one that holds the most
+    assert "recommended KV mode: 4-bit, sequence: holds the most users" in capsys.readouterr().out
+    plan("--model", str(model), "--world", "2", "--context", "4096")  # memory unknown: no users, no choice
+    out = capsys.readouterr().out
+    assert "fp, sequence" not in out and "recommended KV mode: none (give --memory" in out

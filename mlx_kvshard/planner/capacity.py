@@ -353,6 +353,7 @@ class Evaluation:
     prediction: dict | None
     # world > n_kv_heads: both KV shard modes at this context (what `auto` chooses between)
     kv_modes: dict[str, dict] = field(default_factory=dict)
+    kv_capacity: list = field(default_factory=list)  # KVModeCapacity per precision and shard mode
 
     @property
     def fits_all(self) -> bool | None:
@@ -397,6 +398,7 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
     if len(hosts) > cfg.num_key_value_heads:
         ev.kv_modes = {m: _mode_summary(cfg, hosts, replace(opts, kv_shard=m), shares, compute_dtype)
                        for m in ("replicate", "sequence")}
+    ev.kv_capacity = kv_mode_capacities(cfg, hosts, opts, shares, compute_dtype)
     return ev
 
 
@@ -500,3 +502,66 @@ def decide(cfg: ModelConfig, cluster: Evaluation, link: LinkProfile | None, opts
             d.reason = (f"{c / s:.2f}x as fast as {best.name} alone ({c:.1f} vs {s:.1f} tok/s): "
                         f"{len(hosts)} Macs read their shares of weights and KV in parallel")
     return d
+
+
+# ---- users x context per KV mode ---------------------------------------------------------
+@dataclass(frozen=True)
+class KVModeCapacity:
+    """What the cluster holds with one KV layout: `users` sequences of --context tokens, and
+    the longest context at --batch (None: memory unknown). `error`: the layout cannot be planned."""
+    bits: int  # 16 = the compute dtype
+    shard: str  # replicate or sequence
+    kv_bytes_per_user: int = 0  # on the fullest rank, one sequence at --context
+    users: int | None = None
+    max_context: int | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return ("fp" if self.bits == 16 else f"{self.bits}-bit") + f", {self.shard}"
+
+    def to_dict(self) -> dict:
+        return {"kv_bits": self.bits, "kv_shard": self.shard, "kv_bytes_per_user": self.kv_bytes_per_user,
+                "users": self.users, "max_context": self.max_context, "error": self.error}
+
+
+def kv_mode_capacities(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares=None,
+                       compute_dtype: str | None = None) -> list[KVModeCapacity]:
+    """Per KV precision (fp, 8, 4 bits) and shard mode (sequence only where ranks outnumber KV
+    heads; else it is the replicated layout): users of --context and context at --batch."""
+    shards = ("replicate", "sequence") if len(hosts) > cfg.num_key_value_heads else ("replicate",)
+    out = []
+    for bits in KV_BITS:
+        for shard in shards:
+            mode = replace(opts, kv_bits=bits, kv_shard=shard)
+            try:
+                plan = _plan(cfg, hosts, mode, shares, compute_dtype)
+            except UserError as e:  # e.g. replicate with more sharers than query heads
+                out.append(KVModeCapacity(bits, shard, error=str(e)))
+                continue
+            fits = fit_ranks(plan, hosts, replace(mode, batch=1))
+            per_user = [kv_bytes(plan, f.rank, opts.context, 1, bits) for f in fits]
+            users = max_ctx = None
+            if all(f.usable_bytes is not None for f in fits):
+                free = [f.usable_bytes - f.overhead_bytes - f.weight_bytes for f in fits]
+                users = max(0, min(b // u if u else 0 for b, u in zip(free, per_user)))
+                max_ctx = min(plan.max_context(f.rank, b, opts.batch) for f, b in zip(fits, free))
+            out.append(KVModeCapacity(bits, shard, max(per_user), users, max_ctx))
+    return out
+
+
+def recommend_kv_mode(modes: list[KVModeCapacity], batch: int) -> tuple[KVModeCapacity | None, str]:
+    """The most precise layout that holds --batch users at --context (full precision, then 8,
+    then 4 bits; replicated before sequence-sharded, which costs one more collective per
+    layer); if none does, the one that holds the most users."""
+    known = [m for m in modes if m.error is None and m.users is not None]
+    if not known:
+        return None, "give --memory (or a hostfile with memory_gb) to size the KV cache"
+    for m in known:  # already in that order
+        if m.users >= batch:
+            why = "full precision" if m.bits == 16 else f"the most precise KV that holds {batch}"
+            return m, f"holds {m.users} user(s) of the context ({why})"
+    best = max(known, key=lambda m: (m.users, -m.bits))
+    if best.users == 0:
+        return None, "no KV layout holds one sequence of this context: lower --context or add Macs"
+    return best, f"holds the most users ({best.users}), fewer than --batch {batch}"

@@ -72,6 +72,20 @@ def kv_mode_lines(ev: Evaluation, opts: Options) -> list[str]:
     return lines
 
 
+def kv_capacity_lines(modes: list, recommended, why: str, opts: Options) -> list[str]:
+    rows = [("KV mode", "KV per user (fullest rank)", f"users at {opts.context:,}", f"context at batch {opts.batch}")]
+    for m in modes:
+        if m.error:
+            rows.append((m.name, "not possible: " + m.error.split(";")[0][:60], "", ""))
+            continue
+        rows.append((m.name + (" *" if m is recommended else ""), human_bytes(m.kv_bytes_per_user),
+                     "?" if m.users is None else f"{m.users:,}",
+                     "?" if m.max_context is None else f"{m.max_context:,}"))
+    head = "users x context per KV mode (what is left after weights and overhead; * = recommended):"
+    tail = f"recommended KV mode: {recommended.name}: {why}" if recommended else f"recommended KV mode: none ({why})"
+    return [head] + columns(rows) + [tail]
+
+
 def comm_lines(comm: dict, ev: Evaluation, link: LinkProfile | None, opts: Options) -> list[str]:
     tp, kv = comm["head_sharded"], comm["kv_allgather"]
     if ev.plan.world == 1:
@@ -150,8 +164,9 @@ def checkpoint_line(ev: Evaluation, ckpt: tuple[int, str] | None) -> str:
 def render_text(ev: Evaluation, decision: Decision, link: LinkProfile | None, link_why: str,
                 opts: Options, ckpt: tuple[int, str] | None) -> str:
     comm = capacity.comm_per_token(ev.plan, opts, link)
+    recommended, why = capacity.recommend_kv_mode(ev.kv_capacity, opts.batch)
     lines = [ev.plan.table(), checkpoint_line(ev, ckpt), *fit_table(ev, opts), context_line(ev),
-             *kv_mode_lines(ev, opts),
+             *kv_mode_lines(ev, opts), *kv_capacity_lines(ev.kv_capacity, recommended, why, opts),
              *comm_lines(comm, ev, link, opts), *prediction_lines(ev, link),
              f"single Mac or cluster? {decision.line}",
              *assumption_lines(ev, link, link_why, opts)]
@@ -168,8 +183,13 @@ def report_dict(ev: Evaluation, decision: Decision, link: LinkProfile | None, li
                    headroom_bytes=f.headroom_bytes, fits=f.fits, max_context=f.max_context)
     mc = ev.max_context
     single = decision.single
+    recommended, why = capacity.recommend_kv_mode(ev.kv_capacity, opts.batch)
     d.update(
         kv_modes=ev.kv_modes,
+        kv_capacity={"modes": [m.to_dict() for m in ev.kv_capacity],
+                     "recommended": None if recommended is None else {"kv_bits": recommended.bits,
+                                                                      "kv_shard": recommended.shard},
+                     "why": why},
         inputs={"context": opts.context, "batch": opts.batch, "kv_bits": opts.kv_bits,
                 "kv_shard": opts.kv_shard, "kv_group_size": opts.kv_group_size,
                 "overhead_bytes": int(opts.overhead_gb * GIB), "usable_fraction": opts.usable_fraction,
