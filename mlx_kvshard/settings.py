@@ -74,6 +74,14 @@ class ShardingSettings:
     vocab_parallel: bool = False
     backend: str = "any"  # MLX distributed backend
     link: str | None = None  # link profile to emulate (simulation only)
+    pp: int = 1  # pipeline stages (--pp): the layers split into pp contiguous stages, one rank each
+
+    def validate(self) -> None:
+        if self.pp < 1:
+            raise UserError(f"--pp {self.pp}: must be at least 1 (1 = no pipeline)")
+        if self.pp > 1 and self.vocab_parallel:
+            raise UserError(f"--pp {self.pp} with --vocab-parallel: the last pipeline stage holds the whole "
+                            f"lm_head; drop --vocab-parallel")
 
 
 KV_SHARD_MODES = ("replicate", "sequence", "auto")
@@ -190,7 +198,11 @@ class RankSettings:
 
     def validate(self) -> None:
         self.model.validate()
+        self.sharding.validate()
         self.speculative.validate()
+        if self.sharding.pp > 1 and self.speculative.enabled:
+            raise UserError(f"not implemented: speculative decoding with --pp {self.sharding.pp}; "
+                            f"drop --prompt-lookup/--draft-model or --pp")
         self.liveness.validate()
         self.checkpoint.validate()
 

@@ -59,6 +59,12 @@ SPECS = {
     # MLX's microscaling mode (no biases, 8-bit scales)
     "mxfp4": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
                            intermediate_size=256), (4, 32), 1),
+    # pipeline stages: 7 layers (3 stages split 3,2,2), and a 4-bit one with 5 layers for 4 stages
+    "pp7": (llama_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         intermediate_size=128,
+                         num_hidden_layers=7), None, 2),
+    "pp_q4": (llama_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                           num_hidden_layers=5, tie_word_embeddings=True), (4, 32), 1),
 }
 
 MIXED = {

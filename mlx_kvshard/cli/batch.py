@@ -111,6 +111,9 @@ def parse_line(i: int, raw: str, defaults, chat_template: bool) -> Line:
 def engine_settings(args):
     from ..settings import EngineSettings
 
+    if args.pp > 1:
+        raise UserError(f"not implemented: --pp {args.pp} in the serving engine (serve, --prompts-file); "
+                        f"pipeline stages run in one-prompt generate")
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
                           prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync,

@@ -29,6 +29,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--link", metavar="PROFILE",
                    help="simulation: make each collective cost a link profile's time (configs/links)")
     p.add_argument("--simulate", type=int, metavar="N", help="start N local ranks (ring on 127.0.0.1)")
+    p.add_argument("--pp", type=int, default=1, metavar="S",
+                   help="pipeline: split the layers into S contiguous stages, one rank each (world = S), "
+                        "weighted by --shares; one activation per stage boundary per token")
     add_kv_arguments(p.add_argument_group("KV cache"))
 
 
@@ -88,7 +91,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
     settings = RankSettings(
         model=ModelSettings(args.model, args.dtype, args.max_context, args.prefill_step),
         sharding=ShardingSettings(parse_shares(args.weights, "--shares"), args.vocab_parallel, args.backend,
-                                  args.link),
+                                  args.link, args.pp),
         kv=kv_settings(args),
         liveness=LivenessSettings(args.peer_timeout, args.step_timeout),
     )
@@ -98,6 +101,10 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
         raise UserError("--restart relaunches ranks: use it with --simulate N (or on `mlx-kvshard launch`)")
     if args.simulate is not None and args.simulate < 1:
         raise UserError(f"--simulate {args.simulate}: need at least 1 rank")
+    if args.simulate is not None:
+        from ..pipeline.stages import check_world
+
+        check_world(args.pp, args.simulate)
     return settings
 
 

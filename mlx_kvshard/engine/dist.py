@@ -15,6 +15,8 @@ class CommStats:
     collectives: int = 0
     bytes: int = 0  # payload bytes handed to collectives (per rank)
     link_s: float = 0.0  # emulated link time paid (--link)
+    sends: int = 0  # pipeline stage boundaries crossed (point-to-point, counted by the sender)
+    send_bytes: int = 0
 
 
 class Comm:
@@ -55,14 +57,31 @@ class Comm:
         return mx.distributed.all_sum(x, group=self.group)
 
     def broadcast_from_rank0(self, y: mx.array) -> mx.array:
-        """Rank 0's integer `y` on every rank: an all_sum of (y on rank 0, zeros elsewhere).
+        return self.broadcast_from(y, 0)
+
+    def broadcast_from(self, y: mx.array, src: int) -> mx.array:
+        """Rank `src`'s integer `y` on every rank: an all_sum of (y on `src`, zeros elsewhere).
         Lazy like every collective here, so it joins the step's graph without a host sync."""
         if self.world == 1:
             return y
         # Multiply, not zeros_like: the zeros must depend on y, or this all_sum could be
         # scheduled before the step's other collectives on some ranks (a deadlock).
-        mine = y.astype(mx.int32) * (1 if self.rank == 0 else 0)
+        mine = y.astype(mx.int32) * (1 if self.rank == src else 0)
         return self.all_sum(mine).astype(y.dtype)
+
+    def send(self, x: mx.array, dst: int) -> mx.array:
+        """Send `x` to ring neighbour `dst` (lazy: evaluating the result sends)."""
+        self.stats.sends += 1
+        self.stats.send_bytes += x.nbytes
+        return mx.distributed.send(x, dst, group=self.group)
+
+    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array:
+        """Receive from ring neighbour `src`; the receiver owes the emulated link time (the
+        hop delays what it computes next)."""
+        x = mx.distributed.recv(shape, dtype, src, group=self.group)
+        if self.link_cost is not None:
+            self._owed_s += self.link_cost("send", self.world, x.nbytes)
+        return x
 
     def all_gather(self, x: mx.array) -> mx.array:
         """Concatenate `x` from every rank along axis 0 (rank order)."""

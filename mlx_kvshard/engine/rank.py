@@ -151,6 +151,9 @@ def _token_agreement(rank: LoadedRank, run: _Run):
     all_sum per token, inside the lazy step graph (no extra host sync). Not needed on one
     rank, nor with --vocab-parallel: there every rank samples from the same gathered logits."""
     comm = rank.comm
+    if rank.stages is not None:  # only the last stage has logits: its token is every rank's
+        last = rank.stages.stages - 1
+        return lambda y: comm.broadcast_from(y, last)
     if comm.world == 1 or rank.plan.vocab_parallel:
         return None
     if not probing_tokens():
@@ -192,6 +195,7 @@ def _report(rank: LoadedRank, settings: RankSettings, run: _Run) -> None:
         "resumed_tokens": run.resumed_tokens,
         "finish_reason": run.stopper.finish_reason,
         "world": comm.world,
+        "pp": rank.stages.stages if rank.stages else 1,
         "model": str(rank.model_dir),
         "dtype": rank.dtype_name,
         "timings": _timings(run.timings, rank.load_s),
@@ -213,7 +217,15 @@ def _rank_facts(rank: LoadedRank, run: _Run) -> dict:
 
     from .loader import parameter_bytes
 
-    comm, cache, shard = rank.comm, run.cache, rank.plan.shards[rank.comm.rank]
+    comm, cache, shard = rank.comm, run.cache, rank.plan.shards[rank.shard_index]
+    offset = cache[0].offset if cache else 0
+    plan_weight_bytes = rank.plan.weight_bytes(rank.shard_index)
+    plan_kv_per_token = rank.plan.kv_bytes_per_token(rank.shard_index)
+    plan_kv_bytes = rank.plan.kv_bytes(rank.shard_index, offset)
+    if rank.stages is not None:  # this stage's layers only
+        plan_weight_bytes = rank.stages.weight_bytes(comm.rank)
+        plan_kv_per_token = rank.stages.kv_bytes_per_token(comm.rank)
+        plan_kv_bytes = rank.stages.kv_bytes(comm.rank, offset)
     facts = {
         "rank": comm.rank,
         "kv_heads": list(shard.kv_heads),
@@ -222,17 +234,20 @@ def _rank_facts(rank: LoadedRank, run: _Run) -> dict:
         "local_q_heads": shard.local_q_heads,
         "mlp_cols": list(shard.mlp_cols),
         "weight_bytes": parameter_bytes(rank.model),
-        "plan_weight_bytes": rank.plan.weight_bytes(comm.rank),
+        "plan_weight_bytes": plan_weight_bytes,
         "kv_bytes": sum(c.nbytes for c in cache),
         "kv_tokens_allocated": allocated_positions(cache[0]) if cache else 0,  # positions this rank has room for
         "kv_tokens": cache[0].offset if cache else 0,  # positions of the sequence
         "kv_positions": stored_positions(cache[0]) if cache else 0,  # of which this rank holds (sequence-sharded: a share)
-        "plan_kv_bytes_per_token": rank.plan.kv_bytes_per_token(comm.rank),  # per position held
-        "plan_kv_bytes": rank.plan.kv_bytes(comm.rank, cache[0].offset if cache else 0),
+        "plan_kv_bytes_per_token": plan_kv_per_token,  # per position held
+        "plan_kv_bytes": plan_kv_bytes,
         "kv_bits": rank.plan.kv.bits,
         "kv_shard": rank.plan.kv.shard,
         "seq_sharers": shard.seq_sharers,
         "peak_memory_bytes": mx.get_peak_memory(),
+        "layers": list(rank.stages.layers[comm.rank]) if rank.stages else [0, rank.cfg.num_hidden_layers],
+        "sends": comm.stats.sends,  # pipeline: activations this stage sent on (prefill chunks and decode steps)
+        "send_bytes": comm.stats.send_bytes,
         "tokens_digest": hashlib.sha256(json.dumps(run.tokens).encode()).hexdigest()[:16],
     }
     if run.probe:  # test hook: steps where this rank's own sampled token was not rank 0's

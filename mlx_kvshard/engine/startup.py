@@ -20,6 +20,7 @@ from ..settings import ModelSettings, RankSettings
 if TYPE_CHECKING:  # MLX-free at import: the CLI checks settings before any rank starts
     import mlx.core as mx
 
+    from ..pipeline.stages import StagePlan
     from .dist import Comm
     from .model import ShardedModel
 
@@ -44,6 +45,12 @@ class LoadedRank:
     max_context: int
     load_s: float
     perturbed: bool = False  # the test-only hook changed this rank's logits
+    stages: StagePlan | None = None  # --pp: this rank is stage comm.rank of these (plan is then the world-1 plan)
+
+    @property
+    def shard_index(self) -> int:
+        """This rank's shard in `plan`: a pipeline stage holds whole layers (the world-1 plan's)."""
+        return 0 if self.stages is not None else self.comm.rank
 
 
 def eos_token_ids(model_dir: Path, cfg: ModelConfig) -> list[int] | None:
@@ -136,22 +143,35 @@ def load_rank(settings: RankSettings, comm: Comm, tokenizer=None) -> LoadedRank:
     dtype = mx_dtype(settings.model.dtype_name)
     dtype_name = str(dtype).split(".")[-1] if dtype is not None else cfg.dtype
     max_context = max_context_for(settings.model, cfg)
-    plan = ShardPlan.build(cfg, comm.world, settings.sharding.shares, compute_dtype=dtype_name,
-                           vocab_parallel=settings.sharding.vocab_parallel, kv=settings.kv, context=max_context)
+    stages = None
+    if settings.sharding.pp > 1:
+        from ..pipeline.stages import StagePlan, check_world
+
+        check_world(settings.sharding.pp, comm.world)  # the same verdict on every rank
+        stages = StagePlan.build(cfg, comm.world, settings.sharding.shares, dtype_name, settings.kv, max_context)
+        plan = stages.full
+    else:
+        plan = ShardPlan.build(cfg, comm.world, settings.sharding.shares, compute_dtype=dtype_name,
+                               vocab_parallel=settings.sharding.vocab_parallel, kv=settings.kv, context=max_context)
     mx.reset_peak_memory()  # peak then covers loading as well as generation
     t_load = time.perf_counter()
     error, model = None, None
     try:
         if os.environ.get(TEST_FAIL_LOAD_RANK) == str(comm.rank):
             raise UserError(f"test hook {TEST_FAIL_LOAD_RANK}: rank {comm.rank} fails its load")
-        model = load_rank_model(Path(model_dir), plan, comm, dtype,
-                                progress=_to_stderr if comm.rank == 0 else None)
+        progress = _to_stderr if comm.rank == 0 else None
+        if stages is not None:
+            from ..pipeline.model import load_stage_model
+
+            model = load_stage_model(Path(model_dir), stages, comm, dtype, progress)
+        else:
+            model = load_rank_model(Path(model_dir), plan, comm, dtype, progress)
     except UserError as e:
         error = str(e)
     agree(comm, error)  # a load failure on any rank stops all of them
     perturbed = _perturb_for_test(model, comm.rank)
     return LoadedRank(comm, plan, cfg, Path(model_dir), tokenizer, model, dtype, dtype_name,
-                      max_context, time.perf_counter() - t_load, perturbed)
+                      max_context, time.perf_counter() - t_load, perturbed, stages)
 
 
 def probing_tokens() -> bool:

@@ -1,0 +1,108 @@
+"""One pipeline stage's model: its layers whole, the embedding on the first stage, the
+final norm and lm_head on the last. Its forward receives the previous stage's activation
+(or embeds the tokens), runs its layers and sends the result to the next stage; only the
+last stage computes logits. Every rank calls it with the same token ids, so every stage
+knows the shapes it receives."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from ..engine.dist import Comm
+from ..engine.kvcache import make_cache
+from ..engine.model import TransformerBlock, model_args
+from .stages import StagePlan
+
+
+class _StageDecoder(nn.Module):
+    def __init__(self, stages: StagePlan, stage: int, local: Comm):
+        super().__init__()
+        cfg, args = stages.config, model_args(stages.config)
+        if stages.holds_embedding(stage):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [TransformerBlock(cfg, args, stages.full.shards[0], local) for _ in range(stages.n_layers(stage))]
+        if stages.is_last(stage):
+            self.norm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
+
+
+class StageModel(nn.Module):
+    """The ShardedModel interface generate uses (`__call__`, `layers`, `make_cache`) for one stage."""
+
+    def __init__(self, stages: StagePlan, stage: int, comm: Comm):
+        super().__init__()
+        self.stages, self.stage, self.comm = stages, stage, comm
+        self.config = cfg = stages.config
+        self.shard = stages.full.shards[0]
+        self.kv = stages.full.kv
+        # A stage holds its layers whole: their row-parallel all_sums are over a world of one.
+        self.model = _StageDecoder(stages, stage, Comm(None))
+        if stages.is_last(stage) and not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def first(self) -> bool:
+        return self.stages.is_first(self.stage)
+
+    @property
+    def last(self) -> bool:
+        return self.stages.is_last(self.stage)
+
+    def act_dtype(self) -> mx.Dtype:
+        """The activations' dtype on the wire: the same on every stage (the norms' dtype)."""
+        return self.layers[0].input_layernorm.weight.dtype
+
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """The last stage's logits; elsewhere zeros of the same shape (the caller broadcasts
+        the last stage's sampled token). Stages before the last are evaluated here, send
+        included: nothing downstream of them on this rank would evaluate the send."""
+        B, L = inputs.shape
+        if self.first:
+            h = self.model.embed_tokens(inputs)
+        else:
+            h = self.comm.recv((B, L, self.config.hidden_size), self.act_dtype(), self.stage - 1)
+            mx.eval(h)
+            self.comm.pay_link_time()  # --link: the hop lies on the path before this stage's layers
+        cache = cache if cache is not None else [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        rows = 1 if last_only else L
+        if not self.last:
+            mx.eval(self.comm.send(h.astype(self.act_dtype()), self.stage + 1))
+            return mx.zeros((B, rows, self.config.vocab_size), dtype=self.act_dtype())
+        out = self.model.norm(h)
+        if last_only:
+            out = out[:, -1:, :]
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)
+
+    def make_cache(self) -> list:
+        return make_cache(self.shard, self.kv, len(self.layers))
+
+
+def checkpoint_names(first_layer: int) -> Callable[[str], str]:
+    """A stage's parameter (or module) name -> the checkpoint's: its layer j is layer first_layer + j."""
+    pattern = re.compile(r"^model\.layers\.(\d+)(?=\.|$)")
+    return lambda name: pattern.sub(lambda m: f"model.layers.{first_layer + int(m.group(1))}", name)
+
+
+def load_stage_model(model_dir: Path, stages: StagePlan, comm: Comm, dtype: mx.Dtype | None = None,
+                     progress: Callable[[str], None] | None = None) -> StageModel:
+    """Build stage `comm.rank` and read only its tensors from the checkpoint."""
+    from ..engine.loader import load_slices
+
+    stage = comm.rank
+    model = StageModel(stages, stage, comm)
+    return load_slices(model, model_dir, stages.full.shards[0], stages.config, stage, dtype, progress,
+                       checkpoint_names(stages.layers[stage][0]))
