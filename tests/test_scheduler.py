@@ -66,3 +66,24 @@ def test_prefill_budget_follows_measured_costs():
     assert sched.prefill_budget() == 40  # 2 decode forwards' worth
     sched.measured(decode_s=10.0, prefill_s=0.005, prefill_tokens=1)
     assert sched.prefill_budget() == 512  # never past --prefill-step
+
+
+def test_thousands_of_evictions_spread_over_bounded_step_messages():
+    """One long insertion evicts thousands of short entries: each step message carries at
+    most MAX_DROPS of them and fits its buffer; the rest follow in the next steps."""
+    settings = EngineSettings(max_batch=4, prefill_step=64)
+    prefix = PrefixIndex(max_bytes=1200 * 16, bytes_per_token=1, min_tokens=16)
+    sched = Scheduler(settings, kv_capacity=10**6, prefix=prefix)
+    for i in range(1200):
+        prefix.insert([i // 256, i % 256, *range(14)])
+    long = Seq(1, list(range(1000, 1000 + 1200 * 16)), 1)
+    sched.waiting.append(long)
+    size, sent = wire.engine_capacity(settings), []
+    while sched.busy():
+        step = sched.next_step()
+        sent += wire.decode(wire.encode(step, size)).drop
+        if step.prefill and step.prefill[-1].last:
+            long.generated.append(5)
+            sched.prefilled(long)
+            sched.finish(long)
+    assert len(sent) == len(set(sent)) == 1200 and sched.evictions == 1200 and len(prefix) == 1

@@ -107,8 +107,9 @@ class EngineCollector(Collector):
                             [len(r["rows"]) for r in reports])
 
     def _prefix(self, pc: dict | None):
-        pc = pc or {"entries": 0, "bytes": 0, "hits": 0, "misses": 0}
-        for key, doc in (("hits", "Prefix-cache lookups that reused KV"), ("misses", "Prefix-cache lookups that missed")):
+        pc = pc or {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0}
+        for key, doc in (("hits", "Prefix-cache lookups that reused KV"), ("misses", "Prefix-cache lookups that missed"),
+                         ("evictions", "Prefix-cache entries evicted")):
             c = CounterMetricFamily(P + f"prefix_cache_{key}", doc)
             c.add_metric([], pc[key])
             yield c

@@ -23,9 +23,11 @@ same slots. Quantized batch caches (--kv-bits) keep the copying path.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache, prefix_copy
@@ -45,10 +47,11 @@ class StepOutput:
 
 
 class BatchState:
-    def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None):
+    def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None, max_batch: int = 16):
         """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
         gather is a collective every rank must run). `kv_capacity`: the KV tokens per rank
-        the engine admits by (the same on every rank); holes are not kept past it."""
+        the engine admits by (the same on every rank); holes are not kept past it.
+        `max_batch` sizes the audit report's buffer (its lists are per admitted row)."""
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
@@ -56,6 +59,7 @@ class BatchState:
         self.rows: list[int | None] = []  # uid of each batch row (slot), None for a hole
         self.slots = self.batch_class is BatchKVCache  # holes and in-place joins (not with --kv-bits)
         self.kv_capacity = kv_capacity
+        self.audit_bytes = 1024 + 96 * max_batch  # the same on every rank: one all_gather of this size
         self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
         self.entries: dict[int, list[KVCache]] = {}  # prefix entry -> per-layer single-stream cache of its positions
@@ -95,7 +99,7 @@ class BatchState:
         if step.audit:
             from ..engine.dist import gather_json
 
-            out.audit = gather_json(self.comm, self.report(), max_bytes=8192)
+            out.audit = gather_json(self.comm, self.report(), max_bytes=self.audit_bytes)
         return out
 
     # ---- steps ------------------------------------------------------------------------
@@ -277,7 +281,8 @@ class BatchState:
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
                 "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
                 "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
-                "entries": sorted(self.entries),
+                # prefix entries can be thousands: their count and a checksum of their ids, not the list
+                "entries": [len(self.entries), zlib.crc32(np.array(sorted(self.entries), np.int64).tobytes())],
                 "entry_bytes": sum(c.nbytes for e in self.entries.values() for c in e)}
 
 

@@ -440,7 +440,8 @@ class Engine:
                          kv_tokens_reserved=sched.kv_needed(sched.admitted()), kv_tokens_capacity=self.kv_capacity,
                          kv_bytes_used_per_rank=[used * b for b in self.kv_bytes_per_token],
                          prefix_cache={"entries": len(sched.prefix), "bytes": sched.prefix.bytes,
-                                       "hits": sched.prefix.hits, "misses": sched.prefix.misses}
+                                       "hits": sched.prefix.hits, "misses": sched.prefix.misses,
+                                       "evictions": sched.evictions}
                          if sched.prefix else None)
 
     def _lost(self, message: str) -> None:

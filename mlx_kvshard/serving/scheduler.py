@@ -16,7 +16,7 @@ from typing import Any
 
 from ..settings import EngineSettings
 from .prefix_cache import PrefixIndex
-from .wire import Prefill, Step
+from .wire import MAX_DROPS, Prefill, Step
 
 
 @dataclass
@@ -49,7 +49,8 @@ class Scheduler:
         self.running: list[Seq] = []  # batch rows, in row order (every rank's order)
         self.to_remove: list[Seq] = []
         self.saves: list[tuple[int, int, int]] = []  # prefix entries from finished rows, for the next step
-        self.drops: list[int] = []
+        self.drops: deque[int] = deque()  # evicted prefix entries not yet sent (at most MAX_DROPS a step)
+        self.evictions = 0
         self.step_index = 0
         self.decode_s: float | None = None  # measured: a decode-only step's time
         self.prefill_token_s: float | None = None  # measured: one prompt token's share of a step
@@ -80,7 +81,7 @@ class Scheduler:
     def next_step(self) -> Step:
         step = Step(index=self.step_index)
         self.step_index += 1
-        step.save, step.drop, self.saves, self.drops = self.saves, self.drops, [], []
+        step.save, self.saves = self.saves, []
         for seq in self.to_remove:
             if seq.on_ranks:
                 step.remove.append(seq.uid)
@@ -99,9 +100,15 @@ class Scheduler:
             seq.phase = "prefill"
             self.prefilling.append(seq)
         self._plan_prefill(step)
+        step.drop = self._take_drops()
         # debug: every rank reports its rows and KV after each change (freed on every rank?)
         step.audit = self.settings.check_sync and bool(step.remove or step.join)
         return step
+
+    def _take_drops(self) -> list[int]:
+        """This step's evictions: after its prefills and PUTs on every rank (a hit taken this
+        step has copied its positions first), at most MAX_DROPS; later ones wait a step."""
+        return [self.drops.popleft() for _ in range(min(MAX_DROPS, len(self.drops)))]
 
     def control_step(self, idle: bool = False, stop: bool = False) -> Step:
         step = Step(index=self.step_index, idle=idle, stop=stop)
@@ -155,7 +162,7 @@ class Scheduler:
                 done.append(seq)
         for seq in done if self.prefix is not None else []:  # after the lookups: PUT runs after this step's prefills
             entry, evict = self.prefix.insert(seq.prompt)
-            step.drop += evict
+            self._evict(evict)
             if entry is not None:
                 step.put.append((entry, seq.uid, len(seq.prompt)))
 
@@ -174,7 +181,7 @@ class Scheduler:
         if keep and seq.phase == "running" and self.prefix is not None:
             tokens = seq.prompt + seq.generated[:-1]  # the last token was never fed: no KV for it
             entry, evict = self.prefix.insert(tokens)
-            self.drops += evict
+            self._evict(evict)
             if entry is not None:
                 self.saves.append((entry, seq.uid, len(tokens)))
         if seq.phase == "waiting":
@@ -183,5 +190,10 @@ class Scheduler:
             self.to_remove.append(seq)
         seq.phase = "done"
 
+    def _evict(self, entries: list[int]) -> None:
+        self.drops.extend(entries)
+        self.evictions += len(entries)
+
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove)
+        """Work to send: requests, or evictions still held on the ranks (freed before parking)."""
+        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove or self.drops)

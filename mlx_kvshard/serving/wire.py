@@ -12,7 +12,8 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
     SAVE    entry, uid, n                 keep the first n positions of batch row uid's KV as a
                                           prefix entry (a finished chat turn), before it leaves
     REMOVE  uid                           drop a sequence (finished or cancelled), free its KV
-    DROP    entry                         evict a prefix-cache entry
+    DROP    n, entry*n                    evict prefix-cache entries (at most MAX_DROPS a message:
+                                          the scheduler spreads more over the following steps)
     JOIN    uid                           a prefilled sequence becomes the last batch row
     TRIM    uid, n                        drop the last n positions of row uid's KV (a verify
                                           step's rejected drafts; executed first)
@@ -25,6 +26,12 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
                                           entry `entry` (-1, 0: none)
     PUT     entry, uid, n                 keep the first n tokens of uid's KV as a prefix entry
     AUDIT                                 every rank reports its rows and KV (a gather)
+
+Every list is bounded by construction, so `capacity` words always suffice: SAVE, REMOVE,
+JOIN, PUT and the PREFILL headers are at most one per admitted sequence (max_batch), the
+PREFILL tokens of a step at most prefill_step, DRAFT at most max_drafts, TRIM one, and the
+evictions at most MAX_DROPS (the only list with no natural bound: one long insertion can
+evict thousands of short entries; the rest wait in the scheduler for the next messages).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 
 IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE, TRIM, DRAFT = range(1, 13)
 HEADER = 2
+MAX_DROPS = 256  # evictions one step message carries
 
 
 @dataclass
@@ -73,11 +81,11 @@ def engine_capacity(settings) -> int:
     return capacity(settings.max_batch, settings.prefill_step, max_drafts=settings.max_drafts)
 
 
-def capacity(max_batch: int, prefill_step: int, max_drops: int = 64, max_drafts: int = 0) -> int:
+def capacity(max_batch: int, prefill_step: int, max_drops: int = MAX_DROPS, max_drafts: int = 0) -> int:
     """Words a step can need: every op at its most (the scheduler stays within it)."""
     per_seq = 4 + 2 + 2 + 2 + 7 + 4  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
     spec = 3 + 2 + max_drafts if max_drafts else 0  # TRIM, DRAFT
-    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 * max_drops + spec
+    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 + max_drops + spec
 
 
 def encode(step: Step, size: int) -> np.ndarray:
@@ -92,8 +100,10 @@ def encode(step: Step, size: int) -> np.ndarray:
         words += [SAVE, entry, uid, n]
     for uid in step.remove:
         words += [REMOVE, uid]
-    for entry in step.drop:
-        words += [DROP, entry]
+    if step.drop:
+        if len(step.drop) > MAX_DROPS:
+            raise AssertionError(f"{len(step.drop)} evictions in one step message (at most {MAX_DROPS})")
+        words += [DROP, len(step.drop), *step.drop]
     for uid in step.join:
         words += [JOIN, uid]
     if step.decode:
@@ -108,7 +118,8 @@ def encode(step: Step, size: int) -> np.ndarray:
     if step.audit:
         words.append(AUDIT)
     if len(words) > size:
-        raise AssertionError(f"step message of {len(words)} words exceeds its buffer of {size}")
+        raise AssertionError(f"step message of {len(words)} words exceeds its buffer of {size}: a list the "
+                             f"scheduler should have bounded (see the module docstring)")
     words[0] = len(words)
     buf = np.zeros(size, dtype=np.int32)
     buf[:len(words)] = words
@@ -129,7 +140,9 @@ def decode(buf: np.ndarray) -> Step:
         elif op == REMOVE:
             step.remove.append(w[i]); i += 1
         elif op == DROP:
-            step.drop.append(w[i]); i += 1
+            n = w[i]
+            step.drop = w[i + 1:i + 1 + n]
+            i += 1 + n
         elif op == JOIN:
             step.join.append(w[i]); i += 1
         elif op == DECODE:
