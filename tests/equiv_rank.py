@@ -15,7 +15,7 @@ from mlx_kvshard.engine.dist import init_comm
 from mlx_kvshard.engine.generate import DecodeTimings, SamplingParams, generate_tokens
 from mlx_kvshard.engine.loader import load_rank_model, parameter_bytes
 from mlx_kvshard.plan import ShardPlan
-from mlx_kvshard.engine.safetensors_reader import Checkpoint
+from mlx_kvshard.models.gguf.modeldir import open_checkpoint
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 33, 2]
 N_TOKENS = 32
@@ -35,7 +35,7 @@ def main(out: Path, model_dirs: list[str], vocab_parallel: bool) -> None:
                                       timings=DecodeTimings()))
         shard = plan.shards[comm.rank]
         hd = cfg.head_dim
-        ckpt = Checkpoint(d)
+        ckpt = open_checkpoint(d)
         k_proj = "model.layers.0.self_attn.k_proj.weight"
         own_rows = slice(shard.kv_heads[0] * hd, shard.kv_heads[1] * hd)
         mine = np.array(model.layers[0].self_attn.k_proj.weight.astype(mx.float32))

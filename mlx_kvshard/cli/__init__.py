@@ -29,7 +29,8 @@ def version_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate as cmd_generate, perplexity as cmd_perplexity, plan as cmd_plan, serve as cmd_serve
+    from . import convert as cmd_convert, generate as cmd_generate, perplexity as cmd_perplexity, plan as cmd_plan
+    from . import serve as cmd_serve
     from . import launch as launch_cli
 
     parser = argparse.ArgumentParser(
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_serve.register(sub)
     cmd_plan.register(sub)
     cmd_perplexity.register(sub)
+    cmd_convert.register(sub)
     launch_cli.register(sub)
     return parser
 

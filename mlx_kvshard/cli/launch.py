@@ -221,10 +221,10 @@ def _local_config(model: str | None):
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return ModelConfig.from_file(path)
-    if model == "tiny":
+    if model == "tiny" or (path.is_file() and path.suffix == ".gguf"):
         from ..models.resolve import resolve_model_dir
 
-        return ModelConfig.from_file(resolve_model_dir("tiny"))
+        return ModelConfig.from_file(resolve_model_dir(model))
     return None
 
 

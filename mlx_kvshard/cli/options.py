@@ -14,7 +14,7 @@ from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, 
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("--model", default="tiny", help="local HF-format directory, hub id, or 'tiny' (embedded, default)")
+    p.add_argument("--model", default="tiny", help="local HF-format directory, a .gguf file, hub id, or 'tiny' (embedded, default)")
     p.add_argument("--max-context", type=int, default=None,
                    help="max prompt + generated tokens (default: the model's max_position_embeddings)")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk (or engine step)")

@@ -13,8 +13,8 @@ from mlx.utils import tree_flatten
 from .dist import Comm
 from ..errors import UserError
 from .model import ShardedModel
+from ..models.gguf.modeldir import open_checkpoint
 from ..plan import ShardPlan
-from .safetensors_reader import Checkpoint
 from .sharding import tensor_slice
 
 
@@ -34,7 +34,7 @@ def load_slices(model: nn.Module, model_dir: Path, shard, cfg, rank: int, dtype:
     """Fill `model`'s parameters with `shard`'s slices of the checkpoint; `checkpoint_name`
     maps a parameter's (or module's) name to the checkpoint's (a pipeline stage numbers its
     layers from 0)."""
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir)  # safetensors, or the GGUF file the directory was derived from
     if cfg.quantization or cfg.quant_overrides:
         overrides = dict(cfg.quant_overrides)
 
@@ -77,6 +77,8 @@ def load_slices(model: nn.Module, model_dir: Path, shard, cfg, rank: int, dtype:
             t_last = time.monotonic()
             progress(f"loading rank {rank}'s shard: {i + 1}/{len(params)} tensors, "
                      f"{loaded / 2**30:.2f} GiB")
+    if rank == 0 and progress and (line := getattr(ckpt, "summary", lambda: None)()):
+        progress(line)  # GGUF tensors that could not map exactly, with their measured error
     model.load_weights(weights, strict=True)
     mx.eval(model.parameters())
     return model

@@ -24,8 +24,12 @@ def resolve_model_dir(name: str, config_only: bool = False) -> Path:
         return tiny_model_dir()
     p = Path(name).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix == ".gguf":
+            from .gguf.modeldir import gguf_model_dir
+
+            return gguf_model_dir(p)
         if not p.is_dir():
-            raise UserError(f"--model {name}: is a file; give the directory holding config.json")
+            raise UserError(f"--model {name}: is a file; give a .gguf file or the directory holding config.json")
         if not (p / "config.json").exists():
             raise UserError(f"--model {name}: no config.json in this directory; is it a HF-format model?")
         return p
