@@ -71,7 +71,8 @@ def run_ours(model_dir: Path, world: int, a, tmp: Path) -> dict:
            "--concurrency", a.concurrency, "--prompt-tokens", str(a.prompt_tokens), "--max-tokens",
            str(a.max_tokens), "--long-prompt", str(a.long_prompt), "--prefill-step", str(a.prefill_step)]
     env = {"PYTHONPATH": str(B.REPO)}
-    attempt = supervise(["127.0.0.1"] * world, lambda e: run_local(world, [], env={**env, **e}, command=cmd),
+    attempt = supervise(["127.0.0.1"] * world, lambda e, stop: run_local(world, [], env={**env, **e}, command=cmd,
+                                                                        on_interrupt=stop),
                         peer_timeout=30, step_timeout=a.timeout)
     if attempt.code != 0:
         raise B.BenchError(f"ours at world {world} failed (exit {attempt.code})")

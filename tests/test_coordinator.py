@@ -19,7 +19,7 @@ class FakeRank:
         host, port = coord.address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         self.buf = b""
-        self.send(t="hello", rank=rank, pid=1000 + rank, host=None)
+        self.send(t="hello", rank=rank, pid=1000 + rank, host=None, token=coord.token)
 
     def send(self, **msg) -> None:
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -151,3 +151,66 @@ def test_rank_that_never_starts(cluster):
         only.sock.close()
     finally:
         coord.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+@pytest.mark.parametrize("first_line", [
+    {"t": "hello", "rank": 0, "pid": 1},  # no token: before tokens, it took rank 0's slot
+    {"t": "hello", "rank": 0, "pid": 1, "token": "wrong"},
+    {"t": "hello", "rank": 0, "pid": 1, "token": 12345},
+    {"t": "hello", "rank": [0], "pid": 1, "token": None},  # unhashable: must not reach a dict lookup
+    {"t": "hb", "n": 1},  # anything but a hello first
+    [1, 2, 3],
+])
+def test_a_stranger_is_dropped_and_counted_and_takes_no_slot(first_line):
+    coord = Coordinator(1, out=io.StringIO()).start()
+    try:
+        host, port = coord.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(json.dumps(first_line).encode() + b"\n")
+            assert closed_by_peer(s)
+        assert wait_until(lambda: coord.strangers == 1)
+        assert "(1 so far)" in coord.out.getvalue()
+        real = FakeRank(coord, 0)  # the slot is still free for the rank with the token
+        assert real.recv() == {"t": "go"}
+        real.sock.close()
+    finally:
+        coord.close()
+    assert "1 connection(s) to the coordinator were dropped" in coord.out.getvalue()
+
+
+def test_a_line_without_end_is_cut_off_not_buffered(cluster):
+    from mlx_kvshard.liveness.coordinator import MAX_HELLO, MAX_LINE
+
+    coord, ranks = cluster()
+    host, port = coord.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        with pytest.raises(OSError):  # reset once the coordinator has dropped it
+            for _ in range(1000):  # 64 MB if nothing stopped it
+                s.sendall(b"x" * 65536)
+    assert wait_until(lambda: coord.strangers == 1)
+    assert all(len(b) <= MAX_HELLO + 65536 for b in coord._bufs.values())
+    # A joined rank that does the same is a broken rank: named, not buffered.
+    ranks[1].sock.sendall(b"y" * (MAX_LINE + 65536))
+    f = wait_failure(coord)
+    assert f and f.rank == 1 and f"sent a line longer than {MAX_LINE} bytes" in f.message
+
+
+def test_a_stop_on_request_is_no_failure(cluster):
+    coord, ranks = cluster()
+    decode(ranks, 4)
+    coord.request_stop("SIGTERM", 143)
+    for rk in ranks:
+        assert rk.recv() == {"t": "shutdown", "message": "stopping on request (SIGTERM)", "code": 143}
+    ranks[1].sock.close()  # stopped in order, or killed by the launcher after its grace: no verdict
+    ranks[0].send(t="bye", code=75, why="rank 0 lost its connection to a peer")
+    time.sleep(0.5)
+    assert coord.failure is None
+    assert "stopping on request (SIGTERM): telling every rank to stop" in coord.out.getvalue()

@@ -224,3 +224,47 @@ def test_plan_and_the_doctor_agree_on_the_same_cluster(tmp_path, shim, capsys):
         assert fits == (context == largest)
         assert doctor_fits(context, "--vocab-parallel") == fits
     assert plan(largest)["fits"] is False and doctor_fits(largest) is False
+
+
+IFCONFIG_MAC = """lo0: flags=8049<UP,LOOPBACK,RUNNING,MULTICAST> mtu 16384
+\tinet 127.0.0.1 netmask 0xff000000
+en0: flags=8863<UP,BROADCAST,SMART,RUNNING,SIMPLEX,MULTICAST> mtu 1500
+\tinet6 fe80::1c:aa%en0 prefixlen 64 secured scopeid 0xe
+\tinet 192.168.1.20 netmask 0xffffff00 broadcast 192.168.1.255
+en2: flags=8863<UP,BROADCAST,SMART,RUNNING,SIMPLEX,MULTICAST> mtu 1500
+\tinet 10.0.1.1 netmask 0xffffff00 broadcast 10.0.1.255
+"""
+ROUTE_DEFAULT_MAC = """   route to: default
+destination: default
+       mask: default
+    gateway: 192.168.1.1
+  interface: en0
+"""
+
+
+def test_a_ring_address_on_the_default_route_interface_warns():
+    from mlx_kvshard.launch.judge import exposure
+    from mlx_kvshard.launch.probe import parse_interfaces_linux, parse_interfaces_macos
+
+    mac = parse_interfaces_macos(IFCONFIG_MAC, ROUTE_DEFAULT_MAC)
+    assert mac == {"addresses": {"127.0.0.1": "lo0", "fe80::1c:aa": "en0", "192.168.1.20": "en0", "10.0.1.1": "en2"},
+                   "default": ["en0"]}
+    linux = parse_interfaces_linux("1: lo    inet 127.0.0.1/8 scope host lo\n2: eth0    inet 192.0.2.2/24 brd x\n",
+                                   "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+                                   "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\n")
+    assert linux == {"addresses": {"127.0.0.1": "lo", "192.0.2.2": "eth0"}, "default": ["eth0"]}
+
+    class Spec:  # rank 0 listens on its Thunderbolt address, rank 1 on its Wi-Fi/Ethernet one
+        def listen_targets(self):
+            return {0: [["10.0.1.1", 5000]], 1: [["192.168.1.20", 5000]]}
+
+    def probe(label, rank):
+        p = _P(label, {"interfaces": mac})
+        p.ranks[0].rank = rank
+        return p
+
+    ok, exposed = exposure(Spec(), [probe("mini1", 0), probe("mini2", 1)])
+    assert (ok.status, ok.name) == ("PASS", "network")
+    assert exposed.status == "WARN" and "192.168.1.20 on en0, which also carries the default route" in exposed.detail
+    assert "private network" in exposed.fix
+    assert exposure(Spec(), [_P("linux", {"interfaces": None})]) == []  # the host could not tell: no check

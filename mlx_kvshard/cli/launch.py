@@ -161,12 +161,12 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
     if timeouts is None:
         return runner.run(setup.spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
-    def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int) -> int:
-        """One (re)launch: the hosts left, --resume, the coordinator's address (restart.py)."""
+    def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int, request_stop) -> int:
+        """One (re)launch: the hosts left, --resume, the coordinator's address and token (restart.py)."""
         envs = [*setup.envs, *(f"{k}={v}" for k, v in env.items())]
         sub_spec = _spec(args, wire(sub, sub_cables), setup.cluster.backend, attempt_args, envs)
         return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
-                          quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
+                          quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout, on_interrupt=request_stop)
 
     return restart.run_launch(setup.cluster, setup.cables, setup.rank_args, timeouts, args.restart,
                               args.exclude, start,

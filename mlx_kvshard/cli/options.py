@@ -155,8 +155,9 @@ def run_simulated(args: argparse.Namespace, command: str, skip: set[str] = froze
     rank_args = [command, *to_argv(args._parser, args, skip={"simulate", "restart", "exclude", *skip})]
 
     def once(hosts: list[str], rank_args: list[str]) -> restart.Attempt:
-        return restart.supervise(hosts, lambda coord_env: run_local(len(hosts), rank_args,
-                                                                    env={**(env or {}), **coord_env}),
+        return restart.supervise(hosts, lambda coord_env, stop: run_local(len(hosts), rank_args,
+                                                                          env={**(env or {}), **coord_env},
+                                                                          on_interrupt=stop),
                                  args.peer_timeout, args.step_timeout)
 
     def say(text: str) -> None:

@@ -38,6 +38,7 @@ def judge(spec: LaunchSpec, probes: list[Probe], request: ModelRequest, context:
     checks += memory(spec, ok, cfg, request, context)
     checks += links(spec, probes)
     checks += bridges(ok)
+    checks += exposure(spec, ok)
     if spec.backend != "ring":
         checks += rdma(ok)
     header = (f"doctor: {len(probes)} host(s) for {spec.world} rank(s), backend {spec.backend}"
@@ -218,6 +219,36 @@ def bridges(probes: list[Probe]) -> list[Check]:
                                 "sudo ifconfig bridge0 down (lasts until reboot; mlx.distributed_config --auto-setup does it)"))
         else:
             checks.append(Check(p.label, "bridge0", "PASS", "bridge0 holds no Thunderbolt port"))
+    return checks
+
+
+EXPOSED_FIX = ("keep the ring on a private network: give each Thunderbolt port its own subnet with no router "
+               "(the ring's addresses in the hostfile), or block the ring ports from other machines in the firewall; "
+               "see launch/README.md")
+
+
+def exposure(spec: LaunchSpec, probes: list[Probe]) -> list[Check]:
+    """MLX's ring and jaccl ports, and our liveness coordinator's, accept whoever connects
+    (the coordinator checks a token; MLX checks nothing): WARN when a host's ring address is
+    on an interface that also carries its default route, i.e. reaches other networks."""
+    checks = []
+    for p in probes:
+        found = p.result.get("interfaces")
+        if found is None:
+            continue  # this host's tools did not tell
+        ips = sorted({ip for r in p.ranks for ip, _ in spec.listen_targets().get(r.rank, [])})
+        if not ips:
+            continue
+        default = set(found.get("default", []))
+        exposed = [f"{ip} on {found['addresses'][ip]}" for ip in ips
+                   if found.get("addresses", {}).get(ip) in default]
+        if exposed:
+            checks.append(Check(p.label, "network", "WARN",
+                                f"ring address {', '.join(exposed)}, which also carries the default route "
+                                f"(reaches other networks): MLX's ring ports take no password", EXPOSED_FIX))
+        else:
+            checks.append(Check(p.label, "network", "PASS",
+                                f"ring address {', '.join(ips)} on no default-route interface"))
     return checks
 
 

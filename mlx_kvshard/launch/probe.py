@@ -134,6 +134,47 @@ def parse_bridge0(ifconfig: str, hardware_ports: str) -> tuple[bool, list[str]]:
     return up, [m for m in members if m in thunderbolt]
 
 
+def interfaces() -> dict | None:
+    """{"addresses": {ip: interface}, "default": [interfaces carrying a default route]}, or
+    None where this host's tools do not tell. MLX's ring ports take no password: an address
+    on a default-route interface is one the internet (or the office LAN) may reach."""
+    if sys.platform == "darwin":
+        return parse_interfaces_macos(_run(["ifconfig"]) or "", _run(["route", "-n", "get", "default"]) or "")
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/net/route") as f:
+                routes = f.read()
+        except OSError:
+            routes = ""
+        return parse_interfaces_linux(_run(["ip", "-o", "addr", "show"]) or "", routes)
+    return None
+
+
+def parse_interfaces_macos(ifconfig: str, route_default: str) -> dict:
+    addresses, iface = {}, None
+    for line in ifconfig.splitlines():
+        if line and not line[0].isspace():
+            iface = line.split(":", 1)[0]
+        elif iface and (m := re.match(r"\s+inet6?\s+([0-9A-Fa-f.:]+)", line)):
+            addresses[m.group(1)] = iface
+    m = re.search(r"^\s*interface:\s*(\S+)", route_default, re.M)
+    return {"addresses": addresses, "default": [m.group(1)] if m else []}
+
+
+def parse_interfaces_linux(ip_addr: str, proc_net_route: str) -> dict:
+    addresses = {}
+    for line in ip_addr.splitlines():  # "2: eth0    inet 192.0.2.2/24 brd ..."
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] in ("inet", "inet6"):
+            addresses[parts[3].split("/")[0]] = parts[1].rstrip(":").split("@")[0]
+    default = []
+    for line in proc_net_route.splitlines()[1:]:  # Iface Destination Gateway Flags ... Mask
+        parts = line.split()
+        if len(parts) >= 8 and parts[1] == "00000000" and parts[7] == "00000000" and parts[0] not in default:
+            default.append(parts[0])
+    return {"addresses": addresses, "default": default}
+
+
 def rdma_devices() -> list[str] | None:
     text = _run(["ibv_devices"])
     return None if text is None else [w for w in text.split() if w.startswith("rdma_")]
@@ -154,6 +195,7 @@ def main(job: dict) -> int:
     result["bind"] = {f"{ip}:{port}": can_bind(ip, port) for ip, port in job.get("bind", [])}
     result["reach"] = {f"{ip}:{port}": can_reach(ip, port, job.get("timeout", 2.0)) for ip, port in job.get("reach", [])}
     result["bridge0"] = bridge0()
+    result["interfaces"] = interfaces()
     if job.get("rdma"):
         result["rdma"] = rdma_devices()
     print(MARKER + json.dumps(result), flush=True)

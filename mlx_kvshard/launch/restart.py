@@ -26,17 +26,20 @@ class Attempt:
     hosts: list | None = None  # the hosts of this attempt in rank order, when wiring reordered them
 
 
-def supervise(hosts: list[str], run: Callable[[dict[str, str]], int], peer_timeout: float, step_timeout: float,
-              bind: str = "127.0.0.1", advertise: str | None = None) -> Attempt:
-    """One attempt under a liveness coordinator in this (the launcher's) process. `run`
-    starts the ranks with the environment it is given and returns the exit code; a
-    rank that dies or stalls is named, every rank stops, and the code is EXIT_PEER_LOST.
+def supervise(hosts: list[str], run: Callable[[dict[str, str], Callable[[str, int], None]], int],
+              peer_timeout: float, step_timeout: float, bind: str = "127.0.0.1",
+              advertise: str | None = None) -> Attempt:
+    """One attempt under a liveness coordinator in this (the launcher's) process.
+    `run(env, request_stop)` starts the ranks with the environment it is given (the
+    coordinator's address and the launch's token), hands `request_stop` to the runner
+    for a stop on request, and returns the exit code; a rank that dies or stalls is
+    named, every rank stops, and the code is EXIT_PEER_LOST.
     On a cluster bind 0.0.0.0 and advertise `local_address_towards(first host's IP)`."""
     from ..liveness.coordinator import Coordinator
 
     with Coordinator(len(hosts), peer_timeout, step_timeout, hosts=hosts, bind=bind, advertise=advertise) as coord:
-        code = run(coord.env())
-    lost = coord.failure is not None and code not in (0, 130)
+        code = run(coord.env(), coord.request_stop)
+    lost = coord.failure is not None and coord.stop_requested is None and code not in (0, 130, 143)
     return Attempt(EXIT_PEER_LOST if lost else code, coord.failure.rank if lost else None,
                    coord.checkpoint[0] if coord.checkpoint else None)
 
@@ -103,8 +106,8 @@ def subset(cluster, cables, kept: list):
 def run_launch(cluster, cables, rank_args: list[str], timeouts: tuple[float, float], restarts: int,
                exclude: list[str], start: Callable, say: Callable[[str], None]) -> int:
     """Every attempt under a coordinator with the rank command's (peer, step) `timeouts`.
-    `start(cluster, cables, rank_args, env, attempt)` wires, builds and runs the ranks with
-    `env` added, and returns the exit code."""
+    `start(cluster, cables, rank_args, env, attempt, request_stop)` wires, builds and runs
+    the ranks with `env` added, and returns the exit code."""
     from ..liveness.coordinator import local_address_towards
 
     from .topology import wire
@@ -121,7 +124,8 @@ def run_launch(cluster, cables, rank_args: list[str], timeouts: tuple[float, flo
         n, attempts = attempts, attempts + 1
         sub, sub_cables = subset(cluster, cables, kept)
         ranks = [kept[h.index] for h in wire(sub, sub_cables).hosts]  # rank order, as start() wires them
-        attempt = supervise([h.label for h in ranks], lambda env: start(sub, sub_cables, attempt_args, env, n),
+        attempt = supervise([h.label for h in ranks],
+                            lambda env, stop: start(sub, sub_cables, attempt_args, env, n, stop),
                             peer_timeout, step_timeout, bind, advertise)
         attempt.hosts = ranks
         return attempt

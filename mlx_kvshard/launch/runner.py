@@ -4,6 +4,12 @@
 to fail is named with its host and last lines, the others are stopped at once (the
 ring has no timeout: they would wait for it forever), and the exit code is non-zero.
 Each rank runs in its own process group, so a teardown reaches all of it.
+
+SIGINT (Ctrl-C) or SIGTERM to the launcher is a stop on request: with `on_interrupt`
+(the liveness coordinator's request_stop) the ranks are first asked to stop in order
+and given STOP_GRACE_S to do it; whatever still runs is then terminated. The launcher
+exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM) and says it stopped
+on request, never that a rank failed.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import DEVNULL, PIPE, Popen, TimeoutExpired
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from ..liveness.client import EXIT_PEER_LOST
 
 from .spec import LaunchSpec, RankLaunch
 
 TAIL_LINES = 15
+STOP_GRACE_S = 20.0  # after a stop on request, how long the ranks may take to stop in order (a server drains)
 
 
 @dataclass
@@ -51,7 +58,7 @@ class _Terminated(KeyboardInterrupt):
 
 @dataclass
 class _Outcome:
-    interrupted: bool = False  # Ctrl-C or SIGTERM to the launcher
+    interrupted: signal.Signals | None = None  # SIGINT (Ctrl-C) or SIGTERM to the launcher
     hung: bool = False  # a rank kept running finish_timeout after another finished
     stopped: list[_Rank] = field(default_factory=list)  # torn down while still running
     t_stop: float = 0.0  # seconds the teardown took
@@ -59,15 +66,16 @@ class _Outcome:
 
 def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out: BinaryIO | None = None,
         err: BinaryIO | None = None, grace: float = 3.0, finish_timeout: float | None = 30.0,
-        announce: bool = True) -> int:
+        announce: bool = True, on_interrupt: Callable[[str, int], None] | None = None) -> int:
     """Run every rank to the end. `quiet_ranks`: rank 0's stdout passes through as is
     (callers parse it) and the other ranks' stdout goes to their logs only; otherwise
-    every line is prefixed with `[rank N host]`. Returns the exit code to use."""
+    every line is prefixed with `[rank N host]`. `on_interrupt(signal name, exit code)`
+    asks the ranks to stop in order. Returns the exit code to use."""
     out = out or sys.stdout.buffer
     err = err or sys.stderr.buffer
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "launch.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    (run_dir / "launch.json").write_text(json.dumps(spec.to_dict(), indent=2))  # the token redacted
     lock = threading.Lock()
 
     def say(text: str) -> None:
@@ -78,7 +86,7 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
     if announce:
         say(f"{spec.world} rank(s), backend {spec.backend}, logs in {run_dir}")
     ranks: list[_Rank] = []
-    outcome = _run_ranks(spec, run_dir, ranks, lock, quiet_ranks, out, err, grace, finish_timeout)
+    outcome = _run_ranks(spec, run_dir, ranks, lock, quiet_ranks, out, err, grace, finish_timeout, on_interrupt)
     code, message = _verdict(ranks, run_dir, outcome, finish_timeout)
     _write_result(run_dir, ranks, code)
     if message:
@@ -87,7 +95,8 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
 
 
 def _run_ranks(spec: LaunchSpec, run_dir: Path, ranks: list[_Rank], lock: threading.Lock, quiet_ranks: bool,
-               out: BinaryIO, err: BinaryIO, grace: float, finish_timeout: float | None) -> _Outcome:
+               out: BinaryIO, err: BinaryIO, grace: float, finish_timeout: float | None,
+               on_interrupt: Callable[[str, int], None] | None) -> _Outcome:
     """Start, supervise and tear down; `ranks` fills as they start, so an interrupt at
     any point still reaches every rank started so far."""
     outcome = _Outcome()
@@ -105,14 +114,28 @@ def _run_ranks(spec: LaunchSpec, run_dir: Path, ranks: list[_Rank], lock: thread
                     _thread(_wait, r, wake),
                 ]
             outcome.hung = _supervise(ranks, wake, finish_timeout)
-        except KeyboardInterrupt:
-            outcome.interrupted = True
+        except KeyboardInterrupt as e:
+            outcome.interrupted = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+            t0 = time.monotonic()
+            if on_interrupt is not None:
+                # A repeated SIGTERM is common (a service manager and a wrapper both pass it on):
+                # only a second Ctrl-C cuts the orderly stop short.
+                old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _main_thread() else None
+                try:
+                    on_interrupt(outcome.interrupted.name, 128 + outcome.interrupted)
+                    _wait_all(ranks, wake, STOP_GRACE_S)
+                except KeyboardInterrupt:
+                    pass  # Ctrl-C again: stop them now
+                finally:
+                    if old is not None:
+                        signal.signal(signal.SIGTERM, old)
+            outcome.t_stop = time.monotonic() - t0
         finally:
             # A second Ctrl-C must not cut the teardown short and leave ranks behind.
             with _signals_ignored():
                 t0 = time.monotonic()
                 outcome.stopped = _teardown(spec, ranks, grace)
-                outcome.t_stop = time.monotonic() - t0
+                outcome.t_stop += time.monotonic() - t0
     finally:
         _restore_sigterm(old_term)
         for r in ranks:
@@ -151,6 +174,13 @@ def _supervise(ranks: list[_Rank], wake: threading.Event, finish_timeout: float 
             return True
 
 
+def _wait_all(ranks: list[_Rank], wake: threading.Event, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(r.returncode is None for r in ranks) and time.monotonic() < deadline:
+        wake.wait(timeout=0.2)
+        wake.clear()
+
+
 def _teardown(spec: LaunchSpec, ranks: list[_Rank], grace: float) -> list[_Rank]:
     live = [r for r in ranks if r.returncode is None]
     for r in live:
@@ -184,8 +214,10 @@ def _verdict(ranks: list[_Rank], run_dir: Path, outcome: _Outcome,
              finish_timeout: float | None) -> tuple[int, str | None]:
     stopped, t_stop = outcome.stopped, outcome.t_stop
     stopped_note = (f"; stopped {', '.join(r.who for r in stopped)} in {t_stop:.2f}s" if stopped else "")
-    if outcome.interrupted:
-        return 130, f"interrupted: stopped all {len(ranks)} rank(s) in {t_stop:.2f}s; logs in {run_dir}"
+    if outcome.interrupted is not None:
+        how = (f"all {len(ranks)} rank(s) stopped in order in {t_stop:.2f}s" if not stopped else
+               f"stopped all {len(ranks)} rank(s) in {t_stop:.2f}s")
+        return 128 + outcome.interrupted, f"stopped on request ({outcome.interrupted.name}): {how}; logs in {run_dir}"
     # A rank that exited PEER_LOST only reports another's failure: blame the cause first.
     failed = sorted((r for r in ranks if r.returncode not in (None, 0) and not r.stopped),
                     key=lambda r: (r.returncode == EXIT_PEER_LOST, r.ended or 0.0))
@@ -352,7 +384,7 @@ def _die_with_parent():
 class _signals_ignored:
     def __enter__(self):
         self.old = {}
-        if threading.current_thread() is threading.main_thread():
+        if _main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.old[sig] = signal.signal(sig, signal.SIG_IGN)
 
@@ -361,8 +393,12 @@ class _signals_ignored:
             signal.signal(sig, handler)
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _on_sigterm():
-    if threading.current_thread() is not threading.main_thread():
+    if not _main_thread():
         return None
 
     def handler(signum, frame):

@@ -46,17 +46,19 @@ def simulation_env(world: int, env: dict[str, str] | None = None) -> list[str]:
 
 def run_local(world: int, rank_args: list[str], env: dict[str, str] | None = None, *, quiet_ranks: bool = True,
               run_dir: str | Path | None = None, command: Sequence[str] | None = None,
-              module: str = "mlx_kvshard", finish_timeout: float | None = 30.0) -> int:
+              module: str = "mlx_kvshard", finish_timeout: float | None = 30.0, on_interrupt=None) -> int:
     """Start `world` ranks of `sys.executable -m mlx_kvshard <rank_args>` over the ring
     on 127.0.0.1 (or `command` verbatim). Rank 0's stdout comes through unprefixed;
     returns non-zero, naming the failing rank, if any rank fails. Logs are kept in
-    `run_dir`, or in a temporary one that is removed when every rank succeeded."""
+    `run_dir`, or in a temporary one that is removed when every rank succeeded.
+    `on_interrupt`: see runner.run."""
     cluster = localhost_cluster(world)
     spec = build_spec(wire(cluster), "ring", rank_args, envs=simulation_env(world, env), command=command,
                       module=module)
     keep = run_dir is not None
     run_dir = Path(run_dir) if keep else new_run_dir("sim-")
-    code = runner.run(spec, run_dir, quiet_ranks=quiet_ranks, announce=False, finish_timeout=finish_timeout)
+    code = runner.run(spec, run_dir, quiet_ranks=quiet_ranks, announce=False, finish_timeout=finish_timeout,
+                      on_interrupt=on_interrupt)
     if code == 0 and not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return code

@@ -20,6 +20,8 @@ from typing import Sequence
 from mlx._distributed_utils.common import Host, Hostfile
 from mlx._distributed_utils.launch import RemoteProcess
 
+from ..liveness.client import ENV_TOKEN
+
 from .hostfile import HostSpec
 from .topology import Wiring
 
@@ -76,7 +78,8 @@ class LaunchSpec:
         return [*self.ssh_command, rank.host.ssh, RemoteProcess.make_kill_script(pidfile)]
 
     def to_dict(self) -> dict:
-        return {
+        """Everything about the launch, the liveness token masked (it lands in launch.json)."""
+        return _redacted({
             "backend": self.backend,
             "world": self.world,
             "notes": self.notes,
@@ -88,7 +91,12 @@ class LaunchSpec:
                  "exec": r.launch_argv}
                 for r in self.ranks
             ],
-        }
+        })
+
+
+def _redacted(d: dict) -> dict:
+    text = re.sub(rf"({ENV_TOKEN}=)[^\s;'\"\\]+", r"\1<redacted>", json.dumps(d))
+    return json.loads(text)
 
 
 def build_spec(

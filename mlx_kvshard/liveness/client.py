@@ -6,7 +6,11 @@ group that raised cannot be reused (DESIGN invariant 4). So every rank
 - says hello and waits for every rank before joining the group (`start`),
 - tells the coordinator each finished token and sends a heartbeat twice a second,
 - exits with EXIT_PEER_LOST and one clear line when the coordinator says a peer is
-  gone, when its own token takes too long, or when MLX reports a lost connection.
+  gone, when its own token takes too long, or when MLX reports a lost connection,
+- stops in order when the coordinator passes on an operator's request (`on_shutdown`).
+
+The hello carries the launch's token (MLX_KVSHARD_TOKEN, from the launcher): the
+coordinator admits no rank without it.
 
 Measured on MLX 0.32 (ring, CPU): `mx.eval` and `array.item()` release the GIL while a
 collective waits, so a plain thread runs (and `os._exit`s) while the main thread is
@@ -30,6 +34,8 @@ from ..settings import DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, HEARTBEAT
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a peer died or stalled; resuming from the checkpoint can succeed
 ENV_COORDINATOR = "MLX_KVSHARD_COORDINATOR"  # host:port of the coordinator, set by the launcher
 ENV_HOST = "MLX_KVSHARD_HOST"  # this rank's host label for messages (else the address seen)
+ENV_TOKEN = "MLX_KVSHARD_TOKEN"  # the launch's secret, which the hello must carry (set by the launcher)
+MAX_LINE = 64 << 10  # bytes of one line from the coordinator; a longer one means it is not ours
 GRACE_S = 2.0  # after MLX reports a lost peer, how long to wait for the coordinator to name it
 JOIN_TIMEOUT_S = 120.0  # every rank said hello, and mx.distributed.init returned, within this
 
@@ -47,8 +53,9 @@ class Liveness:
     non-blocking send of a few bytes, no collective and no host sync."""
 
     def __init__(self, rank: int, step_timeout: float, coordinator: str | None = None,
-                 peer_timeout: float = DEFAULT_PEER_TIMEOUT_S, host: str | None = None):
+                 peer_timeout: float = DEFAULT_PEER_TIMEOUT_S, host: str | None = None, token: str = ""):
         self.rank = rank
+        self.token = token
         self.host = host or os.environ.get(ENV_HOST) or socket.gethostname()
         self.coordinator = coordinator
         # With a coordinator the peer timeout names the lost rank first; our own deadline is the backstop.
@@ -65,6 +72,10 @@ class Liveness:
         self._verdict = threading.Event()
         self._wake = threading.Event()  # the serving engine's idle ranks block on it (see wait_wake)
         self.before_exit = None  # optional callable(message), run just before the process ends on a verdict
+        # Optional callable(message), run on the watchdog thread when the operator asked the
+        # launcher to stop: it must end this rank in order soon (the launcher waits, then kills).
+        # None: the rank prints the message and exits with the code the launcher sent.
+        self.on_shutdown = None
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -83,7 +94,7 @@ class Liveness:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setblocking(False)
             self._send({"t": "hello", "rank": self.rank, "pid": os.getpid(),
-                        "host": os.environ.get(ENV_HOST)})
+                        "host": os.environ.get(ENV_HOST), "token": self.token})
         self._thread = threading.Thread(target=self._watch, name="mlx-kvshard-liveness", daemon=True)
         self._thread.start()
         if self.coordinator and not self._go.wait(JOIN_TIMEOUT_S):
@@ -164,7 +175,7 @@ class Liveness:
         self._exit(f"rank {self.rank} (host {self.host}) lost its connection to a peer "
                    f"{where(self.tokens, self.phase_name)} ({exc}); stopping.{self.resume_hint}")
 
-    def _exit(self, message: str, report: bool = True) -> None:
+    def _exit(self, message: str, report: bool = True, code: int = EXIT_PEER_LOST) -> None:
         """Print one line and end the process at once, from any thread, even while the
         main thread is blocked inside a collective."""
         self._exit_lock.acquire()  # never released: the first caller's line is the one
@@ -175,8 +186,8 @@ class Liveness:
                 pass  # ending the process matters more than telling a client
         print(f"mlx-kvshard: {message}", file=sys.stderr, flush=True)
         if report and self._sock is not None and not self._closed:
-            self._send({"t": "bye", "code": EXIT_PEER_LOST, "why": message}, flush=True)
-        os._exit(EXIT_PEER_LOST)
+            self._send({"t": "bye", "code": code, "why": message}, flush=True)
+        os._exit(code)
 
     # ---- the side channel ---------------------------------------------------------------
 
@@ -222,6 +233,9 @@ class Liveness:
                                f"stopping.{self.resume_hint}", report=False)
                 buf += data or b""
                 *lines, buf = buf.split(b"\n")
+                if len(buf) > MAX_LINE:
+                    self._exit(f"rank {self.rank} (host {self.host}): the coordinator at {self.coordinator} sent "
+                               f"a line over {MAX_LINE} bytes (not ours?); stopping.", report=False)
                 for line in lines:
                     self._on_message(line)
             else:
@@ -236,10 +250,20 @@ class Liveness:
             msg = json.loads(line)
         except ValueError:
             return
+        if not isinstance(msg, dict):
+            return
         if msg.get("t") == "go":
             self._go.set()
         elif msg.get("t") == "wake":
             self._wake.set()
+        elif msg.get("t") == "shutdown" and not self._closed:
+            text = str(msg.get("message", "stopping on request"))
+            if self.on_shutdown is not None:
+                self.on_shutdown(text)
+            else:
+                code = msg.get("code", 0)
+                self._exit(f"rank {self.rank} (host {self.host}): {text}", report=False,
+                           code=code if isinstance(code, int) and 0 <= code < 256 else 0)
         elif msg.get("t") == "stop" and not self._closed:
             self._verdict.set()
             self._exit(str(msg.get("message", "stopped by the coordinator")).removeprefix("mlx-kvshard: "),
@@ -261,4 +285,5 @@ def for_rank(settings: LivenessSettings) -> Liveness:
     if "MLX_RANK" not in os.environ and not coordinator:
         return Liveness(0, float("inf"))
     rank = int(os.environ.get("MLX_RANK", "0"))  # a world of one runs without MLX_RANK
-    return Liveness(rank, settings.step_timeout, coordinator, settings.peer_timeout)
+    return Liveness(rank, settings.step_timeout, coordinator, settings.peer_timeout,
+                    token=os.environ.get(ENV_TOKEN, ""))

@@ -118,6 +118,7 @@ def run_front(engine, backend: Backend, http: HttpThread, server: ServerSettings
         threading.Thread(target=engine.shutdown, kwargs={"cancel": True}, daemon=True).start()
 
     http.on_exit = stop
+    engine.live.on_shutdown = stop  # SIGTERM/Ctrl-C to the launcher, passed on by the coordinator
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda n, _f: stop(f"stopping on {signal.Signals(n).name}"))
     info = engine.info()

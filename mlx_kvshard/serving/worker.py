@@ -91,7 +91,13 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         if loaded.comm.rank == 0:
             from .engine import Engine
 
-            return int(front(Engine(loaded, live, engine_settings, capacity, state, ranks)) or 0)
+            engine = Engine(loaded, live, engine_settings, capacity, state, ranks)
+            # The operator asked the launcher to stop: open requests are cancelled, the ranks told STOP.
+            live.on_shutdown = lambda _why: engine.shutdown(cancel=True)  # the front may say more (server/run.py)
+            return int(front(engine) or 0)
+        # A stop on request reaches rank 0 too, which ends us with STOP in order: leaving now
+        # would make its last broadcast fail on a closed connection.
+        live.on_shutdown = lambda _why: None
         follow(loaded.comm, live, state, wire.engine_capacity(engine_settings))
         return 0
 
