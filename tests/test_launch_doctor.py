@@ -268,3 +268,36 @@ def test_a_ring_address_on_the_default_route_interface_warns():
     assert exposed.status == "WARN" and "192.168.1.20 on en0, which also carries the default route" in exposed.detail
     assert "private network" in exposed.fix
     assert exposure(Spec(), [_P("linux", {"interfaces": None})]) == []  # the host could not tell: no check
+
+
+def test_what_setup_mac_sets_is_checked_sleep_and_the_wired_limit():
+    from mlx_kvshard.launch.judge import sleep
+    from mlx_kvshard.launch.probe import parse_pmset_sleep
+
+    assert parse_pmset_sleep("System-wide power settings:\n sleep                10 (sleep prevented by x)\n"
+                             " displaysleep         10\n") == 10
+    assert parse_pmset_sleep(" displaysleep 10\n") is None
+    warn, ok = sleep([_P("mini1", {"mac": {"sleep": 10}}), _P("mini2", {"mac": {"sleep": 0}})])
+    assert warn.status == "WARN" and "sudo pmset -a sleep 0" in warn.fix and ok.status == "PASS"
+    assert sleep([_P("linux", {"mac": None})]) == []
+
+
+def test_the_memory_check_uses_a_raised_gpu_wired_limit(tmp_path):
+    """A 16 GB Mac wires ~2/3 by default; with iogpu.wired_limit_mb raised the doctor uses the raised limit."""
+    from mlx_kvshard.config import ModelConfig
+    from mlx_kvshard.launch.fit import ModelRequest
+    from mlx_kvshard.launch.judge import memory
+    from mlx_kvshard.launch.simulate import localhost_cluster
+    from mlx_kvshard.launch.spec import build_spec
+    from mlx_kvshard.launch.topology import wire
+
+    spec = build_spec(wire(localhost_cluster(1)), "ring", ["generate"])
+    cfg = ModelConfig.from_dict(CONFIG, source="test")
+    probe = _P("mac", {"memory_bytes": 16 << 30, "mac": {"wired_limit_mb": 14 << 10, "sleep": 0}})
+    probe.ranks = spec.ranks
+    context = 2_700_000  # 4 KiB of KV per token: ~11.3 GiB in all, over the default 2/3 of 16 GiB
+    [c] = memory(spec, [probe], cfg, ModelRequest("m", None, None, None), context)
+    assert c.status == "PASS" and "of 14.00 GiB usable (iogpu.wired_limit_mb 14336 of 16.00 GiB RAM)" in c.detail, c
+    probe.result["mac"]["wired_limit_mb"] = 0  # macOS's default
+    [c] = memory(spec, [probe], cfg, ModelRequest("m", None, None, None), context)
+    assert c.status == "FAIL" and "iogpu" not in c.detail and "(67% of 16.00 GiB RAM)" in c.detail, c

@@ -39,6 +39,7 @@ def judge(spec: LaunchSpec, probes: list[Probe], request: ModelRequest, context:
     checks += links(spec, probes)
     checks += bridges(ok)
     checks += exposure(spec, ok)
+    checks += sleep(ok)
     if spec.backend != "ring":
         checks += rdma(ok)
     header = (f"doctor: {len(probes)} host(s) for {spec.world} rank(s), backend {spec.backend}"
@@ -147,6 +148,7 @@ def memory(spec: LaunchSpec, probes: list[Probe], cfg: ModelConfig | None, reque
     except UserError as e:
         return [Check("cluster", "plan", "FAIL", str(e), "see `mlx-kvshard plan --world N` for a size that splits")]
     measured = {r.host.ssh: p.result.get("memory_bytes") for p in probes for r in p.ranks}
+    wired_mb = {r.host.ssh: (p.result.get("mac") or {}).get("wired_limit_mb") for p in probes for r in p.ranks}
     by_host: dict[str, list] = {}
     for r in spec.ranks:  # ranks on one machine share its memory
         by_host.setdefault(r.host.ssh, []).append(r)
@@ -159,6 +161,8 @@ def memory(spec: LaunchSpec, probes: list[Probe], cfg: ModelConfig | None, reque
             continue
         (limit, share), need = usable(mem), sum(needs[r.rank].total for r in ranks)
         source = f"memory_gb {declared:g}" if declared else f"{human_bytes(mem)} RAM"
+        if wired_mb.get(ssh):  # raised (or lowered) with sysctl, e.g. by launch/setup-mac.sh: that is the limit
+            limit, share = min(int(mem), wired_mb[ssh] << 20), f"iogpu.wired_limit_mb {wired_mb[ssh]}"
         per_rank = "; ".join(f"rank {r.rank} {needs[r.rank].describe()}" for r in ranks)
         status = "PASS" if need <= limit else "FAIL"
         checks.append(Check(label, "memory", status, f"needs {human_bytes(need)} of {human_bytes(limit)} usable "
@@ -219,6 +223,21 @@ def bridges(probes: list[Probe]) -> list[Check]:
                                 "sudo ifconfig bridge0 down (lasts until reboot; mlx.distributed_config --auto-setup does it)"))
         else:
             checks.append(Check(p.label, "bridge0", "PASS", "bridge0 holds no Thunderbolt port"))
+    return checks
+
+
+def sleep(probes: list[Probe]) -> list[Check]:
+    """macOS: a Mac that sleeps when idle is a lost rank (and a dead server) overnight."""
+    checks = []
+    for p in probes:
+        minutes = (p.result.get("mac") or {}).get("sleep")
+        if minutes is None:
+            continue  # not macOS, or pmset did not say
+        if minutes:
+            checks.append(Check(p.label, "sleep", "WARN", f"the Mac sleeps after {minutes} min idle: its rank is "
+                                f"lost then", "sudo pmset -a sleep 0 (launch/setup-mac.sh offers it)"))
+        else:
+            checks.append(Check(p.label, "sleep", "PASS", "system sleep is off"))
     return checks
 
 

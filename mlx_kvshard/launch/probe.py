@@ -175,6 +175,22 @@ def parse_interfaces_linux(ip_addr: str, proc_net_route: str) -> dict:
     return {"addresses": addresses, "default": default}
 
 
+def mac_settings() -> dict | None:
+    """macOS: what launch/setup-mac.sh sets: the GPU wired-memory limit (MB, 0 = macOS's
+    default) and system sleep (minutes idle, 0 = never)."""
+    if sys.platform != "darwin":
+        return None
+    wired = (_run(["sysctl", "-n", "iogpu.wired_limit_mb"]) or "").strip()
+    return {"wired_limit_mb": int(wired) if wired.isdigit() else None,
+            "sleep": parse_pmset_sleep(_run(["pmset", "-g"]) or "")}
+
+
+def parse_pmset_sleep(pmset_g: str) -> int | None:
+    """Minutes of idle before system sleep from `pmset -g` (" sleep  10 (sleep prevented by ...)")."""
+    m = re.search(r"^\s*sleep\s+(\d+)", pmset_g, re.M)
+    return int(m.group(1)) if m else None
+
+
 def rdma_devices() -> list[str] | None:
     text = _run(["ibv_devices"])
     return None if text is None else [w for w in text.split() if w.startswith("rdma_")]
@@ -196,6 +212,7 @@ def main(job: dict) -> int:
     result["reach"] = {f"{ip}:{port}": can_reach(ip, port, job.get("timeout", 2.0)) for ip, port in job.get("reach", [])}
     result["bridge0"] = bridge0()
     result["interfaces"] = interfaces()
+    result["mac"] = mac_settings()
     if job.get("rdma"):
         result["rdma"] = rdma_devices()
     print(MARKER + json.dumps(result), flush=True)
