@@ -10,8 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..settings import ServerSettings
-from . import errors
+from . import errors, openapi
 from .guards import ApiKeyMiddleware, BodyLimitMiddleware
 from .completions import complete
 from .metrics import ServerMetrics
@@ -22,8 +23,10 @@ from .state import Backend
 def create_app(backend: Backend, settings: ServerSettings, metrics: ServerMetrics | None = None) -> FastAPI:
     """The app for `backend` (its Engine attached once every rank has loaded)."""
     metrics = metrics or ServerMetrics(backend)
-    app = FastAPI(title="mlx-kvshard", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mlx-kvshard", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     errors.install(app)
+    openapi.install(app, backend, settings.model_id)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_key:  # added last: the outermost, so nothing about a request is read before its key
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
@@ -53,7 +56,9 @@ def create_app(backend: Backend, settings: ServerSettings, metrics: ServerMetric
     async def health():
         return JSONResponse(health_body(backend, model_id), status_code=200 if backend.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

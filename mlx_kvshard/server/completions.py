@@ -138,7 +138,7 @@ def engine_request(req: s.ChatCompletionRequest | s.CompletionRequest, default_m
     params = SamplingParams(
         max_tokens=max_tokens, temp=1.0 if req.temperature is None else req.temperature,
         top_p=req.top_p or 0.0, top_k=max(0, req.top_k or 0), min_p=req.min_p or 0.0,
-        repetition_penalty=req.repetition_penalty, seed=secrets.randbits(62) if req.seed is None else req.seed,
+        repetition_penalty=req.repetition_penalty, seed=secrets.randbits(62) if req.seed is None else req.seed % 2**63,
         stop=stop, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
     if chat:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}

@@ -74,15 +74,31 @@ def validation_error(errors: list[dict]) -> ApiError:
     if not loc:  # the body is missing or not a JSON object
         return ApiError(400, f"the request body must be a JSON object ({err.get('msg')})")
     path = [str(p) for p in loc]
-    tagged = next((i for i, p in enumerate(path) if p in _TYPE_TAGS or "[" in p), None)
+    tagged = next((i for i, p in enumerate(path) if p in _TYPE_TAGS or "[" in p or p.startswith("constrained-")),
+                  None)
     if tagged is not None:  # a union's member name (pydantic lists each member): say what the field takes
         field = path[:tagged]
         param = ".".join(field)
+        near = _near_miss(errors, loc[:tagged])
+        if near is not None:  # the right kind of value, out of bounds (an empty prompt, two prompts)
+            return ApiError(400, f"{param}: {near['msg'].lower()} (got {_short(near.get('input'))})", param=param)
         return ApiError(400, f"{param}: must be {KINDS.get(field[-1], 'of another type')}", param=param)
     param = ".".join(path)
     value = "" if err.get("type") == "missing" else f" (got {_short(err.get('input'))})"
     message = "is required" if err.get("type") == "missing" else err.get("msg", "invalid").lower()
     return ApiError(400, f"{param}: {message}{value}", param=param)
+
+
+def _near_miss(errors: list[dict], field: list) -> dict | None:
+    """Of a union field's member errors, one where the value had the member's type but broke
+    its bounds (too short, too long, too small), if any."""
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        loc = loc[1:] if loc and loc[0] == "body" else loc
+        kind = err.get("type", "")
+        if loc[:len(field)] == field and not kind.endswith("_type") and kind not in ("literal_error", "missing"):
+            return err
+    return None
 
 
 def _short(value) -> str:

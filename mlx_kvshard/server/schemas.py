@@ -1,16 +1,24 @@
 """OpenAI's request and response shapes (field names as in the OpenAI API reference), as
 pydantic models: FastAPI validates every request body against them before a handler (and
-so before any rank) sees it. Strict: "5" is not a number and true is not an integer.
+so before any rank) sees it, and publishes them at /openapi.json. Strict: "5" is not a
+number, true is not an integer, and no number is infinite or NaN.
+
+The schema is the contract (tests/test_fuzz.py holds the server to it): a request it allows
+is accepted, one it forbids is a 4xx. Fields OpenAI defines that change the output in ways
+we do not implement are refused in `unsupported()` with a clear 400, and the schema says so
+through `_only` (e.g. `n` has maximum 1). What only the loaded model bounds (the vocabulary,
+the context, the model id) is added to the published schema by openapi.py. Two limits no
+JSON schema can state: a prompt must fit the context in tokens, and a chat template may
+refuse some conversations (the built-in ones accept every role in any order).
 
 Extensions that vLLM and mlx_lm.server accept too: top_k, min_p, repetition_penalty.
-Fields OpenAI defines that change the output in ways we do not implement are refused
-with a clear 400 in `unsupported()`; other unknown fields are ignored, as OpenAI does."""
+Other unknown fields are ignored, as OpenAI does."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +29,16 @@ KINDS = {"prompt": "a string, a list of one string, or a list of token ids (inte
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def _only(**schema) -> dict:
+    """What the schema publishes for a value `unsupported()` refuses with its own message."""
+    return {"json_schema_extra": schema}
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]  # openapi.py adds the vocabulary's bound
 
 
 class StreamOptions(_Strict):
@@ -29,18 +46,20 @@ class StreamOptions(_Strict):
 
 
 class TextPart(_Strict):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class Message(_Strict):
+    """A chat message: its content is a string, a list of text parts, or absent (an empty
+    text: e.g. an assistant turn that only called tools)."""
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content)
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -52,33 +71,39 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's -1 too)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    seed: int | None = None  # any integer, taken modulo 2**63 (no bound for a float-rounding client to miss)
+    stop: NonEmpty | list[NonEmpty] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, **_only(maximum=1))
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, **_only(maxProperties=0))
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
+    # top_logprobs > 0 needs logprobs: true (OpenAI's rule)
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = None
-    response_format: dict | None = None
+    tools: list[dict] | None = Field(None, **_only(maxItems=0))
+    response_format: dict | None = Field(None, **_only(properties={"type": {"enum": ["text"]}}))
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] \
+        | Annotated[list[TokenId], Field(min_length=1)]
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    echo: bool = Field(False, **_only(enum=[False]))
+    suffix: str | None = Field(None, **_only(maxLength=0))
+    best_of: int | None = Field(None, ge=1, **_only(maximum=1))
 
 
 def unsupported(req: _Sampling) -> tuple[str, str] | None:
@@ -94,9 +119,6 @@ def unsupported(req: _Sampling) -> tuple[str, str] | None:
             return "response_format", f"response_format {req.response_format.get('type')!r} is not supported (only text)"
         if req.top_logprobs and not req.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
-        for i, m in enumerate(req.messages):
-            if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
-                return f"messages.{i}.content", "only text content parts are supported"
     else:
         if req.echo:
             return "echo", "echo is not supported"
@@ -104,8 +126,6 @@ def unsupported(req: _Sampling) -> tuple[str, str] | None:
             return "suffix", "suffix (insertion) is not supported"
         if req.best_of not in (None, 1):
             return "best_of", f"best_of {req.best_of}: only 1 is supported"
-        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) and len(req.prompt) != 1:
-            return "prompt", f"a list of {len(req.prompt)} prompts: send one prompt per request"
     return None
 
 
