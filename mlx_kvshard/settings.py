@@ -85,6 +85,17 @@ class ShardingSettings:
 
 
 KV_SHARD_MODES = ("replicate", "sequence", "auto")
+KV_ROTATE_MODES = {"auto": None, "on": True, "off": False}
+# KV bit widths rotated unless --kv-rotate off: measured on real text, docs/kv-quality.md
+DEFAULT_ROTATE_BITS: tuple[int, ...] = ()
+
+
+def hadamard_size_ok(n: int) -> bool:
+    """mx.hadamard_transform takes m * 2^k elements for m in 1, 12, 20, 28."""
+    for m in (1, 12, 20, 28):
+        if n % m == 0 and (n // m) & (n // m - 1) == 0:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,13 @@ class KVSettings:
     # world > n_kv_heads: sharers of a KV head keep a replica each ("replicate") or a disjoint
     # share of its positions ("sequence"); "auto" picks the smaller per-rank memory at max context
     shard: str = "replicate"
+    # Hadamard-rotate q, k, v per head before the cache, the attention output back (engine/attention.py):
+    # True, False, or None = the default for the bit width (DEFAULT_ROTATE_BITS)
+    rotate: bool | None = None
+
+    @property
+    def rotated(self) -> bool:
+        return self.bits in DEFAULT_ROTATE_BITS if self.rotate is None else self.rotate
 
     def full_precision(self) -> "KVSettings":
         """The same layout (shard mode) storing K and V in the compute dtype."""
@@ -112,6 +130,9 @@ class KVSettings:
             raise UserError(f"--kv-quant-start {self.quant_start}: must not be negative")
         if self.shard not in KV_SHARD_MODES:
             raise UserError(f"--kv-shard {self.shard}: must be one of {', '.join(KV_SHARD_MODES)}")
+        if self.rotated and head_dim is not None and not hadamard_size_ok(head_dim):
+            raise UserError(f"--kv-rotate: head_dim {head_dim} has no Hadamard transform (it takes 2^k, or 12, 20 "
+                            f"or 28 times 2^k); use --kv-rotate off")
         if self.bits and head_dim is not None and head_dim % self.group_size:
             raise UserError(f"--kv-bits {self.bits}: head_dim {head_dim} is not a multiple of "
                             f"--kv-group-size {self.group_size}; choose a group size that divides it")

@@ -1,6 +1,8 @@
 """`mlx-kvshard perplexity`: a text scored through the sharded model and its KV cache as
 generation fills it. The same value at world 1 and world 3 (1e-4 relative, float32), and
-the value mlx-lm's own unsharded model gives through its own caches in the same chunks."""
+the value mlx-lm's own unsharded model gives through its own caches in the same chunks
+(for Hadamard-rotated KV: through a cache that stores rotated K/V quantized and returns them
+rotated back, which is what rotating q, k, v and the output computes)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,27 @@ def oracle(model_dir: Path, text: Path, make_cache) -> tuple[float, int]:
     return math.exp(nll / n), n
 
 
+class RotatedQuantizedCache:
+    """mlx-lm's QuantizedKVCache of Hadamard-rotated K and V, returned dequantized and rotated
+    back (full precision to mlx-lm's attention)."""
+
+    def __init__(self, group_size: int, bits: int):
+        self.inner = QuantizedKVCache(group_size=group_size, bits=bits)
+
+    @property
+    def offset(self):
+        return self.inner.offset
+
+    def make_mask(self, *args, **kwargs):
+        return self.inner.make_mask(*args, **kwargs)
+
+    def update_and_fetch(self, keys, values):
+        rot = lambda x: mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)  # noqa: E731
+        q = self.inner
+        k, v = q.update_and_fetch(rot(keys), rot(values))
+        return tuple(rot(mx.dequantize(*t, group_size=q.group_size, bits=q.bits)) for t in (k, v))
+
+
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "prose.txt"
@@ -54,15 +77,18 @@ def text(tmp_path_factory) -> Path:
 
 
 def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
+    """Rotated 4-bit KV; its full-precision comparison runs the same rotated model, which must
+    give mlx-lm's unrotated full-precision perplexity (the rotation is exact)."""
     model = checkpoint(ckpt_root, "kvq")  # 4 KV heads: world 3 holds 2, 1, 1
     args = ["--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step", str(STEP),
-            "--kv-bits", "4", "--kv-group-size", "32", "--compare-fp"]
+            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--compare-fp"]
     one, three = perplexity(*args, "--simulate", "1"), perplexity(*args, "--simulate", "3")
     assert one["tokens_scored"] == three["tokens_scored"] > 2 * CONTEXT and one["windows"] >= 3
     for key in ("perplexity", "fp_perplexity", "kl_divergence_mean"):
         assert math.isclose(three[key], one[key], rel_tol=1e-4), (key, one[key], three[key])
     assert one["kl_divergence_mean"] > 0 and one["perplexity"] != one["fp_perplexity"]  # 4-bit KV is not free
-    want, n = oracle(model, text, lambda: QuantizedKVCache(group_size=32, bits=4))
+    assert one["kv"]["rotated"] and three["kv"]["rotated"]
+    want, n = oracle(model, text, lambda: RotatedQuantizedCache(group_size=32, bits=4))
     assert n == one["tokens_scored"]
     assert math.isclose(one["perplexity"], want, rel_tol=1e-4), (one["perplexity"], want)
     want_fp, _ = oracle(model, text, KVCache)
@@ -72,14 +98,14 @@ def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
 
 
 def test_sequence_sharded_kv_equals_mlx_lm(ckpt_root, text):
-    """World 3 on 2 KV heads, one of them split by sequence position, 8-bit: the LSE merge
-    over quantized shares gives mlx-lm's perplexity through its own 8-bit cache."""
+    """World 3 on 2 KV heads, one of them split by sequence position, rotated 4-bit: the LSE
+    merge over rotated, quantized shares gives the oracle's perplexity."""
     model = checkpoint(ckpt_root, "seq_kv2")
     got = perplexity("--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step",
-                     str(STEP), "--kv-bits", "8", "--kv-group-size", "32", "--kv-shard", "sequence",
-                     "--simulate", "3")
-    assert got["kv"]["shard"] == "sequence"
-    want, _ = oracle(model, text, lambda: QuantizedKVCache(group_size=32, bits=8))
+                     str(STEP), "--kv-bits", "4", "--kv-group-size", "32", "--kv-shard", "sequence",
+                     "--kv-rotate", "on", "--simulate", "3")
+    assert got["kv"]["shard"] == "sequence" and got["kv"]["rotated"]
+    want, _ = oracle(model, text, lambda: RotatedQuantizedCache(group_size=32, bits=4))
     assert math.isclose(got["perplexity"], want, rel_tol=1e-4), (got["perplexity"], want)
 
 

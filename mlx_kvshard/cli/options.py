@@ -9,8 +9,8 @@ import sys
 
 from ..errors import UserError
 from ..launch import restart
-from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, KV_SHARD_MODES, KVSettings,
-                        LivenessSettings, ModelSettings, RankSettings, ShardingSettings, parse_shares)
+from ..settings import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, DTYPES, KV_ROTATE_MODES, KV_SHARD_MODES,
+                        KVSettings, LivenessSettings, ModelSettings, RankSettings, ShardingSettings, parse_shares)
 
 
 def add_model_arguments(p) -> None:
@@ -49,6 +49,10 @@ def add_kv_arguments(p) -> None:
                    help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
                         "by sequence position (KV per rank = total / N), or auto (less memory per rank "
                         "at --max-context); sequence is one-prompt generate only")
+    p.add_argument("--kv-rotate", choices=tuple(KV_ROTATE_MODES), default="auto",
+                   help="Hadamard-rotate each head's q, k, v before the cache and the output back: attention is "
+                        "unchanged, outliers are spread before quantizing (auto: on where measured to win, "
+                        "see docs/kv-quality.md)")
 
 
 def add_liveness_arguments(p) -> None:
@@ -110,7 +114,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
 
 def kv_settings(args) -> KVSettings:
     kv = KVSettings(bits=args.kv_bits, group_size=args.kv_group_size, quant_start=args.kv_quant_start,
-                    shard=args.kv_shard)
+                    shard=args.kv_shard, rotate=KV_ROTATE_MODES[args.kv_rotate])
     kv.check()
     return kv
 

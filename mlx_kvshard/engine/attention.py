@@ -16,6 +16,14 @@ from ..plan import RankShard
 from .dist import Comm
 
 
+def rotate_heads(x: mx.array) -> mx.array:
+    """An orthonormal Hadamard transform along head_dim (its own inverse). Applied to q, k and v
+    before the cache and to the attention output after it, it leaves attention unchanged but
+    spreads each head's outlier channels over all of them, so a quantized cache loses less
+    (QuaRot). Per head and position: world N computes what world 1 does."""
+    return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
+
+
 def partial_attention(queries: mx.array, keys, values, scale: float, quantization: tuple[int, int] | None = None,
                       q_pos: mx.array | None = None, k_pos: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Attention of `queries` (B, Hq, L, D) over the stored `keys`/`values` (B, Hkv, n, D),

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..models.architectures import mlx_lm_model_class
 from ..plan import RankShard
 from ..settings import KVSettings
-from .attention import sequence_sharded_attention
+from .attention import rotate_heads, sequence_sharded_attention
 from .kvcache import make_cache
 
 
@@ -36,11 +36,14 @@ def model_args(cfg: ModelConfig):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
-        """`sequence_merge`: the plan splits some KV head by sequence position (attention.py)."""
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False,
+                 rotate: bool = False):
+        """`sequence_merge`: the plan splits some KV head by sequence position (attention.py);
+        `rotate`: q, k, v are Hadamard-rotated before the (quantized) cache, the output back."""
         super().__init__()
         self.shard = shard
         self.sequence_merge = sequence_merge
+        self.rotate = rotate
         dim, head_dim = cfg.hidden_size, cfg.head_dim
         self.n_heads = shard.local_q_heads
         self.n_kv_heads = shard.local_kv_heads
@@ -76,6 +79,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         queries = self.rope(queries, offset=offset)
         keys = self.rope(keys, offset=offset)
+        if self.rotate:
+            queries, keys, values = rotate_heads(queries), rotate_heads(keys), rotate_heads(values)
         if self.sequence_merge:
             out = sequence_sharded_attention(queries, keys, values, cache, self.scale, self.shard, self.comm)
         else:
@@ -83,6 +88,8 @@ class Attention(nn.Module):
                 # The cache holds only this rank's KV heads; it never leaves the rank.
                 keys, values = cache.update_and_fetch(keys, values)
             out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        if self.rotate:
+            out = rotate_heads(out)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         # Row-parallel: each rank's heads give a partial sum of the full projection.
         return self.comm.all_sum(self.o_proj(out))
@@ -102,9 +109,10 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False,
+                 rotate: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg, args, shard, comm, sequence_merge)
+        self.self_attn = Attention(cfg, args, shard, comm, sequence_merge, rotate)
         self.mlp = MLP(cfg, shard, comm, bias=bool(getattr(args, "mlp_bias", False)))
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
@@ -115,10 +123,11 @@ class TransformerBlock(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False):
+    def __init__(self, cfg: ModelConfig, args, shard: RankShard, comm: Comm, sequence_merge: bool = False,
+                 rotate: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [TransformerBlock(cfg, args, shard, comm, sequence_merge)
+        self.layers = [TransformerBlock(cfg, args, shard, comm, sequence_merge, rotate)
                        for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
 
@@ -147,7 +156,8 @@ class ShardedModel(nn.Module):
         self.comm = comm
         self.kv = kv or KVSettings()
         self._vocab_sizes = tuple(vocab_sizes or ())
-        self.model = DecoderModel(cfg, model_args(cfg), shard, comm, sequence_merge=self.kv.shard == "sequence")
+        self.model = DecoderModel(cfg, model_args(cfg), shard, comm, sequence_merge=self.kv.shard == "sequence",
+                                  rotate=self.kv.rotated)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, shard.local_vocab(cfg.vocab_size), bias=False)
 
