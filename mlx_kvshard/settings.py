@@ -87,7 +87,7 @@ class ShardingSettings:
 KV_SHARD_MODES = ("replicate", "sequence", "auto")
 KV_ROTATE_MODES = {"auto": None, "on": True, "off": False}
 # KV bit widths rotated unless --kv-rotate off: measured on real text, docs/kv-quality.md
-DEFAULT_ROTATE_BITS: tuple[int, ...] = ()
+DEFAULT_ROTATE_BITS: tuple[int, ...] = (4,)
 
 
 def hadamard_size_ok(n: int) -> bool:
