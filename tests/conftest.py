@@ -5,6 +5,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mlx_kvshard.paths import cache_root  # noqa: E402
+
+# The real tier's download outlives a session: the user's cache root, read before the
+# session fixture below points the cache at a temporary directory.
+REAL_CACHE = cache_root() / "real"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Path, Path]:
+    """(SmolLM2-135M-Instruct Q4_1 GGUF file, its float32 mlx-lm conversion): `real` tier."""
+    from real_model import converted, fetch
+
+    REAL_CACHE.mkdir(parents=True, exist_ok=True)
+    gguf = fetch(REAL_CACHE)
+    return gguf, converted(gguf, REAL_CACHE)
+
 
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory) -> Path:
