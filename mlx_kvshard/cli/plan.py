@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..planner import capacity
+from ..planner import capacity, parallelism
 from ..planner.capacity import Host, Options
 from ..config import ModelConfig
 from ..errors import UserError
@@ -52,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--num-draft", type=int, default=3, metavar="K", help="tokens proposed per verify step (default 3)")
     p.add_argument("--draft-gb", type=float, default=0.0,
                    help="draft model weights in GB, read per drafted token on rank 0 (default 0: prompt lookup)")
+    p.add_argument("--pp", type=int, default=1, metavar="S",
+                   help="check a pipeline of S stages (one per rank) as `generate --pp S` would run it; the TP vs "
+                        "PP comparison is printed whenever chips and a link are known")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -144,10 +147,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     hosts, backend = resolve_hosts(args)
     link, link_why = choose_link(args, hosts, backend)
     shares = _per_rank(parse_numbers(args.weights, "--shares"), len(hosts), "--shares")
+    if args.pp > 1:  # what `generate --pp S` would refuse, refused here
+        from ..pipeline.stages import StagePlan, check_world
+
+        check_world(args.pp, len(hosts))
+        StagePlan.build(cfg, args.pp, shares, args.dtype, opts.kv, opts.context)
     cluster = capacity.evaluate(cfg, hosts, link, opts, shares=shares, compute_dtype=args.dtype)
     decision = capacity.decide(cfg, cluster, link, opts, compute_dtype=args.dtype)
+    modes = parallelism.compare(cfg, hosts, link, opts, shares, args.dtype)
     ckpt = checkpoint_bytes(args.model, Path(config_path))
     render = render_json if args.json else render_text
-    print(render(cluster, decision, link, link_why, opts, ckpt))
+    print(render(cluster, decision, link, link_why, opts, ckpt, modes))
     return 0
 

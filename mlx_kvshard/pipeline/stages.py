@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..plan import ShardPlan, split_counts
 
 # Why a stage cannot be tensor-parallel on MLX 0.32.4 (measured on the ring backend):
+HYBRID_SHORT = "MLX's ring backend cannot split a group, so stages could not run concurrently"
 HYBRID_REFUSAL = ("tensor parallelism inside a pipeline stage is not supported: MLX's ring backend cannot "
                   "split a group (Group.split raises '[ring] Group split not supported', and a second "
                   "mx.distributed.init returns the same global group), so a stage's all_sums would include "

@@ -162,19 +162,21 @@ def checkpoint_line(ev: Evaluation, ckpt: tuple[int, str] | None) -> str:
 
 
 def render_text(ev: Evaluation, decision: Decision, link: LinkProfile | None, link_why: str,
-                opts: Options, ckpt: tuple[int, str] | None) -> str:
+                opts: Options, ckpt: tuple[int, str] | None, modes: dict | None = None) -> str:
+    from .parallelism import lines as parallelism_lines
+
     comm = capacity.comm_per_token(ev.plan, opts, link)
     recommended, why = capacity.recommend_kv_mode(ev.kv_capacity, opts.batch)
     lines = [ev.plan.table(), checkpoint_line(ev, ckpt), *fit_table(ev, opts), context_line(ev),
              *kv_mode_lines(ev, opts), *kv_capacity_lines(ev.kv_capacity, recommended, why, opts),
              *comm_lines(comm, ev, link, opts), *prediction_lines(ev, link),
-             f"single Mac or cluster? {decision.line}",
+             f"single Mac or cluster? {decision.line}", *parallelism_lines(modes),
              *assumption_lines(ev, link, link_why, opts)]
     return "\n".join(lines)
 
 
 def report_dict(ev: Evaluation, decision: Decision, link: LinkProfile | None, link_why: str,
-                opts: Options, ckpt: tuple[int, str] | None) -> dict:
+                opts: Options, ckpt: tuple[int, str] | None, modes: dict | None = None) -> dict:
     d = ev.plan.to_dict()  # the shard plan's keys stay at the top level, as before
     for row, f in zip(d["ranks"], ev.fits):
         row.update(host=f.host.name, chip=f.host.chip.name if f.host.chip else None,
@@ -212,6 +214,7 @@ def report_dict(ev: Evaluation, decision: Decision, link: LinkProfile | None, li
                   "single_fits": single.fits_all if single else None,
                   "single_prediction": single.prediction if single else None,
                   "macs_needed": decision.macs_needed},
+        parallelism=modes,  # TP vs PP (and why no hybrid), with the recommendation; None: not predictable
     )
     return d
 
