@@ -239,6 +239,7 @@ class EngineSettings:
     kv_memory_fraction: float = 0.8  # share of a rank's free memory (after loading) the KV cache may use
     prefix_cache_bytes: int = 256 << 20  # per rank, for cached prompt prefixes; 0 = off
     min_prefix_tokens: int = 16  # shorter shared prefixes are recomputed, not looked up
+    prefix_block_tokens: int = 64  # tokens per prefix-cache block (see docs/engine.md for why 64)
     # While rows decode, a step's prefill is cut to about this many decode steps' time (0 = always
     # prefill_step), so streaming requests slow down at most ~(1 + factor)x while a long prompt prefills.
     prefill_decode_ratio: float = 2.0
@@ -261,7 +262,8 @@ class EngineSettings:
 
         for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
                                  ("--prefill-step", self.prefill_step, 1),
-                                 ("--prefix-cache-bytes", self.prefix_cache_bytes, 0)):
+                                 ("--prefix-cache-bytes", self.prefix_cache_bytes, 0),
+                                 ("--prefix-block-tokens", self.prefix_block_tokens, 1)):
             if value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
         if self.prefill_decode_ratio < 0 or self.min_prefill_chunk < 1:

@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 from mlx_kvshard.serving import wire
-from mlx_kvshard.serving.prefix_cache import PrefixIndex
+from mlx_kvshard.kv.index import BlockIndex, Insert
 from mlx_kvshard.serving.scheduler import Scheduler, Seq
 from mlx_kvshard.settings import EngineSettings
 
 
 def test_step_message_round_trip_and_capacity():
-    step = wire.Step(index=7, save=[(3, 11, 40)], remove=[11, 12], join=[13], decode=[(13, 5), (14, 9)],
-                     prefill=[wire.Prefill(15, 16, [1, 2, 3], True, 2, 16)], put=[(4, 15, 19)], drop=[2], audit=True)
+    step = wire.Step(index=7, save=[(11, 0, 40, 3, -1)], remove=[11, 12], join=[13], decode=[(13, 5), (14, 9)],
+                     prefill=[wire.Prefill(15, 16, [1, 2, 3], True, 2, 16)], put=[(15, 16, 19, 4, 2)], drop=[2, 5],
+                     audit=True)
     size = wire.capacity(max_batch=16, prefill_step=512)
     assert wire.decode(wire.encode(step, size)) == step
     assert wire.decode(wire.encode(wire.Step(index=8, idle=True), size)).idle
 
 
-def test_prefix_index_longest_hit_lru_and_extension():
-    idx = PrefixIndex(max_bytes=100 * 10, bytes_per_token=10, min_tokens=4)
-    a = list(range(50))
-    e1, evict = idx.insert(a)
-    assert e1 == 0 and evict == []
-    hit = idx.lookup(a[:30] + [999, 998])
-    assert hit.entry == e1 and hit.tokens == 30
-    assert idx.lookup(a).tokens == 49  # always one prompt token left to compute
-    assert idx.lookup([999] * 10) is None
-    e2, evict = idx.insert(a + [1, 2, 3])  # extends the first entry: it replaces it
-    assert evict == [e1] and idx.bytes == 53 * 10
-    e3, evict = idx.insert([7] * 60)  # no room for both: the least recently used goes
-    assert evict == [e2] and len(idx) == 1
-    assert idx.insert([1] * 200) == (None, [])  # larger than the whole cache: not kept
+def test_block_index_shares_blocks_hits_exactly_and_evicts_lru_leaves():
+    idx = BlockIndex(max_bytes=300, bytes_per_token=1, block_tokens=8, min_tokens=4)
+    system = list(range(100, 124))  # 3 whole blocks
+    new, evict = idx.insert(system + [1, 2, 3])
+    assert new == Insert(0, 27, 0, -1) and evict == [] and len(idx) == 4 and idx.tokens == 27  # 3 blocks + a short tail
+    # a second chat on the same system prompt stores only its own blocks
+    new, evict = idx.insert(system + [7] * 10)
+    assert new == Insert(24, 34, 4, 2) and evict == [] and idx.tokens == 37
+    # hits: the longest chain, plus the first positions of one block (exact), one prompt token left over
+    assert idx.lookup(system + [7] * 5 + [9]).tokens == 29
+    hit = idx.lookup(system + [1, 2, 3])
+    assert (hit.block, hit.tokens) == (3, 26)  # the short tail block, all but the last prompt token
+    assert idx.lookup(system[:20] + [5] * 8).tokens == 20  # inside the third block
+    assert idx.lookup([5] * 30) is None and idx.lookup(system[:3] + [5]) is None  # below min_tokens
+    # an insertion covering the short tail replaces it
+    new, evict = idx.insert(system + [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert evict == [3] and new == Insert(24, 33, 6, 2)
+    assert idx.insert(system + [1, 2, 3]) == (None, [])  # inside a cached block: nothing new
+    # LRU over leaves: the system prompt's chain is in use; the oldest leaf goes first
+    idx.lookup(system + [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])  # touches the [1..8] chain
+    new, evict = idx.insert(list(range(500, 500 + 270)))
+    assert evict[:2] == [5, 4] and idx.tokens <= 300  # the [7]*10 chat went first, leaf by leaf
+    assert idx.insert(list(range(301))) == (None, [])  # larger than the whole cache: not kept
 
 
 def seq(uid, prompt_len, budget):
@@ -72,10 +82,11 @@ def test_thousands_of_evictions_spread_over_bounded_step_messages():
     """One long insertion evicts thousands of short entries: each step message carries at
     most MAX_DROPS of them and fits its buffer; the rest follow in the next steps."""
     settings = EngineSettings(max_batch=4, prefill_step=64)
-    prefix = PrefixIndex(max_bytes=1200 * 16, bytes_per_token=1, min_tokens=16)
+    prefix = BlockIndex(max_bytes=1200 * 16, bytes_per_token=1, block_tokens=64, min_tokens=16)
     sched = Scheduler(settings, kv_capacity=10**6, prefix=prefix)
     for i in range(1200):
         prefix.insert([i // 256, i % 256, *range(14)])
+    assert len(prefix) == 1200
     long = Seq(1, list(range(1000, 1000 + 1200 * 16)), 1)
     sched.waiting.append(long)
     size, sent = wire.engine_capacity(settings), []
@@ -86,4 +97,4 @@ def test_thousands_of_evictions_spread_over_bounded_step_messages():
             long.generated.append(5)
             sched.prefilled(long)
             sched.finish(long)
-    assert len(sent) == len(set(sent)) == 1200 and sched.evictions == 1200 and len(prefix) == 1
+    assert len(sent) == len(set(sent)) == 1200 == prefix.evictions and len(prefix) == 1200 * 16 // 64

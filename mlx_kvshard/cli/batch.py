@@ -40,6 +40,9 @@ def add_engine_arguments(g) -> None:
                    help="KV tokens a rank may hold (default: measured from each rank's free memory)")
     g.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
                    help="per-rank bytes for cached prompt prefixes (0 = off; default 256 MiB)")
+    g.add_argument("--prefix-block-tokens", type=int, default=64, metavar="N",
+                   help="tokens per prefix-cache block: a prefix shared by many requests is stored once, as a "
+                        "chain of blocks (default 64)")
     g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
                    help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
                         "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step; a burst of "
@@ -116,6 +119,7 @@ def engine_settings(args):
                         f"pipeline stages run in one-prompt generate")
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
+                          prefix_block_tokens=args.prefix_block_tokens,
                           prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync,
                           prompt_lookup=args.prompt_lookup, num_draft=args.num_draft)
 

@@ -307,15 +307,29 @@ def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_paddi
     return [BatchQuantizedKVCache(left_padding, kv.group_size, kv.bits) for _ in range(n_layers)]
 
 
-def prefix_copy(cache, n: int):
-    """A new single-stream cache of the same kind (KVCache or QuantizedKVCache) holding
-    copies of `cache`'s first n positions: a prefix-cache entry, or a prompt starting from one."""
+def _empty_like(cache):
     if isinstance(cache, QuantizedKVCache):
-        out = QuantizedKVCache(group_size=cache.group_size, bits=cache.bits)
-    elif type(cache) is KVCache:
-        out = KVCache()
-    else:
-        raise TypeError(f"no prefix copy of a {type(cache).__name__}")
-    out.keys, out.values = tree_map(lambda x: mx.contiguous(x[..., :n, :]), (cache.keys, cache.values))
+        return QuantizedKVCache(group_size=cache.group_size, bits=cache.bits)
+    if type(cache) is KVCache:
+        return KVCache()
+    raise TypeError(f"no prefix copy of a {type(cache).__name__}")
+
+
+def slice_copy(cache, start: int, end: int):
+    """A new single-stream cache of the same kind holding copies of positions [start, end)
+    (a prefix-cache block)."""
+    out = _empty_like(cache)
+    out.keys, out.values = tree_map(lambda x: mx.contiguous(x[..., start:end, :]), (cache.keys, cache.values))
+    out.offset = end - start
+    return out
+
+
+def joined_copy(caches: list, n: int):
+    """A new single-stream cache holding the first n positions of `caches` one after the
+    other (a prompt starting from a chain of prefix-cache blocks)."""
+    out = _empty_like(caches[0])
+    parts = [tree_map(lambda x: x[..., :c.offset, :], (c.keys, c.values)) for c in caches]
+    joined = tree_map(lambda *xs: mx.concatenate(xs, axis=2)[..., :n, :], *parts)
+    out.keys, out.values = joined
     out.offset = n
     return out

@@ -7,7 +7,7 @@ per-row RoPE offsets and padding masks): one sharded forward decodes the whole b
 the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
 single-stream cache (chunk by chunk, interleaved with decode steps), then merged into the
 batch. With --kv-bits these are mlx-lm's `QuantizedKVCache` and our `BatchQuantizedKVCache`
-(engine/kvcache.py picks them from the rank's KV settings); prefix entries keep that form.
+(engine/kvcache.py picks them from the rank's KV settings); prefix-cache blocks (kv/store.py) keep that form.
 
 Row slots. mlx-lm's `filter` and `extend` copy the whole batch cache, so a closed loop of
 clients paid two full copies per request (a quarter of the step time with a long shared
@@ -23,14 +23,13 @@ same slots. Quantized batch caches (--kv-bits) keep the copying path.
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache, prefix_copy
+from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
+from ..kv.store import BlockStore
 from .wire import Step
 
 TRIM_COLUMNS = 128  # cut the unused left columns of the batch cache once every live row leaves this many
@@ -47,11 +46,13 @@ class StepOutput:
 
 
 class BatchState:
-    def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None, max_batch: int = 16):
+    def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None, max_batch: int = 16,
+                 block_tokens: int = 64):
         """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
         gather is a collective every rank must run). `kv_capacity`: the KV tokens per rank
         the engine admits by (the same on every rank); holes are not kept past it.
-        `max_batch` sizes the audit report's buffer (its lists are per admitted row)."""
+        `max_batch` sizes the audit report's buffer (its lists are per admitted row);
+        `block_tokens` is the prefix cache's block size (rank 0's index decides the blocks)."""
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
@@ -62,15 +63,15 @@ class BatchState:
         self.audit_bytes = 1024 + 96 * max_batch  # the same on every rank: one all_gather of this size
         self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
-        self.entries: dict[int, list[KVCache]] = {}  # prefix entry -> per-layer single-stream cache of its positions
+        self.blocks = BlockStore(block_tokens)  # prefix-cache blocks: this rank's heads of each
 
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
         for uid, n in step.trim:
             self._trim(uid, n)
-        for entry, uid, n in step.save:
+        for uid, start, end, first, parent in step.save:
             i = self.rows.index(uid)  # its slot
-            self._keep(entry, [b.extract(i) for b in self.cache], n)
+            self.blocks.put([b.extract(i) for b in self.cache], start, end, first, parent)
         if step.remove:
             self._remove(step.remove)
         for uid in step.join:
@@ -92,10 +93,9 @@ class BatchState:
                 out.first_logits[p.uid] = logits
         self.comm.pay_link_time()  # --link: the prefills' collectives (the message's, on a prefill-only step)
         out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
-        for entry, uid, n in step.put:
-            self._keep(entry, self.pending[uid], n)
-        for entry in step.drop:  # after this step's prefills: a hit taken this step has copied its slice
-            del self.entries[entry]
+        for uid, start, end, first, parent in step.put:
+            self.blocks.put(self.pending[uid], start, end, first, parent)
+        self.blocks.drop(step.drop)  # after this step's prefills: a hit taken this step has copied its blocks
         if step.audit:
             from ..engine.dist import gather_json
 
@@ -191,14 +191,9 @@ class BatchState:
         return {} if logits is None else {p.uid: logits[i] for i, p in enumerate(prompts)}
 
     def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
-        if entry >= 0:  # a prefix-cache hit: its first `hit` positions are this prompt's too
-            return [prefix_copy(c, hit) for c in self.entries[entry]]
+        if entry >= 0:  # a prefix-cache hit: the first `hit` positions of a block chain are this prompt's too
+            return self.blocks.start(entry, hit)
         return self.model.make_cache()
-
-    def _keep(self, entry: int, caches: list, n: int) -> None:
-        """Keep the first n positions of a sequence's per-layer caches as prefix entry `entry`."""
-        self.entries[entry] = [prefix_copy(c, n) for c in caches]
-        mx.eval([c.state for c in self.entries[entry]])
 
     def _join(self, uid: int) -> None:
         pending = self.pending.pop(uid)
@@ -281,9 +276,8 @@ class BatchState:
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
                 "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
                 "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
-                # prefix entries can be thousands: their count and a checksum of their ids, not the list
-                "entries": [len(self.entries), zlib.crc32(np.array(sorted(self.entries), np.int64).tobytes())],
-                "entry_bytes": sum(c.nbytes for e in self.entries.values() for c in e)}
+                "entries": self.blocks.summary(),  # thousands of blocks: a count and checksum, not the list
+                "entry_bytes": self.blocks.nbytes}
 
 
 def place(batch: BatchKVCache, j: int, cache: KVCache) -> None:

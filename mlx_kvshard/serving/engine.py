@@ -27,7 +27,7 @@ from . import wire
 from .batch import BatchState, StepOutput
 from .handles import AsyncRequestHandle, EventCallback, RequestHandle
 from .metrics import Metrics, RequestRecord, StepRecord
-from .prefix_cache import PrefixIndex
+from ..kv.index import BlockIndex
 from .requests import Completion, EngineStopped, Event, QueueFull, Request, RequestError, Usage
 from .sampling import RowSampler, injected_fault, sample_rows
 from .scheduler import Scheduler, Seq
@@ -60,7 +60,8 @@ class Engine:
         self.kv_bytes_per_token = [plan.kv_bytes_per_token(r) for r in range(plan.world)]
         prefix = None
         if settings.prefix_cache_bytes > 0:
-            prefix = PrefixIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.min_prefix_tokens)
+            prefix = BlockIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.prefix_block_tokens,
+                                settings.min_prefix_tokens)
         self.scheduler = Scheduler(settings, kv_capacity, prefix)
         self.metrics = Metrics()
         self.size = wire.engine_capacity(settings)
@@ -441,7 +442,7 @@ class Engine:
                          kv_bytes_used_per_rank=[used * b for b in self.kv_bytes_per_token],
                          prefix_cache={"entries": len(sched.prefix), "bytes": sched.prefix.bytes,
                                        "hits": sched.prefix.hits, "misses": sched.prefix.misses,
-                                       "evictions": sched.evictions}
+                                       "evictions": sched.prefix.evictions}
                          if sched.prefix else None)
 
     def _lost(self, message: str) -> None:

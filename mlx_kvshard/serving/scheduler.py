@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import EngineSettings
-from .prefix_cache import PrefixIndex
+from ..kv.index import BlockIndex, Insert
 from .wire import MAX_DROPS, Prefill, Step
 
 
@@ -28,7 +28,7 @@ class Seq:
     state: Any = None  # the engine's per-request state (sampler, stop checker, handle)
     prefilled: int = 0  # prompt positions in its KV
     cached: int = 0  # of those, reused from the prefix cache
-    entry: int = -1  # prefix entry used (-1: none)
+    entry: int = -1  # the last prefix-cache block its hit used (-1: none)
     generated: list[int] = field(default_factory=list)
     on_ranks: bool = False  # a prefill chunk went out: the ranks hold KV for it
     phase: str = "waiting"  # waiting, prefill, ready (first token sampled), running
@@ -39,7 +39,7 @@ class Seq:
 
 
 class Scheduler:
-    def __init__(self, settings: EngineSettings, kv_capacity: int, prefix: PrefixIndex | None):
+    def __init__(self, settings: EngineSettings, kv_capacity: int, prefix: BlockIndex | None):
         self.settings = settings
         self.kv_capacity = kv_capacity  # KV tokens every rank can hold (the smallest rank's)
         self.prefix = prefix
@@ -48,9 +48,8 @@ class Scheduler:
         self.ready: list[Seq] = []  # prefilled, first token sampled, joining next step
         self.running: list[Seq] = []  # batch rows, in row order (every rank's order)
         self.to_remove: list[Seq] = []
-        self.saves: list[tuple[int, int, int]] = []  # prefix entries from finished rows, for the next step
-        self.drops: deque[int] = deque()  # evicted prefix entries not yet sent (at most MAX_DROPS a step)
-        self.evictions = 0
+        self.saves: list[tuple[int, ...]] = []  # prefix blocks from finished rows, for the next step
+        self.drops: deque[int] = deque()  # evicted prefix blocks not yet sent (at most MAX_DROPS a step)
         self.step_index = 0
         self.decode_s: float | None = None  # measured: a decode-only step's time
         self.prefill_token_s: float | None = None  # measured: one prompt token's share of a step
@@ -150,21 +149,21 @@ class Scheduler:
                 hit = self.prefix.lookup(seq.prompt)
                 if hit:
                     seq.prefilled = seq.cached = hit.tokens
-                    seq.entry = hit.entry
+                    seq.entry = hit.block
             n = min(budget, len(seq.prompt) - seq.prefilled)
             last = seq.prefilled + n == len(seq.prompt)
             step.prefill.append(Prefill(seq.uid, seq.prefilled, seq.prompt[seq.prefilled:seq.prefilled + n], last,
-                                        hit.entry if hit else -1, hit.tokens if hit else 0))
+                                        hit.block if hit else -1, hit.tokens if hit else 0))
             seq.prefilled += n
             seq.on_ranks = True
             budget -= n
             if last:
                 done.append(seq)
         for seq in done if self.prefix is not None else []:  # after the lookups: PUT runs after this step's prefills
-            entry, evict = self.prefix.insert(seq.prompt)
+            new, evict = self.prefix.insert(seq.prompt)
             self._evict(evict)
-            if entry is not None:
-                step.put.append((entry, seq.uid, len(seq.prompt)))
+            if new is not None:
+                step.put.append(_blocks(seq.uid, new))
 
     # ---- after the step ---------------------------------------------------------------
 
@@ -180,20 +179,24 @@ class Scheduler:
         next turn starts with them)."""
         if keep and seq.phase == "running" and self.prefix is not None:
             tokens = seq.prompt + seq.generated[:-1]  # the last token was never fed: no KV for it
-            entry, evict = self.prefix.insert(tokens)
+            new, evict = self.prefix.insert(tokens)
             self._evict(evict)
-            if entry is not None:
-                self.saves.append((entry, seq.uid, len(tokens)))
+            if new is not None:
+                self.saves.append(_blocks(seq.uid, new))
         if seq.phase == "waiting":
             self.waiting.remove(seq)
         elif seq not in self.to_remove:
             self.to_remove.append(seq)
         seq.phase = "done"
 
-    def _evict(self, entries: list[int]) -> None:
-        self.drops.extend(entries)
-        self.evictions += len(entries)
+    def _evict(self, blocks: list[int]) -> None:
+        self.drops.extend(blocks)
 
     def busy(self) -> bool:
         """Work to send: requests, or evictions still held on the ranks (freed before parking)."""
         return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove or self.drops)
+
+
+def _blocks(uid: int, new: Insert) -> tuple[int, int, int, int, int]:
+    """A PUT or SAVE: uid's positions [start, end) become blocks first, first + 1, ... after parent."""
+    return uid, new.start, new.end, new.first, new.parent

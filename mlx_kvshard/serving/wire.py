@@ -9,10 +9,12 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
 
     IDLE                                  park: wait for rank 0's wake-up off the ring
     STOP                                  the engine shuts down
-    SAVE    entry, uid, n                 keep the first n positions of batch row uid's KV as a
-                                          prefix entry (a finished chat turn), before it leaves
+    SAVE    uid, start, end, first, parent
+                                          keep positions [start, end) of batch row uid's KV as new
+                                          prefix blocks first, first+1, ... chained from block
+                                          parent (a finished chat turn), before it leaves
     REMOVE  uid                           drop a sequence (finished or cancelled), free its KV
-    DROP    n, entry*n                    evict prefix-cache entries (at most MAX_DROPS a message:
+    DROP    n, block*n                    evict prefix-cache blocks (at most MAX_DROPS a message:
                                           the scheduler spreads more over the following steps)
     JOIN    uid                           a prefilled sequence becomes the last batch row
     TRIM    uid, n                        drop the last n positions of row uid's KV (a verify
@@ -22,9 +24,11 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
                                           token then these m proposals in one forward
     PREFILL uid, start, entry, hit, last, n, token*n
                                           a prompt chunk at position `start`; the first chunk
-                                          (start == hit) starts from `hit` positions of prefix
-                                          entry `entry` (-1, 0: none)
-    PUT     entry, uid, n                 keep the first n tokens of uid's KV as a prefix entry
+                                          (start == hit) starts from the first `hit` positions
+                                          of the prefix block chain ending at block `entry`
+                                          (-1, 0: none)
+    PUT     uid, start, end, first, parent
+                                          as SAVE, from uid's prefill cache
     AUDIT                                 every rank reports its rows and KV (a gather)
 
 Every list is bounded by construction, so `capacity` words always suffice: SAVE, REMOVE,
@@ -64,14 +68,14 @@ class Step:
     trim: list[tuple[int, int]] = field(default_factory=list)  # (uid, positions to drop)
     idle: bool = False
     stop: bool = False
-    save: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
+    save: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (uid, start, end, first, parent)
     remove: list[int] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)
     join: list[int] = field(default_factory=list)
     decode: list[tuple[int, int]] = field(default_factory=list)  # (uid, input token) per batch row
     drafts: list[int] = field(default_factory=list)  # proposals after the one decode row's token
     prefill: list[Prefill] = field(default_factory=list)
-    put: list[tuple[int, int, int]] = field(default_factory=list)  # (entry, uid, n tokens)
+    put: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # (uid, start, end, first, parent)
     audit: bool = False
 
 
@@ -83,7 +87,7 @@ def engine_capacity(settings) -> int:
 
 def capacity(max_batch: int, prefill_step: int, max_drops: int = MAX_DROPS, max_drafts: int = 0) -> int:
     """Words a step can need: every op at its most (the scheduler stays within it)."""
-    per_seq = 4 + 2 + 2 + 2 + 7 + 4  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
+    per_seq = 6 + 2 + 2 + 2 + 7 + 6  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
     spec = 3 + 2 + max_drafts if max_drafts else 0  # TRIM, DRAFT
     return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 + max_drops + spec
 
@@ -96,8 +100,8 @@ def encode(step: Step, size: int) -> np.ndarray:
         words.append(STOP)
     for uid, n in step.trim:
         words += [TRIM, uid, n]
-    for entry, uid, n in step.save:
-        words += [SAVE, entry, uid, n]
+    for save in step.save:
+        words += [SAVE, *save]
     for uid in step.remove:
         words += [REMOVE, uid]
     if step.drop:
@@ -113,8 +117,8 @@ def encode(step: Step, size: int) -> np.ndarray:
         words += [DRAFT, len(step.drafts), *step.drafts]
     for p in step.prefill:
         words += [PREFILL, p.uid, p.start, p.entry, p.hit, int(p.last), len(p.tokens), *p.tokens]
-    for entry, uid, n in step.put:
-        words += [PUT, entry, uid, n]
+    for put in step.put:
+        words += [PUT, *put]
     if step.audit:
         words.append(AUDIT)
     if len(words) > size:
@@ -160,9 +164,9 @@ def decode(buf: np.ndarray) -> Step:
             step.prefill.append(Prefill(uid, start, w[i + 6:i + 6 + n], bool(last), entry, hit))
             i += 6 + n
         elif op == PUT:
-            step.put.append(tuple(w[i:i + 3])); i += 3
+            step.put.append(tuple(w[i:i + 5])); i += 5
         elif op == SAVE:
-            step.save.append(tuple(w[i:i + 3])); i += 3
+            step.save.append(tuple(w[i:i + 5])); i += 5
         elif op == AUDIT:
             step.audit = True
         else:

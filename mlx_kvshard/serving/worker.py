@@ -86,7 +86,8 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         check_kv(loaded, settings.kv.shard)
         capacity, ranks = kv_capacity(loaded, engine_settings)
         state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel,
-                           kv_capacity=capacity, max_batch=engine_settings.max_batch)
+                           kv_capacity=capacity, max_batch=engine_settings.max_batch,
+                           block_tokens=engine_settings.prefix_block_tokens)
         live.phase("idle")
         if loaded.comm.rank == 0:
             from .engine import Engine
