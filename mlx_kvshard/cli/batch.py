@@ -43,6 +43,10 @@ def add_engine_arguments(g) -> None:
     g.add_argument("--prefix-block-tokens", type=int, default=64, metavar="N",
                    help="tokens per prefix-cache block: a prefix shared by many requests is stored once, as a "
                         "chain of blocks (default 64)")
+    g.add_argument("--prefix-cache-dir", metavar="DIR", default=None,
+                   help="not implemented yet: a disk tier for the prefix cache (refused)")
+    g.add_argument("--prefix-cache-disk-bytes", type=int, metavar="N", default=None,
+                   help="not implemented yet: the disk tier's size (refused)")
     g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
                    help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
                         "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step; a burst of "
@@ -113,6 +117,10 @@ def parse_line(i: int, raw: str, defaults, chat_template: bool) -> Line:
 
 def engine_settings(args):
     from ..settings import EngineSettings
+
+    if args.prefix_cache_dir is not None or args.prefix_cache_disk_bytes is not None:
+        raise UserError("not implemented: --prefix-cache-dir / --prefix-cache-disk-bytes (a disk tier for the prefix "
+                        "cache); the prefix cache is in RAM only (--prefix-cache-bytes)")
 
     if args.pp > 1:
         raise UserError(f"not implemented: --pp {args.pp} in the serving engine (serve, --prompts-file); "
