@@ -18,6 +18,7 @@ from checkpoints import checkpoint
 from liveness_procs import tagged
 from mlx_kvshard.models.architectures import load_oracle
 from server_procs import Server
+from test_kv_churn import complete, gauge
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads rank processes in /proc")
 
@@ -38,18 +39,6 @@ def oracle(model_dir, prompt: list[int]) -> list[int]:
     return [int(t) for t, _ in generate_step(mx.array(prompt), lm, max_tokens=N_TOKENS, sampler=greedy)]
 
 
-def complete(server: Server, prompt: list[int]) -> dict:
-    r = httpx.post(server.url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": N_TOKENS,
-                                                          "temperature": 0}, timeout=600)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def gauge(server: Server, name: str) -> float:
-    line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith(f"mlx_kvshard_{name} "))
-    return float(line.split()[-1])
-
-
 def run_server(model, tmp_path, tag: str, *flags: str) -> tuple[list[dict], float]:
     """The first chat alone (its blocks go in), then the others together; the blocks held."""
     server = Server(tmp_path, ["serve", "--simulate", "2", "--model", str(model), "--served-model-name", "m",
@@ -57,9 +46,9 @@ def run_server(model, tmp_path, tag: str, *flags: str) -> tuple[list[dict], floa
                                *flags], f"{tag}-{os.getpid()}")
     try:
         server.wait_ready()
-        first = complete(server, SYSTEM + QUESTIONS[0])
+        first = complete(server, SYSTEM + QUESTIONS[0], N_TOKENS)
         with ThreadPoolExecutor(4) as pool:
-            rest = list(pool.map(lambda q: complete(server, SYSTEM + q), QUESTIONS[1:]))
+            rest = list(pool.map(lambda q: complete(server, SYSTEM + q, N_TOKENS), QUESTIONS[1:]))
         blocks = gauge(server, "prefix_cache_entries")
         assert httpx.get(server.url + "/health").status_code == 200
     finally:
