@@ -98,3 +98,14 @@ def test_thousands_of_evictions_spread_over_bounded_step_messages():
             sched.prefilled(long)
             sched.finish(long)
     assert len(sent) == len(set(sent)) == 1200 == prefix.evictions and len(prefix) == 1200 * 16 // 64
+
+
+def test_block_index_heap_stays_bounded_under_many_hits():
+    idx = BlockIndex(max_bytes=10**6, bytes_per_token=1, block_tokens=16, min_tokens=4)
+    prompts = [[i, *range(40)] for i in range(20)]
+    for p in prompts:
+        idx.insert(p)
+    for _ in range(500):
+        for p in prompts:
+            assert idx.lookup(p + [7]).tokens == len(p)
+    assert len(idx._leaves) <= 4 * len(idx) + 64

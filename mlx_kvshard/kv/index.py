@@ -42,7 +42,7 @@ class Insert:
 @dataclass(eq=False)
 class Block:
     id: int
-    parent: "Block | None"
+    parent: Block | None
     tokens: tuple[int, ...]
     used: int = 0  # clock of the last hit or insertion through it (a parent's >= its children's)
     children: dict = field(default_factory=dict)  # tokens -> Block
@@ -153,7 +153,7 @@ class BlockIndex:
             self.blocks[block.id] = block
             self.tokens += len(block.tokens)
             parent = block
-        heapq.heappush(self._leaves, (parent.used, parent.id))
+        self._push(parent)
         return Insert(start, len(tokens), first, node.id), evict
 
     def _make_room(self, need: int, keep: set) -> list[int]:
@@ -171,10 +171,14 @@ class BlockIndex:
             self._remove(block)
         for entry in skipped:
             heapq.heappush(self._leaves, entry)
-        if len(self._leaves) > 4 * len(self.blocks) + 64:  # drop the stale entries
+        return out
+
+    def _push(self, block: Block) -> None:
+        """`block` is a leaf, last used now: its (newest) heap entry."""
+        heapq.heappush(self._leaves, (block.used, block.id))
+        if len(self._leaves) > 4 * len(self.blocks) + 64:  # every hit pushes one: drop the stale entries
             self._leaves = [(b.used, b.id) for b in self.blocks.values() if not b.children]
             heapq.heapify(self._leaves)
-        return out
 
     def _remove(self, block: Block) -> None:
         parent = block.parent
@@ -186,11 +190,11 @@ class BlockIndex:
         del self.blocks[block.id]
         self.tokens -= len(block.tokens)
         if parent is not self.root and not parent.children:
-            heapq.heappush(self._leaves, (parent.used, parent.id))
+            self._push(parent)
 
     def _touch(self, chain: list[Block]) -> None:
         self._clock += 1
         for block in chain:
             block.used = self._clock
         if chain and not chain[-1].children:
-            heapq.heappush(self._leaves, (self._clock, chain[-1].id))
+            self._push(chain[-1])
