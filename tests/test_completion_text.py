@@ -1,7 +1,7 @@
 """Completion text as OpenAI returns it (issue 16 part 4): the decoded completion tokens,
 leading space kept (prompt + text reads right), a multi-byte character split across tokens
-never cut in a delta, deltas joining to exactly the whole text; chat content has its first
-space trimmed as before. On `tiny`'s byte-level BPE tokenizer; the server's side is in
+never cut in a delta, deltas joining to exactly the whole text (a stop string across tokens
+included); chat content has its first space trimmed as before. On `tiny`'s byte-level BPE tokenizer; the server's side is in
 test_request_safety.py (same decoder, through HTTP)."""
 
 from __future__ import annotations
@@ -53,6 +53,23 @@ def test_incomplete_character_at_the_end_is_flushed(tok):
     stopper = StopChecker(tok, (), tok.encode("Hello"))
     assert stopper.add(ids[0])[0] == ""
     assert stopper.flush() == tok.decode(ids[:1])  # the lone lead byte, as U+FFFD
+
+
+def test_a_stop_string_across_tokens_is_never_shown(tok):
+    """Text that may begin a stop string waits for the next token: the deltas join to the
+    text cut before the stop string (nothing shown has to be taken back)."""
+    ids = tok.encode(" The capital of France")
+    for stop, want in (("ital of", " The cap"), ("Franc!", " The capital of France"), ("e c", " Th")):
+        stopper = StopChecker(tok, (stop,), tok.encode("Hi"))
+        shown, done = "", False
+        for t in ids:
+            piece, done = stopper.add(t)
+            shown += piece
+            if done:
+                break
+        shown += stopper.flush()
+        assert shown == stopper.text == want, (stop, shown)
+        assert done == (stop in " The capital of France")
 
 
 def test_generate_json_text_is_the_decoded_tokens(tok):

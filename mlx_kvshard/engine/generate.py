@@ -211,13 +211,16 @@ def _decode(model, cache: list, y: mx.array, sample: TokenSampler, first_step: i
 class StopChecker:
     """EOS and stop strings, evaluated identically on every rank, over the completion's text
     (detokenize.TextDecoder: leading space kept after `context`, the prompt's tokens, unless
-    `trim_first_space`, as chat content)."""
+    `trim_first_space`, as chat content). Text that could be the start of a stop string is
+    held back until the next token says whether it is, so what was shown never has to be
+    taken back: the text shown, joined, is exactly `text` (cut before the stop string)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], context: list[int] = (), trim_first_space: bool = False):
         self.eos = set(tokenizer.eos_token_ids or [])
         self.stop = stop
         self.detok = TextDecoder(tokenizer, context, trim_first_space)
         self.text = ""
+        self.shown = 0  # characters of `text` returned so far
         self.finish_reason = "length"
         self.cut_at_stop_string = False
 
@@ -228,19 +231,40 @@ class StopChecker:
             return "", True
         before = len(self.text)
         self.text += self.detok.add(token)
-        for s in self.stop:
-            # only the tail can newly contain a stop string
-            i = self.text.find(s, max(0, before - len(s)))
-            if i >= 0:
-                self.text = self.text[:i]
-                self.finish_reason = "stop"
-                self.cut_at_stop_string = True
-                return self.text[before:] if i > before else "", True
-        return self.text[before:], False
+        if self._cut(before):
+            self.finish_reason = "stop"
+            return self._show(len(self.text)), True
+        return self._show(len(self.text) - self._held()), False
 
     def flush(self) -> str:
+        """The rest at the end: held-back text and what the decoder still held."""
         if self.cut_at_stop_string:  # the rest is past the stop string
             return ""
-        rest = self.detok.flush()
-        self.text += rest
-        return rest
+        before = len(self.text)
+        self.text += self.detok.flush()
+        self._cut(before)
+        return self._show(len(self.text))
+
+    def _cut(self, before: int) -> bool:
+        for s in self.stop:
+            i = self.text.find(s, max(0, before - len(s)))  # only the tail can newly contain one
+            if i >= 0:
+                self.text = self.text[:i]
+                self.cut_at_stop_string = True
+                return True
+        return False
+
+    def _held(self) -> int:
+        """How many trailing characters could begin a stop string."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def _show(self, end: int) -> str:
+        out = self.text[self.shown:end]
+        self.shown = max(self.shown, end)
+        return out
