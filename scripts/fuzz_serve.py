@@ -145,8 +145,10 @@ def write_findings(doc: Path, out: Outcome, minutes: float) -> None:
         lines.append("No failures.\n")
     for f in out.failures:
         lines.append(f"- {f.get('code')} {f.get('title')} ({f.get('count')}x; {', '.join(f.get('operations') or [])})\n")
-        if f.get("detail"):
-            lines.append("\n```\n" + f["detail"].strip() + "\n```\n")
+        if f.get("detail"):  # the response and the reproduction, each line cut short (bodies can be kilobytes)
+            detail = "\n".join(line if len(line) <= 300 else line[:300] + " ..."
+                               for line in f["detail"].strip().splitlines()[:14])
+            lines.append("\n```\n" + detail + "\n```\n")
     if not doc.exists():
         doc.write_text("# Fuzzing the server\n\nFindings of `scripts/fuzz_serve.py` (schemathesis against "
                        "`/openapi.json`; checks: not_a_server_error, positive_data_acceptance, "

@@ -58,7 +58,8 @@ def test_the_schema_states_what_validation_does(server):
         r = httpx.post(server.url + path, json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     for body in ({"messages": [{"role": "tool"}]}, {"messages": [{"role": "assistant", "content": []}]},
-                 {"messages": [{"role": "user", "content": "x"}], "seed": -(2**70)}):
+                 {"messages": [{"role": "user", "content": "x"}], "seed": -(2**70)},
+                 {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2.0}):  # an integer too
         r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120)
         assert r.status_code == 200, r.text
 

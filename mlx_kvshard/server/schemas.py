@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # What a union-typed field must be, for the error message (pydantic's lists every member).
 KINDS = {"prompt": "a string, a list of one string, or a list of token ids (integers)",
@@ -37,8 +37,18 @@ def _only(**schema) -> dict:
     return {"json_schema_extra": schema}
 
 
+def _whole(value):
+    """JSON Schema counts 298.0 as an integer; so do we (strict mode would refuse it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds):
+    """An integer field with these bounds (pydantic's names: ge, le, ...); true is not one."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
 NonEmpty = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0)]  # openapi.py adds the vocabulary's bound
+TokenId = Int(ge=0)  # openapi.py adds the vocabulary's bound
 
 
 class StreamOptions(_Strict):
@@ -66,17 +76,17 @@ class Message(_Strict):
 class _Sampling(_Strict):
     """The fields both endpoints share."""
     model: str | None = None  # OpenAI requires it; we default to the one model served
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's -1 too)
+    top_k: Int(ge=-1) | None = None  # -1 or 0: off (vLLM's -1 too)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None  # any integer, taken modulo 2**63 (no bound for a float-rounding client to miss)
+    seed: Int() | None = None  # any integer, taken modulo 2**63 (no bound for a float-rounding client to miss)
     stop: NonEmpty | list[NonEmpty] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    n: int = Field(1, ge=1, **_only(maximum=1))
+    n: Int(ge=1) = Field(1, **_only(maximum=1))
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, **_only(maxProperties=0))
@@ -90,9 +100,9 @@ class ChatCompletionRequest(_Sampling):
         "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
 
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int(ge=0, le=20) | None = None
     tools: list[dict] | None = Field(None, **_only(maxItems=0))
     response_format: dict | None = Field(None, **_only(properties={"type": {"enum": ["text"]}}))
 
@@ -100,10 +110,10 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] \
         | Annotated[list[TokenId], Field(min_length=1)]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: Int(ge=0, le=20) | None = None
     echo: bool = Field(False, **_only(enum=[False]))
     suffix: str | None = Field(None, **_only(maxLength=0))
-    best_of: int | None = Field(None, ge=1, **_only(maximum=1))
+    best_of: Int(ge=1) | None = Field(None, **_only(maximum=1))
 
 
 def unsupported(req: _Sampling) -> tuple[str, str] | None:
