@@ -56,32 +56,54 @@ class _Tensor:
         return self.qtype not in quants.FLOAT
 
 
+def tensor_table(model: GGUFModel) -> dict:
+    """Where each tensor lies in the file (from the `gguf` package's reader), so a rank can
+    memory-map its slices without parsing the metadata again (49k-token vocabularies take
+    seconds to parse)."""
+    tensors = [[t.name, T(t.tensor_type).name, [int(n) for n in t.shape], int(t.data_offset), int(t.n_bytes)]
+               for t in model.reader.tensors]
+    permuted = model.arch == "llama" and any(n.endswith(("attn_q.weight", "attn_k.weight")) for n, *_ in tensors)
+    return {"arch": model.arch, "head_dim": model.head_dim if permuted else 0, "tensors": tensors}
+
+
+_FLOAT_DTYPES = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}  # BF16: the bits, viewed in MLX
+
+
 class GGUFCheckpoint:
     """The Checkpoint interface (names, shape, read) over one GGUF file."""
 
-    def __init__(self, path: Path, model: GGUFModel | None = None):
+    def __init__(self, path: Path, model: GGUFModel | None = None, table: dict | None = None):
+        """`table`: tensor_table() saved beside the derived directory; else read it from the file."""
         self.path = Path(path)
-        self.model = model or GGUFModel(self.path)
+        if table is None:
+            table = tensor_table(model or GGUFModel(self.path))
+        self.arch = table["arch"]
         self._modules: dict[str, _Tensor] = {}  # module prefix ("model.layers.0.mlp.up_proj") -> tensor
         self._params: dict[str, tuple[str, str]] = {}  # parameter name -> (module prefix, leaf)
-        for t in self.model.reader.tensors:
-            name = hf_name(t.name)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for gname, type_name, shape, offset, n_bytes in table["tensors"]:
+            name = hf_name(gname)
             if name is None:
-                raise UserError(f"{self.path}: tensor {t.name} ({t.tensor_type.name}) has no counterpart in "
-                                f"the {self.model.arch} model mlx-kvshard runs; this file's variant is not supported")
-            qtype = T(t.tensor_type)
+                raise UserError(f"{self.path}: tensor {gname} ({type_name}) has no counterpart in "
+                                f"the {self.arch} model mlx-kvshard runs; this file's variant is not supported")
+            qtype = T[type_name]
             if qtype not in quants.FLOAT and qtype not in quants.EXACT and qtype not in quants.REQUANTIZED:
-                raise UserError(f"{self.path}: tensor {t.name} is {qtype.name}, which has no MLX mapping "
+                raise UserError(f"{self.path}: tensor {gname} is {qtype.name}, which has no MLX mapping "
                                 f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, "
                                 f"and Q6_K/Q3_K/Q2_K requantized); use a file quantized with one of them")
             prefix, leaf = name.rsplit(".", 1)
-            shape = [int(n) for n in t.shape]  # GGUF order: ne[0] (columns) first
-            cols, rows = shape[0], (shape[1] if len(shape) > 1 else 1)
-            permuted = self.model.head_dim if (self.model.arch == "llama" and prefix.endswith(("q_proj", "k_proj"))) else 0
-            tensor = _Tensor(t.name, qtype, rows, cols, t.data, permuted)
+            cols, rows = shape[0], (shape[1] if len(shape) > 1 else 1)  # GGUF order: ne[0] (columns) first
+            data = raw[offset:offset + n_bytes]
+            if qtype in quants.FLOAT:
+                data = data.view(_FLOAT_DTYPES[qtype]).reshape(rows, cols) if len(shape) > 1 else \
+                    data.view(_FLOAT_DTYPES[qtype])
+            else:
+                data = data.reshape(rows, n_bytes // rows)
+            permuted = table["head_dim"] if (self.arch == "llama" and prefix.endswith(("q_proj", "k_proj"))) else 0
+            tensor = _Tensor(gname, qtype, rows, cols, data, permuted)
             if tensor.quantized:
                 if len(shape) != 2 or cols % quants.block_values(qtype):
-                    raise UserError(f"{self.path}: quantized tensor {t.name} has shape {shape}; "
+                    raise UserError(f"{self.path}: quantized tensor {gname} has shape {shape}; "
                                     f"expected a matrix of whole {qtype.name} blocks")
                 self._modules[prefix] = tensor
                 for p in ("weight", "scales", "biases"):
@@ -141,8 +163,6 @@ class GGUFCheckpoint:
                 cols = (start, stop)
         if not t.quantized:
             arr = np.asarray(t.data)
-            if t.qtype == T.BF16:  # the reader gives raw bytes; numpy has no bfloat16: carry the bits
-                arr = arr.view(np.uint16)
             if arr.ndim == 1:  # a bias or norm: its one axis is axis 0
                 arr = arr[start:stop] if axis is not None else arr
             else:

@@ -13,6 +13,7 @@ from ...paths import cache_root
 
 POINTER = "gguf.json"  # in a derived directory: which GGUF file holds the weights
 LINK = "model.gguf"
+FORMAT = 2  # bump when what _build writes changes: older derived directories are rebuilt
 
 
 def gguf_model_dir(path: str | Path) -> Path:
@@ -21,16 +22,17 @@ def gguf_model_dir(path: str | Path) -> Path:
 
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{FORMAT}\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return write_atomically(cache_root() / "gguf" / f"{path.stem}-{key}", lambda tmp: _build(path, tmp))
 
 
 def _build(path: Path, out: Path) -> None:
-    from .checkpoint import GGUFCheckpoint
+    from .checkpoint import GGUFCheckpoint, tensor_table
     from .metadata import GGUFModel
 
     model = GGUFModel(path)
-    ckpt = GGUFCheckpoint(path, model)
+    table = tensor_table(model)
+    ckpt = GGUFCheckpoint(path, table=table)
     config = model.config()
     quantization = model.quantization(ckpt.module_quantizations())
     if quantization:
@@ -38,13 +40,14 @@ def _build(path: Path, out: Path) -> None:
     eog = model.write_tokenizer(out)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eog}))
     (out / POINTER).write_text(json.dumps({"path": str(path), "size": path.stat().st_size,
-                                           "ggml_types": ckpt.ggml_types()}, indent=1))
+                                           "ggml_types": ckpt.ggml_types(), "table": table}))
     (out / LINK).symlink_to(path)
     (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def gguf_source(model_dir: Path) -> Path | None:
-    """The GGUF file behind a derived directory; None for an ordinary model directory."""
+def gguf_source(model_dir: Path) -> tuple[Path, dict] | None:
+    """The GGUF file behind a derived directory and its tensor table; None for an ordinary
+    model directory."""
     pointer = Path(model_dir) / POINTER
     if not pointer.exists():
         return None
@@ -53,7 +56,7 @@ def gguf_source(model_dir: Path) -> Path | None:
     if not path.exists() or path.stat().st_size != meta["size"]:
         raise UserError(f"{path}: the GGUF file changed or disappeared since {model_dir} was derived from it; "
                         f"pass the .gguf file again as --model")
-    return path
+    return path, meta["table"]
 
 
 def open_checkpoint(model_dir: Path):
@@ -65,4 +68,5 @@ def open_checkpoint(model_dir: Path):
         return Checkpoint(model_dir)
     from .checkpoint import GGUFCheckpoint
 
-    return GGUFCheckpoint(source)
+    path, table = source
+    return GGUFCheckpoint(path, table=table)
