@@ -128,11 +128,11 @@ def pct(values: list[float], p: int) -> float | None:
 # ---- servers -----------------------------------------------------------------------------
 
 class Running:
-    def __init__(self, argv: list[str], env: dict, url: str, log: Path):
+    def __init__(self, argv: list[str], env: dict, url: str, log: Path, cwd: Path = benchlib.REPO):
         self.url = url
         self.log = log
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-                                     start_new_session=True, cwd=benchlib.REPO)
+                                     start_new_session=True, cwd=cwd)
 
     def wait(self, timeout: float) -> "Running":
         deadline = time.monotonic() + timeout
