@@ -109,11 +109,12 @@ class EngineCollector(Collector):
     def _prefix(self, pc: dict | None):
         pc = pc or {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0}
         for key, doc in (("hits", "Prefix-cache lookups that reused KV"), ("misses", "Prefix-cache lookups that missed"),
-                         ("evictions", "Prefix-cache entries evicted")):
+                         ("evictions", "Prefix-cache blocks evicted")):
             c = CounterMetricFamily(P + f"prefix_cache_{key}", doc)
             c.add_metric([], pc[key])
             yield c
-        yield _gauge("prefix_cache_entries", "Cached prompt prefixes", pc["entries"])
+        yield _gauge("prefix_cache_entries", "Prefix-cache blocks held (--prefix-block-tokens tokens each, a tail shorter)",
+                     pc["entries"])
         yield _gauge("prefix_cache_bytes", "Bytes the prefix cache holds on the largest rank", pc["bytes"])
 
     def _steps(self, m: dict):
