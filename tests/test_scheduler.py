@@ -109,3 +109,34 @@ def test_block_index_heap_stays_bounded_under_many_hits():
         for p in prompts:
             assert idx.lookup(p + [7]).tokens == len(p)
     assert len(idx._leaves) <= 4 * len(idx) + 64
+
+
+def test_block_index_random_workload_keeps_its_invariants():
+    """Random prompts over a small alphabet (so they share prefixes): every hit's chain
+    spells the prompt's first tokens, the cache stays within its bytes, and a mirror of
+    what the ranks hold (ids and parents, from the inserts and evictions) always has every
+    block's parent."""
+    import random
+
+    rng = random.Random(5)
+    idx = BlockIndex(max_bytes=400, bytes_per_token=1, block_tokens=8, min_tokens=4)
+    held: dict[int, int] = {}  # the ranks' blocks: id -> parent
+    bases = [[rng.randrange(3) for _ in range(rng.randrange(10, 60))] for _ in range(6)]
+    for _ in range(2000):
+        prompt = rng.choice(bases)[:rng.randrange(5, 60)] + [rng.randrange(3) for _ in range(rng.randrange(0, 20))]
+        hit = idx.lookup(prompt)
+        if hit is not None:
+            chain, b = [], idx.blocks[hit.block]
+            while b is not idx.root:
+                chain[:0] = b.tokens
+                b = b.parent
+            assert chain[:hit.tokens] == prompt[:hit.tokens] and hit.tokens < len(prompt)
+        new, evict = idx.insert(prompt)
+        for i in evict:
+            assert i in held
+            del held[i]
+        if new is not None:
+            for k, _ in enumerate(range(new.start, new.end, 8)):
+                held[new.first + k] = new.parent if k == 0 else new.first + k - 1
+        assert set(held) == set(idx.blocks) and all(p == -1 or p in held for p in held.values())
+        assert idx.bytes <= 400 and idx.tokens == sum(len(b.tokens) for b in idx.blocks.values())
