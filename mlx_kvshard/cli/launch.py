@@ -208,7 +208,7 @@ def request_from(ns: argparse.Namespace | None, model: str | None = None):
     get = (lambda k: getattr(ns, k, None)) if ns is not None else (lambda k: None)
     dtype = None if get("dtype") in (None, "auto") else get("dtype")
     return ModelRequest(model or get("model"), parse_shares(get("weights")), dtype, get("max_context"),
-                        bool(get("vocab_parallel")))
+                        bool(get("vocab_parallel")), get("pp") or 1)
 
 
 def _local_config(model: str | None):

@@ -25,6 +25,7 @@ class ModelRequest:
     dtype: str | None
     context: int | None  # --max-context
     vocab_parallel: bool = False
+    pp: int = 1  # --pp S: pipeline stages, one per rank (each holds its layers whole)
 
 
 def context_for(cfg: ModelConfig, request: ModelRequest, override: int | None = None) -> int:
@@ -40,6 +41,14 @@ def options_for(request: ModelRequest, context: int) -> capacity.Options:
 
 
 def rank_needs(cfg: ModelConfig, world: int, request: ModelRequest, context: int) -> list[capacity.RankNeed]:
+    if request.pp > 1:  # a stage holds its layers' weights and KV (pipeline/stages.py)
+        from ..pipeline.stages import StagePlan, check_world
+
+        check_world(request.pp, world)
+        stages = StagePlan.build(cfg, world, request.shares, request.dtype, context=context)
+        overhead = int(options_for(request, context).overhead_gb * capacity.GIB)
+        return [capacity.RankNeed(s, stages.weight_bytes(s), stages.kv_bytes(s, context), overhead, context)
+                for s in range(world)]
     plan = ShardPlan.build(cfg, world, request.shares, compute_dtype=request.dtype,
                            vocab_parallel=request.vocab_parallel)
     return capacity.rank_needs(plan, options_for(request, context))
@@ -58,6 +67,14 @@ def check_enough_hosts(labels: list[str], memory_gb: list[float | None], cfg: Mo
     if not labels or any(m is None for m in memory_gb):
         return
     world = len(labels)
+    if request.pp > 1:
+        for label, mem, need in zip(labels, memory_gb, rank_needs(cfg, world, request, context)):
+            limit, share = usable(mem * capacity.GIB)
+            if need.total > limit:
+                raise UserError(f"--pp {request.pp}: stage {need.rank} ({label}) needs {need.describe()} but has "
+                                f"{human_bytes(limit)} usable ({share} of {mem:g} GB); give it a smaller share with "
+                                f"--shares, add Macs, or lower --max-context")
+        return
     hosts = [capacity.Host(label, mem) for label, mem in zip(labels, memory_gb)]
     opts = options_for(request, context)
     shares = request.shares or [1.0] * world  # what the ranks will run with, not the planner's memory default

@@ -14,6 +14,7 @@ from ..plan import human_bytes
 from ..planner.capacity import GIB
 
 from .fit import ModelRequest, context_for, rank_needs, usable
+from .cabling import cabling
 from .checks import Check, Probe, Report
 from .probe import parse_bridge0
 from .spec import LaunchSpec
@@ -39,6 +40,7 @@ def judge(spec: LaunchSpec, probes: list[Probe], request: ModelRequest, context:
     checks += links(spec, probes)
     checks += bridges(ok)
     checks += exposure(spec, ok)
+    checks += cabling(spec, ok, cfg, request, context)
     checks += sleep(ok)
     if spec.backend != "ring":
         checks += rdma(ok)

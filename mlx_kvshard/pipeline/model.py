@@ -26,7 +26,8 @@ class _StageDecoder(nn.Module):
         cfg, args = stages.config, model_args(stages.config)
         if stages.holds_embedding(stage):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [TransformerBlock(cfg, args, stages.full.shards[0], local) for _ in range(stages.n_layers(stage))]
+        shard, rotate = stages.full.shards[0], stages.full.kv.rotated  # --kv-rotate as in the whole model
+        self.layers = [TransformerBlock(cfg, args, shard, local, rotate=rotate) for _ in range(stages.n_layers(stage))]
         if stages.is_last(stage):
             self.norm = nn.RMSNorm(cfg.hidden_size, eps=args.rms_norm_eps)
 
