@@ -251,7 +251,8 @@ def run_mlxlm(model_dir: Path, world: int, prompt: str, max_tokens: int, timeout
     for f in out_dir.glob("rank*.json"):
         f.unlink()
     argv = [str(SCRIPTS / "mlxlm_rank.py"), "--model", str(model_dir), "--prompt", prompt,
-            "--max-tokens", str(max_tokens), "--out", str(out_dir)] + (["--shard"] if shard else []) + list(extra)
+            "--max-tokens", str(max_tokens), "--out", str(out_dir)] + (["--shard"] if shard and "--pipeline" not in extra
+                                                                      else []) + list(extra)
     launch(world, argv, timeout, pin=pin)
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
     report = dict(ranks[0])

@@ -1,5 +1,6 @@
-"""mlx-lm's own generation as a benchmark rank: single-process (world 1) or its
-`Model.shard()` tensor parallelism under MLX's launcher. Times prefill and decode the
+"""mlx-lm's own generation as a benchmark rank: single-process (world 1), its
+`Model.shard()` tensor parallelism, or its pipeline (`model.model.pipeline(group)`, as
+`mlx_lm.generate --pipeline`; the models with PipelineMixin, e.g. qwen2) under MLX's launcher. Times prefill and decode the
 way `mlx-kvshard generate --json` does (greedy, no chat template, same prompt ids) and
 counts the all_sums shard() issues per decode step. Each rank writes <out>/rank<R>.json."""
 
@@ -33,11 +34,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard", action="store_true")
+    p.add_argument("--pipeline", action="store_true", help="mlx-lm's pipeline split instead of shard()")
     p.add_argument("--kv-bits", type=int, default=None, help="mlx-lm's QuantizedKVCache from the first token")
     p.add_argument("--kv-group-size", type=int, default=64)
     a = p.parse_args()
 
-    group = mx.distributed.init(strict=True, backend="ring") if a.shard else None
+    group = mx.distributed.init(strict=True, backend="ring") if a.shard or a.pipeline else None
     rank = group.rank() if group is not None else 0
     mx.distributed.all_sum = counting_all_sum
     tokenizer = load_tokenizer(Path(a.model))
@@ -46,7 +48,9 @@ def main() -> None:
     t_load = time.perf_counter()
     model, _ = load_model(Path(a.model))
     model.set_dtype(mx.float32)
-    if group is not None:
+    if group is not None and a.pipeline:
+        model.model.pipeline(group)
+    elif group is not None:
         model.shard(group)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t_load
