@@ -168,3 +168,42 @@ def test_whole_prompts_of_one_step_prefill_together(model, monkeypatch):
     assert groups and max(groups) >= 2, groups
     alone = with_engine(model, lambda e: [e.generate(r).tokens for r in requests], max_batch=1, prefix_cache_bytes=0)
     assert got == alone
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=14),
+    SamplingParams(max_tokens=14, temp=0.9, top_k=40, seed=7, repetition_penalty=1.3, stop=("qz",)),
+], ids=["greedy", "sampled-penalized"])
+def test_a_resumed_request_continues_exactly(model, params):
+    """Request.resume (a request migrated after its group was lost) continues at token
+    index len(resume) with the same key and the same processor history: the tokens, the
+    text after them and the usage equal one undisturbed request's."""
+    def both(engine):
+        events = list(engine.submit(Request(prompt_ids=PROMPT, params=params)))
+        cut = 5
+        rest = engine.generate(Request(prompt_ids=PROMPT, params=params, resume=tuple(
+            ev.token for ev in events[:cut])))
+        return events, cut, rest
+
+    events, cut, rest = with_engine(model, both, prefix_cache_bytes=0)
+    tokens = [ev.token for ev in events if ev.kind == "token"]
+    assert len(tokens) > cut and events[-1].kind == "done"
+    assert tokens[:cut] + rest.tokens == tokens
+    # the text continues where the client's copy stopped (what the first cut token events carried)
+    assert "".join(ev.text for ev in events[:cut]) + rest.text == "".join(ev.text for ev in events)
+    assert rest.usage.prompt_tokens == len(PROMPT) and rest.usage.completion_tokens == len(tokens)
+    assert rest.finish_reason == events[-1].finish_reason
+
+
+def test_resume_is_refused_without_prompt_ids_or_room(model):
+    def refusals(engine):
+        out = []
+        for req in (Request(prompt="hi", resume=(1, 2)), Request(prompt_ids=PROMPT, params=greedy(2), resume=(1, 2))):
+            with pytest.raises(RequestError) as e:
+                engine.submit(req)
+            out.append(str(e.value))
+        return out
+
+    no_ids, no_room = with_engine(model, refusals)
+    assert "resume continues a request given by prompt_ids" in no_ids
+    assert "resume holds 2 tokens, max_tokens is 2" in no_room

@@ -40,6 +40,7 @@ class _Live:
     sampler: RowSampler | None  # built on the engine thread (MLX arrays stay on one thread)
     stopper: StopChecker
     t_submit: float
+    resumed: int = 0  # tokens generated before a migration (Request.resume): the token index starts there
     t_first: float | None = None
     t_last: float | None = None
 
@@ -116,8 +117,11 @@ class Engine:
             handle = RequestHandle(self, uid, on_event)
             # chat content has its first space trimmed (as before); a completion's text keeps it
             chat = request.messages is not None or (request.chat_template and bool(self.tokenizer.chat_template))
-            state = _Live(request, handle, None, StopChecker(self.tokenizer, request.params.stop, prompt, chat),
-                          time.perf_counter())
+            asked = prompt[:len(prompt) - len(request.resume)]  # a resumed request's prompt ends with its tokens
+            stopper = StopChecker(self.tokenizer, request.params.stop, asked, chat)
+            for token in request.resume:  # the text and stop-string state the client already has
+                stopper.add(token)
+            state = _Live(request, handle, None, stopper, time.perf_counter(), len(request.resume))
             seq = Seq(uid, prompt, budget, state)
             self._open[uid] = seq
             self._inbox.append(seq)
@@ -171,10 +175,17 @@ class Engine:
             ids = self._tokenize(request)
         if not ids:
             raise RequestError("the prompt is empty after tokenization", "prompt")
+        if request.resume:
+            if request.prompt_ids is None:
+                raise RequestError("resume continues a request given by prompt_ids", "prompt")
+            if len(request.resume) >= request.params.max_tokens:
+                raise RequestError(f"resume holds {len(request.resume)} tokens, max_tokens is "
+                                   f"{request.params.max_tokens}: nothing left to generate", "max_tokens")
+            ids = ids + list(request.resume)  # prefilled like the prompt; the sampler's history holds them
         if len(ids) >= self.max_context:
             raise RequestError(f"the prompt is {len(ids)} tokens, but the max context is {self.max_context}; "
                                f"shorten the prompt", "prompt", "context_length_exceeded")
-        budget = min(request.params.max_tokens, self.max_context - len(ids))
+        budget = min(request.params.max_tokens - len(request.resume), self.max_context - len(ids))
         why = self.scheduler.never_fits(len(ids), budget)
         if why:
             raise RequestError(why, "prompt", "context_length_exceeded")
@@ -317,7 +328,7 @@ class Engine:
         nothing here is a collective, and the verdict reaches the others as the next step's
         `remove`."""
         samplers = [s.state.sampler for s in rows]
-        indices = [len(s.generated) for s in rows]
+        indices = [s.state.resumed + len(s.generated) for s in rows]  # the token's index in its request
         wants = [s.state.request.reported_logprobs for s in rows]
         try:
             return list(zip(*sample_rows(logits, samplers, indices, wants)))
@@ -357,8 +368,8 @@ class Engine:
         for i in range(len(drafts) + 1):
             with self._cond, self._tokenizer_lock:
                 try:
-                    tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler], [len(seq.generated)],
-                                                    [st.request.reported_logprobs])
+                    tokens, lps, alts = sample_rows(out.decode_logits[i:i + 1], [st.sampler],
+                                                    [st.resumed + len(seq.generated)], [st.request.reported_logprobs])
                     self._accept(seq, tokens[0], lps[0], alts[0], time.perf_counter())
                 except Exception as e:  # it leaves every rank next step: no trim needed for it
                     self._fail(seq, "sampling or processing its token", e)
@@ -399,7 +410,9 @@ class Engine:
         self.scheduler.finish(seq, keep=reason != "cancelled")
         del self._open[seq.uid]
         tail = st.stopper.flush() if reason != "cancelled" else ""
-        usage = Usage(len(seq.prompt), len(seq.generated), seq.cached)
+        # a resumed request's prompt here holds its earlier tokens: count them as generated
+        usage = Usage(len(seq.prompt) - st.resumed, st.resumed + len(seq.generated),
+                      min(seq.cached, len(seq.prompt) - st.resumed))
         n = len(seq.generated)
         ttft = st.t_first - st.t_submit if st.t_first else None
         tpot = (st.t_last - st.t_first) / (n - 1) if n > 1 else None

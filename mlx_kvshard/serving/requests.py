@@ -41,6 +41,11 @@ class Request:
     logprobs: bool = False  # report each token's log-probability
     top_logprobs: int = 0  # and this many alternatives (at most 20)
     tag: object = None  # the caller's own, carried back in every event (e.g. the input line)
+    # Tokens this request already generated (and its client already received) before the
+    # group that ran it was lost: prefilled after the prompt (prompt_ids only), then
+    # generation continues at token index len(resume) with the same sampling key, so the
+    # whole output equals an undisturbed run's. Their text and events are not sent again.
+    resume: tuple[int, ...] = ()
 
     @property
     def reported_logprobs(self) -> int | None:
