@@ -161,6 +161,11 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
     if timeouts is None:
         return runner.run(setup.spec, run_dir, quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout)
 
+    if args.restart and getattr(setup.rank_ns, "command", None) == "serve":
+        print("mlx-kvshard launch: not implemented: moving a server's requests in flight to the relaunched group "
+              "under `launch` (serve --simulate N --restart K does it); --restart relaunches the group, and the "
+              "requests in flight when a rank is lost end with an error", file=sys.stderr, flush=True)
+
     def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int, request_stop) -> int:
         """One (re)launch: the hosts left, --resume, the coordinator's address and token (restart.py)."""
         envs = [*setup.envs, *(f"{k}={v}" for k, v in env.items())]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import UserError
 from . import batch, options
 
 ENV_API_KEY = "MLX_KVSHARD_API_KEY"
@@ -33,6 +34,12 @@ def register(sub) -> None:
     g.add_argument("--check-sync", action="store_true",
                    help="debug: every rank reports its batch and KV after each join and removal; rank 0 compares")
     options.add_liveness_arguments(p)
+    p.add_argument("--migration-limit", type=int, default=3, metavar="K",
+                   help="with --restart: move a request in flight to the relaunched group at most K times "
+                        "(default 3); past that it ends with an error")
+    p.add_argument("--migration-timeout", type=float, default=120.0, metavar="S",
+                   help="with --restart: a request waits at most S seconds for the group to come back "
+                        "(default 120)")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -49,6 +56,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     engine, server = batch.engine_settings(args), server_settings(args)
     engine.validate()
     server.validate()
+    if args.migration_limit < 0:
+        raise UserError(f"--migration-limit {args.migration_limit}: must be 0 (never move a request) or more")
+    if not args.migration_timeout > 0:
+        raise UserError(f"--migration-timeout {args.migration_timeout}: must be a positive number of seconds")
     if args.simulate is not None:
         return simulate(args)
     from ..server.run import serve
@@ -68,4 +79,20 @@ def simulate(args: argparse.Namespace) -> int:
     env = {}
     if args.api_key:  # to rank 0 through the environment, not its command line (ps shows that)
         env[ENV_API_KEY] = args.api_key
-    return options.run_simulated(args, "serve", skip={"api_key"}, env=env)
+    if not args.restart:
+        return options.run_simulated(args, "serve", skip={"api_key"}, env=env)
+    # --restart: the HTTP front runs here, in the launcher, and outlives every group (mlx_kvshard/front)
+    from ..front.server import FrontServer
+    from ..liveness.client import EXIT_PEER_LOST
+
+    front = FrontServer(server_settings(args), model_dir, args.migration_limit, args.migration_timeout)
+    code = 1
+    try:
+        code = options.run_simulated(args, "serve", skip={"api_key"}, env={**env, **front.env()})
+    finally:
+        why = {0: "the server stopped", 130: "the server stopped on request (SIGINT)",
+               143: "the server stopped on request (SIGTERM)"}.get(
+            code, "the group was lost and --restart is used up" if code == EXIT_PEER_LOST
+            else f"the ranks failed (exit {code})")
+        front.close(why, lost=code not in (0, 130, 143))
+    return code

@@ -32,6 +32,12 @@ def serve(rank: RankSettings, engine: EngineSettings, server: ServerSettings) ->
     server.validate()
     if int(os.environ.get("MLX_RANK", "0")) != 0:
         return serve_rank(rank, engine, lambda _engine: 0)  # rank 0 only runs the front
+    from ..front.messages import ENV_FRONT
+
+    if os.environ.get(ENV_FRONT):  # --restart: the launcher holds HTTP and the requests (mlx_kvshard/front)
+        from ..front.link import run_engine_link
+
+        return serve_rank(rank, engine, run_engine_link)
     sock = listen(server)
     backend = Backend()
     http = HttpThread(backend, server, sock)

@@ -77,6 +77,9 @@ class Engine:
         self._trim: tuple[int, int] | None = None  # (uid, rejected drafts) for the next step's TRIM
         self.error: str | None = None
         self.audits: list[dict] = []  # with check_sync: every rank's rows and KV after each join and removal
+        # A front that moves the open requests to the next group (mlx_kvshard/front) takes a
+        # loss itself: callable(message) instead of an error event to every open request.
+        self.on_lost = None
         live.before_exit = self._lost
         self._warm_up()
 
@@ -150,6 +153,13 @@ class Engine:
             if cancel:
                 self._cancels.update(self._open)
             self._cond.notify()
+
+    def prompt_ids(self, request_id: int) -> list[int] | None:
+        """The prompt's token ids of an open request (what a front needs to move it to
+        another group), or None once it has ended."""
+        with self._cond:
+            seq = self._open.get(request_id)
+            return None if seq is None else seq.prompt[:len(seq.prompt) - seq.state.resumed]
 
     def decode(self, ids: list[int]) -> str:
         """Token ids as text, from any thread (the tokenizer is shared with the engine thread)."""
@@ -461,6 +471,9 @@ class Engine:
     def _lost(self, message: str) -> None:
         """The liveness client is ending the process (a rank was lost): tell every open request."""
         self.error = message
+        if self.on_lost is not None:
+            self.on_lost(message)
+            return
         for seq in list(self._open.values()):
             seq.state.handle._emit(Event(seq.uid, "error", error=message, tag=seq.state.request.tag))
 

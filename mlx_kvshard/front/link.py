@@ -1,0 +1,108 @@
+"""Rank 0's end of the front's Unix socket: requests in, events out.
+
+The engine runs on rank 0's main thread as always; this file's reader thread turns the
+front's lines into Engine.submit/cancel calls (which validate and tokenize there, so a
+bad request is refused before any rank sees it), and a writer thread sends the events,
+so the engine thread never waits on the front. When the group is lost the liveness
+client's before_exit says so once ("lost"): the front keeps the requests and moves
+them to the next group; per-request error events are not sent then."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+from ..serving.requests import RequestError
+from .messages import ENV_FRONT, ENV_FRONT_TOKEN, Lines, event_to_msg, msg_to_request, refusal_to_msg, send
+
+
+def run_engine_link(engine, path: str | None = None, token: str | None = None) -> int:
+    """Rank 0 under a front: serve its requests until the front or a signal stops us."""
+    path = path or os.environ[ENV_FRONT]
+    token = token if token is not None else os.environ.get(ENV_FRONT_TOKEN, "")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    link = EngineLink(engine, sock)
+    send(sock, {"t": "hello", "token": token, "info": engine.info()})
+    engine.on_lost = link.lost  # from the engine thread (an MLX error) or the liveness watchdog (the verdict)
+    engine.live.on_shutdown = lambda why: engine.shutdown(cancel=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda n, _f: engine.shutdown(cancel=True))
+    link.start()
+    try:
+        engine.run()
+    finally:
+        link.close()
+    print("mlx-kvshard: the engine stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+class EngineLink:
+    def __init__(self, engine, sock: socket.socket):
+        self.engine, self.sock = engine, sock
+        self.out: queue.Queue[dict | None] = queue.Queue()
+        self.handles: dict[int, object] = {}  # front id -> the engine's RequestHandle
+        self._lost = False
+        self._reader = threading.Thread(target=self._read, name="mlx-kvshard-front-in", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="mlx-kvshard-front-out", daemon=True)
+
+    def start(self) -> None:
+        self._writer.start()
+        self._reader.start()
+
+    def close(self) -> None:
+        self.out.put(None)
+        self._writer.join(timeout=5)
+        self.sock.close()
+
+    def lost(self, message: str) -> None:
+        """The group is lost and this process is ending: tell the front (the liveness verdict,
+        which names the rank, may follow MLX's own error: the front keeps the last) and give
+        the line a moment to go out."""
+        self._lost = True
+        self.out.put({"t": "lost", "message": message})
+        deadline = time.monotonic() + 1.0
+        while not self.out.empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _read(self) -> None:
+        lines = Lines(self.sock)
+        while (msg := lines.next()) is not None:
+            kind = msg.get("t")
+            if kind == "submit":
+                self._submit(int(msg["fid"]), msg["req"])
+            elif kind == "cancel" and int(msg["fid"]) in self.handles:
+                self.handles[int(msg["fid"])].cancel()
+            elif kind == "metrics":
+                self.out.put({"t": "metrics", "qid": msg.get("qid"), "snapshot": self.engine.metrics.snapshot(recent=1)})
+        self.engine.shutdown(cancel=True)  # the front is gone: nobody is left to answer
+
+    def _submit(self, fid: int, fields: dict) -> None:
+        def on_event(ev) -> None:
+            if ev.final:
+                self.handles.pop(fid, None)
+            self.out.put(event_to_msg(fid, ev))
+
+        try:
+            request = msg_to_request(fields)
+            handle = self.engine.submit(request, on_event)
+        except RequestError as e:
+            self.out.put(refusal_to_msg(fid, e))
+            return
+        except (KeyError, TypeError, ValueError) as e:  # a malformed line: the front's bug, refused alone
+            self.out.put(refusal_to_msg(fid, RequestError(f"malformed request ({type(e).__name__}: {e})")))
+            return
+        self.handles[fid] = handle
+        self.out.put({"t": "accepted", "fid": fid, "prompt_ids": self.engine.prompt_ids(handle.id)})
+
+    def _write(self) -> None:
+        while (msg := self.out.get()) is not None:
+            try:
+                send(self.sock, msg)
+            except OSError:
+                return
