@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 from ..serving.requests import RequestError
 from .messages import ENV_FRONT, ENV_FRONT_TOKEN, Lines, event_to_msg, msg_to_request, refusal_to_msg, send
@@ -34,10 +33,8 @@ def run_engine_link(engine, path: str | None = None, token: str | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda n, _f: engine.shutdown(cancel=True))
     link.start()
-    try:
-        engine.run()
-    finally:
-        link.close()
+    engine.run()  # on a lost peer it raises: the link stays open for the liveness verdict (link.lost)
+    link.close()
     print("mlx-kvshard: the engine stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -47,7 +44,7 @@ class EngineLink:
         self.engine, self.sock = engine, sock
         self.out: queue.Queue[dict | None] = queue.Queue()
         self.handles: dict[int, object] = {}  # front id -> the engine's RequestHandle
-        self._lost = False
+        self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="mlx-kvshard-front-in", daemon=True)
         self._writer = threading.Thread(target=self._write, name="mlx-kvshard-front-out", daemon=True)
 
@@ -64,11 +61,12 @@ class EngineLink:
         """The group is lost and this process is ending: tell the front (the liveness verdict,
         which names the rank, may follow MLX's own error: the front keeps the last) and give
         the line a moment to go out."""
-        self._lost = True
-        self.out.put({"t": "lost", "message": message})
-        deadline = time.monotonic() + 1.0
-        while not self.out.empty() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self.sock.settimeout(1.0)  # the process ends right after: never hang on a front that stopped reading
+        try:
+            with self._send_lock:  # sent here and now, not queued: os._exit follows
+                send(self.sock, {"t": "lost", "message": message})
+        except OSError:
+            pass
 
     def _read(self) -> None:
         lines = Lines(self.sock)
@@ -103,6 +101,7 @@ class EngineLink:
     def _write(self) -> None:
         while (msg := self.out.get()) is not None:
             try:
-                send(self.sock, msg)
+                with self._send_lock:
+                    send(self.sock, msg)
             except OSError:
                 return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,8 +135,12 @@ class RemoteEngine:
         with self._lock:
             self._sock, self._info, self._loss = sock, info, None
             self.backend.attach(self)
-            for op in [op for op in self._open.values() if op.waiting]:
+            waiting = [op for op in self._open.values() if op.waiting]
+            for op in waiting:
                 self._move(op)
+        if waiting:
+            print(f"mlx-kvshard: moved {len(waiting)} request(s) in flight to the relaunched group",
+                  file=sys.stderr, flush=True)
         threading.Thread(target=self._read, args=(sock,), name="mlx-kvshard-front-engine", daemon=True).start()
 
     def _move(self, op: _Open) -> None:
