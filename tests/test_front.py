@@ -135,13 +135,18 @@ def test_streams_continue_exactly_after_a_rank_is_killed_or_stalled(model, tmp_p
     assert not tagged(tag)
 
 
-@pytest.mark.parametrize("flags, why", [(["--migration-limit", "0"], "--migration-limit 0"),
-                                        (["--migration-timeout", "0.5"], "--migration-timeout")],
-                         ids=["limit", "timeout"])
-def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, flags, why):
+@pytest.mark.parametrize("launch, flags, why", [
+    (False, ["--migration-limit", "0"], "--migration-limit 0"),
+    (False, ["--migration-timeout", "0.5"], "--migration-timeout"),
+    (True, ["--migration-limit", "0"], "--migration-limit 0"),  # the same front under `launch --simulate`
+], ids=["limit", "timeout", "launch-limit"])
+def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, launch, flags, why):
     tag = f"front-bound-{os.getpid()}"
-    server = Server(tmp_path, ["serve", "--simulate", "2", "--restart", "1", *flags, "--model", str(model),
-                               "--port", "0", "--max-context", "256", "--peer-timeout", str(PEER_TIMEOUT)], tag)
+    serve = ["serve", *flags, "--model", str(model), "--port", "0", "--max-context", "256",
+             "--peer-timeout", str(PEER_TIMEOUT)]
+    argv = (["launch", "--simulate", "2", "--restart", "1", "--skip-check", "--", *serve] if launch else
+            [*serve[:1], "--simulate", "2", "--restart", "1", *serve[1:]])
+    server = Server(tmp_path, argv, tag)
     try:
         server.wait_ready()
         events, _ = interrupted(server, BODIES["greedy"], 1, 2, signal.SIGKILL)

@@ -82,17 +82,12 @@ def simulate(args: argparse.Namespace) -> int:
     if not args.restart:
         return options.run_simulated(args, "serve", skip={"api_key"}, env=env)
     # --restart: the HTTP front runs here, in the launcher, and outlives every group (mlx_kvshard/front)
-    from ..front.server import FrontServer
-    from ..liveness.client import EXIT_PEER_LOST
+    from ..front.server import FrontServer, ending
 
     front = FrontServer(server_settings(args), model_dir, args.migration_limit, args.migration_timeout)
     code = 1
     try:
         code = options.run_simulated(args, "serve", skip={"api_key"}, env={**env, **front.env()})
     finally:
-        why = {0: "the server stopped", 130: "the server stopped on request (SIGINT)",
-               143: "the server stopped on request (SIGTERM)"}.get(
-            code, "the group was lost and --restart is used up" if code == EXIT_PEER_LOST
-            else f"the ranks failed (exit {code})")
-        front.close(why, lost=code not in (0, 130, 143))
+        front.close(*ending(code))
     return code

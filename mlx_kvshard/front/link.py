@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 
+from ..errors import UserError
 from ..serving.requests import RequestError
 from .messages import ENV_FRONT, ENV_FRONT_TOKEN, Lines, event_to_msg, msg_to_request, refusal_to_msg, send
 
@@ -25,7 +26,11 @@ def run_engine_link(engine, path: str | None = None, token: str | None = None) -
     path = path or os.environ[ENV_FRONT]
     token = token if token is not None else os.environ.get(ENV_FRONT_TOKEN, "")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        raise UserError(f"rank 0 cannot reach the launcher's HTTP front at {path} ({e.strerror or e}): rank 0 "
+                        f"must run on the launching machine") from None
     link = EngineLink(engine, sock)
     send(sock, {"t": "hello", "token": token, "info": engine.info()})
     engine.on_lost = link.lost  # from the engine thread (an MLX error) or the liveness watchdog (the verdict)

@@ -76,3 +76,17 @@ class FrontServer:
         self.http.stop()
         self._listen.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ending(code: int) -> tuple[str, bool]:
+    """What the front tells the requests still open when the launcher is done with exit
+    `code`, and whether that is a loss (503 "lost") rather than a stop."""
+    from ..liveness.client import EXIT_PEER_LOST
+
+    stops = {0: "the server stopped", 130: "the server stopped on request (SIGINT)",
+             143: "the server stopped on request (SIGTERM)"}
+    if code in stops:
+        return stops[code], False
+    if code == EXIT_PEER_LOST:
+        return "the group was lost and --restart is used up", True
+    return f"the ranks failed (exit {code})", True
