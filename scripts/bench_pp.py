@@ -162,9 +162,15 @@ def table(r: dict, a) -> str:
         lines += ["", "Without emulation (loopback ring, no link cost), one stream:", "",
                   "| world | mlx-lm pipeline tok/s | ours --pp tok/s |", "|---|---|---|"]
         for w, x in r["mlxlm_pipeline"].items():
-            lines.append(f"| {w} | {B.fmt(x.get('tok_s')) if 'error' not in x else 'failed: ' + x['error'][:80]} | "
+            lines.append(f"| {w} | {B.fmt(x.get('tok_s')) if 'error' not in x else 'failed: ' + _why(x['error'])} | "
                          f"{B.fmt(x['ours_pp_no_link_tok_s'])} |")
     return "\n".join(lines)
+
+
+def _why(error: str) -> str:
+    """The error's own line (e.g. 'RuntimeError: ...'), fit for a table cell."""
+    lines = [ln.strip() for ln in error.splitlines() if "Error" in ln] or [error.strip()]
+    return lines[-1][:100].replace("|", "/")
 
 
 if __name__ == "__main__":
