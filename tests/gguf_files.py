@@ -49,7 +49,35 @@ SPECS = {
                      tie_word_embeddings=True, rope_theta=1000000.0),
         {"model.embed_tokens": T.Q8_0, "model.layers.1.mlp.down_proj": T.Q5_K},
         T.Q4_1),
+    # llama3 rope scaling (rope_freqs.weight, as llama.cpp's converter writes it), float32 weights
+    # so mlx-lm on the HF checkpoint itself is the oracle; thresholds inside the tiny model's
+    # wavelengths (head_dim 16: pairs 1-2 blended, 3-7 scaled)
+    "gguf_llama3_rope": (
+        llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        {}, T.F32),
 }
+
+
+def rope_freqs(cfg: dict) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf llama3 factors, computed in float32 as it does."""
+    sc = cfg["rope_scaling"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (np.float32(cfg["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    low_wl = sc["original_max_position_embeddings"] / sc["low_freq_factor"]
+    high_wl = sc["original_max_position_embeddings"] / sc["high_freq_factor"]
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(sc["factor"])
+        else:
+            smooth = (sc["original_max_position_embeddings"] / wl - sc["low_freq_factor"]) / \
+                (sc["high_freq_factor"] - sc["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / sc["factor"] + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -122,6 +150,8 @@ def write_gguf(path: Path, hf_dir: Path, types: dict, default: T, seed: int = 0)
         qtype = types.get(module, default) if arr.ndim == 2 else T.F32
         data, raw = _encode(arr, qtype, rng)
         w.add_tensor(gname, data, raw_dtype=raw)
+    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", rope_freqs(cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from gguf_files import SPECS, _permute, gguf_file, write_gguf
+from gguf_files import SPECS, _permute, gguf_file, rope_freqs, write_gguf
 from mlx_kvshard.errors import UserError
 from mlx_kvshard.models.gguf import quants
 from mlx_kvshard.models.gguf.checkpoint import GGUFCheckpoint
@@ -62,10 +62,12 @@ def test_every_tensor_equals_gguf_dequantization(name, files):
     reader = GGUFReader(path)
     seen = set()
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # config.json's rope_scaling, not a weight (test_llama3_rope_*)
+            continue
         qtype = T(t.tensor_type)
         module = [m for m, tensor in ckpt._modules.items() if tensor.gguf_name == t.name][0]
         want = gguf_quants.dequantize(np.asarray(t.data), qtype).astype(np.float32)
-        if cfg["model_type"] == "llama" and module.endswith(("q_proj", "k_proj")):
+        if cfg["model_type"] == "llama" and module.removesuffix(".weight").endswith(("q_proj", "k_proj")):
             heads = cfg["num_attention_heads"] if "q_proj" in module else cfg["num_key_value_heads"]
             want = _unpermute(want, heads)
         if qtype in quants.FLOAT:
@@ -121,6 +123,10 @@ def test_gguf_sharded_equals_mlx_lm_on_converted(world, vocab_parallel, files, t
         err = float(np.max(np.abs(got["logits"] - want_logits)))
         assert err < 1e-3, f"{name} world {world}: max |logit diff| {err}"
         assert got["tokens"].tolist() == want_tokens, f"{name} world {world}: greedy tokens differ"
+        if name == "gguf_llama3_rope":  # float32 weights: mlx-lm on the HF checkpoint, its own rope_scaling
+            hf_logits, hf_tokens = oracle(files[name][0].parent / "hf")
+            err = float(np.max(np.abs(got["logits"] - hf_logits)))
+            assert err < 1e-4 and got["tokens"].tolist() == hf_tokens, f"{name} world {world}: {err}"
         for r in range(world):
             facts = json.loads((tmp_path / f"{derived.name}.rank{r}.json").read_text())
             assert facts["k_proj_is_own_heads"], facts
@@ -204,3 +210,49 @@ def test_sentencepiece_vocabulary(tmp_path):
     ids = tok.encode("hello world")
     assert ids == [1, tokens.index("▁hello"), tokens.index("▁world")], [tokens[i] for i in ids]
     assert tok.decode(ids[1:]) == "hello world"
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(files):
+    """llama.cpp writes llama3 scaling only as rope_freqs.weight: the derived and converted
+    configs carry mlx-lm's rope_scaling again (the HF checkpoint's own values), and the scaling
+    changes the model (so the sharded runs against the HF oracle test it)."""
+    from mlx_kvshard.models.gguf.rope import llama3_rope_scaling
+
+    path, derived, converted = files["gguf_llama3_rope"]
+    want = SPECS["gguf_llama3_rope"][0]["rope_scaling"]
+    for d in (derived, converted):
+        assert json.loads((d / "config.json").read_text())["rope_scaling"] == want, d
+    plain = path.parent / "plain"
+    if not (plain / "config.json").exists():
+        plain.mkdir()
+        for f in (path.parent / "hf").iterdir():
+            (plain / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((plain / "config.json").read_text())
+        del cfg["rope_scaling"]
+        (plain / "config.json").write_text(json.dumps(cfg))
+    assert float(np.max(np.abs(oracle(plain)[0] - oracle(path.parent / "hf")[0]))) > 1e-2
+    # Llama 3.1 8B and 3.2 1B (theta 500000, head_dim 128/64) come back as released
+    for hd, factor in ((128, 8.0), (64, 32.0)):
+        sc = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+        cfg = {"rope_theta": 500000.0, "hidden_size": hd * 4, "num_attention_heads": 4, "rope_scaling": sc}
+        assert llama3_rope_scaling(rope_freqs(cfg).astype(np.float64), 500000.0, hd, path) == sc
+    assert llama3_rope_scaling(np.ones(8), 10000.0, 16, path) is None
+
+
+def test_rope_freqs_not_llama3_is_refused(files, ckpt_root):
+    hf = files["gguf_llama3_rope"][0].parent / "hf"
+    bad = ckpt_root / "rope_other.gguf"
+    write_gguf(bad, hf, {}, T.F32)
+    import gguf
+
+    reader = gguf.GGUFReader(bad, "r+")  # same layout, factors no llama3 parameters give
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    t.data[:] = np.linspace(1.0, 3.0, t.data.size, dtype=np.float32)
+    reader.data.flush()
+    del reader
+    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "plan", "--model", str(bad), "--world", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "rope_freqs.weight (8 factors, head_dim 16) is not llama3 rope scaling; not implemented" in proc.stderr, \
+        proc.stderr

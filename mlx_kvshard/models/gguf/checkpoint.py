@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from ...errors import UserError
 from . import quants
 from .metadata import GGUFModel
+from .rope import ROPE_FREQS
 
 # llama.cpp tensor name (after "blk.N.") -> mlx-lm module under model.layers.N
 _LAYER_MODULES = {
@@ -82,6 +83,8 @@ class GGUFCheckpoint:
         self._params: dict[str, tuple[str, str]] = {}  # parameter name -> (module prefix, leaf)
         raw = np.memmap(self.path, dtype=np.uint8, mode="r")
         for gname, type_name, shape, offset, n_bytes in table["tensors"]:
+            if gname == ROPE_FREQS:  # not a weight: config.json's rope_scaling (metadata.py, rope.py)
+                continue
             name = hf_name(gname)
             if name is None:
                 raise UserError(f"{self.path}: tensor {gname} ({type_name}) has no counterpart in "

@@ -14,7 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ...errors import UserError
+from .rope import ROPE_FREQS, llama3_rope_scaling
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # mistral files say "llama"
 
@@ -70,9 +73,10 @@ class GGUFModel:
 
     def config(self) -> dict:
         """config.json for mlx-lm's model class of this architecture."""
-        if "rope_freqs.weight" in self.tensor_names or self.arch_value("rope.scaling.type", "none") not in ("none",):
-            raise UserError(f"{self.path}: rope scaling (rope_freqs / rope.scaling.type) is not implemented for "
-                            f"GGUF files; convert the original HF checkpoint with mlx_lm.convert instead")
+        if self.arch_value("rope.scaling.type", "none") not in ("none",):
+            raise UserError(f"{self.path}: rope scaling (rope.scaling.type "
+                            f"{self.arch_value('rope.scaling.type')!r}) is not implemented for GGUF files; "
+                            f"convert the original HF checkpoint with mlx_lm.convert instead")
         n_heads = self.n_heads
         vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
         embd = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
@@ -97,6 +101,12 @@ class GGUFModel:
             # llama.cpp computes in float16; a file holding bfloat16 tensors keeps them
             "torch_dtype": "bfloat16" if "BF16" in float_types else "float16",
         }
+        if ROPE_FREQS in self.tensor_names:
+            factors = next(t for t in self.reader.tensors if t.name == ROPE_FREQS)
+            scaling = llama3_rope_scaling(np.asarray(factors.data, dtype=np.float64).ravel(), cfg["rope_theta"],
+                                          self.head_dim, self.path)
+            if scaling is not None:
+                cfg["rope_scaling"] = scaling
         for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
             if name in self.reader.fields:
                 cfg[key] = int(self.value(name))
