@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "MLX_KVSHARD_SOAK_TAG"  # set on the server; inherited by every rank, so all can be found and reaped
+REFUSED_TRIES = 300  # a recovery on a busy machine takes seconds to a minute; the client waits 1 s between tries
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
 
@@ -65,6 +66,7 @@ class Outcome:
     error: str = ""
     ttft: float | None = None
     tpot: float | None = None
+    refused: int = 0  # 503s (a new request while the group restarts) before it was taken
 
 
 @dataclass
@@ -102,11 +104,14 @@ def tagged(tag: str) -> dict[int, int | None]:
             continue
         try:
             env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
         if f"{TAG}={tag}".encode() in env and state not in ("Z", "X"):
-            found[int(entry)] = next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"MLX_RANK=")), None)
+            rank = next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"MLX_RANK=")), None)
+            # a rank is `python -m mlx_kvshard` with MLX_RANK; its helpers inherit the variable but are not ranks
+            found[int(entry)] = rank if argv[1:3] == [b"-m", b"mlx_kvshard"] else None
     return found
 
 
@@ -177,7 +182,19 @@ class Server:
 
 
 def run_one(url: str, body: dict, stream: bool, leave_after: int | None, out: Outcome) -> None:
-    """One request; fills `out`. `leave_after`: close the stream after that many chunks."""
+    """One request, sent again (after a second) while the server refuses new work with a 503
+    during a recovery, as a client should; fills `out`."""
+    for _ in range(REFUSED_TRIES):
+        attempt(url, body, stream, leave_after, out)
+        if not out.error.startswith("HTTP 503"):
+            return
+        out.refused += 1
+        time.sleep(1.0)
+
+
+def attempt(url: str, body: dict, stream: bool, leave_after: int | None, out: Outcome) -> None:
+    """One try; fills `out`. `leave_after`: close the stream after that many chunks."""
+    out.error = ""
     t0 = time.monotonic()
     try:
         if not stream:
@@ -344,7 +361,7 @@ def soak(s: Settings, workdir: Path | None = None, log=print) -> Report:
                     n = len(os.path.commonprefix([o.text, ref]))
                     report.chars_lost += len(ref) - n
                     report.chars_duplicated += len(o.text) - n
-        report.requests = {"total": len(outcomes), **by_status,
+        report.requests = {"total": len(outcomes), **by_status, "refused_503": sum(o.refused for o in outcomes),
                            "by_kind": {k: sum(o.kind == k for o in outcomes) for k in sorted({o.kind for o in outcomes})}}
         report.ttft_s = quantiles([o.ttft for o in outcomes if o.ttft is not None])
         report.tpot_s = quantiles([o.tpot for o in outcomes if o.tpot is not None])
@@ -361,7 +378,8 @@ def table(r: Report) -> str:
     rq = r.requests
     rows = [("seconds of load", r.seconds), ("requests", rq.get("total", 0)),
             ("completed", rq.get("completed", 0)), ("failed", rq.get("failed", 0)),
-            ("client disconnects", rq.get("disconnected", 0)), ("rank kills", len(r.kills)),
+            ("client disconnects", rq.get("disconnected", 0)),
+            ("503s during recovery (retried)", rq.get("refused_503", 0)), ("rank kills", len(r.kills)),
             ("relaunches / requests moved", f"{r.relaunches} / {r.migrated}"),
             ("greedy texts checked", r.greedy_checked), ("greedy texts differing", r.greedy_mismatched),
             ("chars lost / duplicated", f"{r.chars_lost} / {r.chars_duplicated}"),
@@ -370,8 +388,11 @@ def table(r: Report) -> str:
             ("KV used / reserved when idle", f"{r.kv_used_idle} / {r.kv_reserved_idle}"),
             ("orphans after shutdown", r.orphans), ("load average", " ".join(f"{x:.2f}" for x in r.loadavg))]
     for rank, samples in sorted(r.rss_mb.items()):
-        mib = [x[2] for x in samples]
-        rows.append((f"rank {rank} RSS MiB first/last/max", f"{mib[0]} / {mib[-1]} / {max(mib)}"))
+        lives: dict[int, list[float]] = {}  # a relaunch gives the rank a new process
+        for _, pid, mib in samples:
+            lives.setdefault(pid, []).append(mib)
+        rows.append((f"rank {rank} RSS MiB (first-last per process)",
+                     ", ".join(f"{m[0]}-{m[-1]}" for m in lives.values())))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
