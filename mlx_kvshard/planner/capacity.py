@@ -375,7 +375,7 @@ def memory_shares(hosts: Sequence[Host], opts: Options) -> list[float] | None:
     return None if None in usable else [u / GIB for u in usable]
 
 
-def _plan(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, compute_dtype) -> ShardPlan:
+def build_plan(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, compute_dtype) -> ShardPlan:
     return ShardPlan.build(cfg, len(hosts), shares if shares is not None else memory_shares(hosts, opts),
                            compute_dtype=compute_dtype, vocab_parallel=opts.vocab_parallel,
                            kv=opts.kv, context=opts.context * opts.batch)
@@ -384,7 +384,7 @@ def _plan(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, comput
 def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, opts: Options,
              shares: Sequence[float] | None = None, compute_dtype: str | None = None) -> Evaluation:
     hosts = list(hosts)
-    plan = _plan(cfg, hosts, opts, shares, compute_dtype)
+    plan = build_plan(cfg, hosts, opts, shares, compute_dtype)
     fits = fit_ranks(plan, hosts, opts)
     prediction = None
     if all(h.chip is not None for h in hosts) and (len(hosts) == 1 or link is not None):
@@ -405,7 +405,7 @@ def evaluate(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, 
 def _mode_summary(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, shares, compute_dtype) -> dict:
     """Fullest rank's weights and KV, and the largest context, in one KV shard mode."""
     try:
-        plan = _plan(cfg, hosts, opts, shares, compute_dtype)
+        plan = build_plan(cfg, hosts, opts, shares, compute_dtype)
     except UserError as e:  # e.g. replicate with more sharers than query heads
         return {"error": str(e)}
     fits = fit_ranks(plan, hosts, opts)
@@ -535,7 +535,7 @@ def kv_mode_capacities(cfg: ModelConfig, hosts: Sequence[Host], opts: Options, s
         for shard in shards:
             mode = replace(opts, kv_bits=bits, kv_shard=shard)
             try:
-                plan = _plan(cfg, hosts, mode, shares, compute_dtype)
+                plan = build_plan(cfg, hosts, mode, shares, compute_dtype)
             except UserError as e:  # e.g. replicate with more sharers than query heads
                 out.append(KVModeCapacity(bits, shard, error=str(e)))
                 continue

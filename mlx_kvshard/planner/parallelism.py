@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..hardware.links import allreduce_seconds, send_seconds
 from ..hardware.profiles import LinkProfile
 from ..pipeline.stages import HYBRID_REFUSAL, HYBRID_SHORT, StagePlan
-from .capacity import GIB, Host, Options, _plan, fit_ranks, memory_shares, predict_decode, usable_bytes
+from .capacity import GIB, Host, Options, build_plan, fit_ranks, memory_shares, predict_decode, usable_bytes
 
 CONCURRENT = 8  # the serving figure: streams decoding together
 
@@ -88,8 +88,8 @@ def compare(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, o
     out: dict = {"link": link.name, "concurrent": CONCURRENT,
                  "hybrid": {"runs": False, "why": HYBRID_REFUSAL}}
     try:
-        tp_plan = _plan(cfg, hosts, one, shares, compute_dtype)
-        tp_many = _plan(cfg, hosts, replace(opts, batch=CONCURRENT), shares, compute_dtype)
+        tp_plan = build_plan(cfg, hosts, one, shares, compute_dtype)
+        tp_many = build_plan(cfg, hosts, replace(opts, batch=CONCURRENT), shares, compute_dtype)
         tp1 = predict_decode(tp_plan, opts.context, 1, link, chips, opts.eta, opts.t_fixed_s, opts.kv_bits)
         tp8 = predict_decode(tp_many, opts.context, CONCURRENT, link, chips, opts.eta, opts.t_fixed_s, opts.kv_bits)
         tp_fits = [f.fits for f in fit_ranks(tp_plan, hosts, opts)]
