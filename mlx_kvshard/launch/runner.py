@@ -27,6 +27,7 @@ from subprocess import DEVNULL, PIPE, Popen, TimeoutExpired
 from typing import BinaryIO, Callable
 
 from ..liveness.client import EXIT_PEER_LOST
+from . import kernels
 
 from .spec import LaunchSpec, RankLaunch
 
@@ -89,6 +90,8 @@ def run(spec: LaunchSpec, run_dir: str | Path, *, quiet_ranks: bool = False, out
     outcome = _run_ranks(spec, run_dir, ranks, lock, quiet_ranks, out, err, grace, finish_timeout, on_interrupt)
     code, message = _verdict(ranks, run_dir, outcome, finish_timeout)
     _write_result(run_dir, ranks, code)
+    if ranks and all(r.returncode is not None and r.returncode >= 0 for r in ranks):
+        kernels.keep(run_dir / "tmp")  # every rank exited on its own: no compiler was cut off mid-write
     if message:
         say(message)
     return code
@@ -150,6 +153,7 @@ def _start(spec: LaunchSpec, run_dir: Path, ranks: list[_Rank]) -> None:
     tmp.mkdir(exist_ok=True)
     # MLX's launch script leaves its pidfile and MLX_HOSTFILE in $TMPDIR: keep local ones in the run dir.
     local_env = {**os.environ, "TMPDIR": str(tmp)}
+    kernels.seed(tmp)  # ... but MLX's compiled CPU kernels live there too: don't compile them again
     die_with_parent = _die_with_parent()
     cores = _local_core_shares(spec)
     for launch in spec.ranks:
