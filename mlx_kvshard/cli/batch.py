@@ -122,9 +122,9 @@ def engine_settings(args):
         raise UserError("not implemented: --prefix-cache-dir / --prefix-cache-disk-bytes (a disk tier for the prefix "
                         "cache); the prefix cache is in RAM only (--prefix-cache-bytes)")
 
-    if args.pp > 1:
-        raise UserError(f"not implemented: --pp {args.pp} in the serving engine (serve, --prompts-file); "
-                        f"pipeline stages run in one-prompt generate")
+    if args.pp > 1 and args.prompt_lookup:
+        raise UserError(f"not implemented: speculative decoding (--prompt-lookup) with --pp {args.pp}; "
+                        f"drop --prompt-lookup or --pp")
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
                           prefix_block_tokens=args.prefix_block_tokens,

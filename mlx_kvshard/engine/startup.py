@@ -52,6 +52,10 @@ class LoadedRank:
         """This rank's shard in `plan`: a pipeline stage holds whole layers (the world-1 plan's)."""
         return 0 if self.stages is not None else self.comm.rank
 
+    def kv_bytes_per_token(self, rank: int) -> int:
+        """KV bytes per position rank `rank` holds: its stage's layers under --pp, its heads otherwise."""
+        return self.stages.kv_bytes_per_token(rank) if self.stages is not None else self.plan.kv_bytes_per_token(rank)
+
 
 def eos_token_ids(model_dir: Path, cfg: ModelConfig) -> list[int] | None:
     """End-of-turn ids as mlx-lm takes them: generation_config.json first, then config.json

@@ -62,31 +62,62 @@ class StageModel(nn.Module):
         """The activations' dtype on the wire: the same on every stage (the norms' dtype)."""
         return self.layers[0].input_layernorm.weight.dtype
 
+    def _input(self, inputs: mx.array) -> mx.array:
+        """The embedded tokens (first stage), or the previous stage's activation."""
+        B, L = inputs.shape
+        if self.first:
+            return self.model.embed_tokens(inputs)
+        h = self.comm.recv((B, L, self.config.hidden_size), self.act_dtype(), self.stage - 1)
+        mx.eval(h)
+        self.comm.pay_link_time()  # --link: the hop lies on the path before this stage's layers
+        return h
+
+    def _layers(self, h: mx.array, cache) -> mx.array:
+        cache = cache if cache is not None else [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return h
+
+    def _head(self, h: mx.array) -> mx.array:
+        """The last stage's logits of `h`."""
+        out = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)
+
     def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         """The last stage's logits; elsewhere zeros of the same shape (the caller broadcasts
         the last stage's sampled token). Stages before the last are evaluated here, send
         included: nothing downstream of them on this rank would evaluate the send."""
         B, L = inputs.shape
-        if self.first:
-            h = self.model.embed_tokens(inputs)
-        else:
-            h = self.comm.recv((B, L, self.config.hidden_size), self.act_dtype(), self.stage - 1)
-            mx.eval(h)
-            self.comm.pay_link_time()  # --link: the hop lies on the path before this stage's layers
-        cache = cache if cache is not None else [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        h = self._layers(self._input(inputs), cache)
         rows = 1 if last_only else L
         if not self.last:
             mx.eval(self.comm.send(h.astype(self.act_dtype()), self.stage + 1))
             return mx.zeros((B, rows, self.config.vocab_size), dtype=self.act_dtype())
-        out = self.model.norm(h)
-        if last_only:
-            out = out[:, -1:, :]
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(out)
-        return self.lm_head(out)
+        return self._head(h[:, -1:, :] if last_only else h)
+
+    def serve_forward(self, inputs: mx.array, cache: list, logits: bool) -> mx.array | None:
+        """The serving engine's forward (every rank, the same calls in the same order),
+        evaluated here with the cache. Each stage sends its activation on; with `logits`,
+        the last stage sends the last position's logits [B, vocab] to the first stage (its
+        ring neighbour), which samples and returns them; every other stage returns None.
+        Without `logits` (a prompt chunk that is not the last) the last stage only fills its cache."""
+        h = self._layers(self._input(inputs), cache)
+        states = [c.state for c in cache]
+        if not self.last:
+            mx.eval(self.comm.send(h.astype(self.act_dtype()), self.stage + 1), states)
+        elif logits:
+            out = self._head(h[:, -1:, :])[:, -1, :].astype(self.act_dtype())
+            mx.eval(self.comm.send(out, 0), states)
+        else:
+            mx.eval(states)
+        if not (logits and self.first):
+            return None
+        out = self.comm.recv((inputs.shape[0], self.config.vocab_size), self.act_dtype(), self.stages.stages - 1)
+        mx.eval(out)
+        return out
 
     def make_cache(self) -> list:
         return make_cache(self.shard, self.kv, len(self.layers))

@@ -57,8 +57,7 @@ class Engine:
         self.state = state
         self.kv_capacity = kv_capacity
         self.rank_capacity = rank_capacity
-        plan = loaded.plan
-        self.kv_bytes_per_token = [plan.kv_bytes_per_token(r) for r in range(plan.world)]
+        self.kv_bytes_per_token = [loaded.kv_bytes_per_token(r) for r in range(self.comm.world)]
         prefix = None
         if settings.prefix_cache_bytes > 0:
             prefix = BlockIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.prefix_block_tokens,

@@ -35,7 +35,7 @@ def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:
 
     rank = loaded.comm.rank
     free = free_memory_bytes()
-    per_token = loaded.plan.kv_bytes_per_token(rank)
+    per_token = loaded.kv_bytes_per_token(rank)
     usable = int(free * settings.kv_memory_fraction) - settings.prefix_cache_bytes
     mine = {"rank": rank, "free_bytes": free, "kv_bytes_per_token": per_token,
             "kv_tokens": max(0, usable // max(1, per_token))}
@@ -85,9 +85,15 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         check_batchable(loaded)  # deterministic: every rank reaches the same verdict
         check_kv(loaded, settings.kv.shard)
         capacity, ranks = kv_capacity(loaded, engine_settings)
-        state = BatchState(loaded.model, loaded.comm, needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel,
-                           kv_capacity=capacity, max_batch=engine_settings.max_batch,
-                           block_tokens=engine_settings.prefix_block_tokens)
+        sizes = dict(kv_capacity=capacity, max_batch=engine_settings.max_batch,
+                     block_tokens=engine_settings.prefix_block_tokens)
+        if loaded.stages is not None:  # --pp: this rank is one pipeline stage
+            from ..pipeline.batch import PipelineBatchState
+
+            state = PipelineBatchState(loaded.model, loaded.comm, **sizes)
+        else:
+            state = BatchState(loaded.model, loaded.comm,
+                               needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel, **sizes)
         live.phase("idle")
         if loaded.comm.rank == 0:
             from .engine import Engine
