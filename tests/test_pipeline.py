@@ -110,7 +110,8 @@ def test_a_lost_middle_stage_is_named_and_every_rank_exits(ckpt_root, tmp_path):
     (["generate", "--pp", "2", "--simulate", "2", "--vocab-parallel"], "the last pipeline stage holds the whole"),
     (["generate", "--pp", "2", "--simulate", "2", "--prompt-lookup", "2"],
      "not implemented: speculative decoding with --pp 2"),
-    (["serve", "--pp", "2", "--simulate", "2"], "not implemented: --pp 2 in the serving engine"),
+    (["serve", "--pp", "2", "--simulate", "2", "--prompt-lookup", "2"],
+     "not implemented: speculative decoding (--prompt-lookup) with --pp 2"),
 ])
 def test_what_pipeline_stages_do_not_run_is_refused_in_one_line(args, message):
     import subprocess
