@@ -6,8 +6,8 @@ TP, per token: every rank reads its 1/N of the weights and KV, and 2·L all_sums
 link. PP, one stream: the stages run one after another (each reads its layers' weights and
 KV), S−1 activations cross one hop each and one 4-byte all_sum hands the last stage's token
 to every rank. PP serving keeps S micro-batches in flight so every stage works every step:
-a round of S micro-steps gives each row one token; the serving engine does not run --pp
-yet, so that figure says what micro-batching would give, labelled as such. Hybrid TP x PP
+a round of S micro-steps gives each row one token; `serve --pp` runs the stages in turn
+(no micro-batches yet), so that figure says what micro-batching would give, labelled as such. Hybrid TP x PP
 cannot run on MLX's ring (no Group.split): it is reported as not runnable."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def lines(c: dict | None) -> list[str]:
         if "error" in d:
             out.append(f"  {_name(m)}: cannot run ({d['error']})")
             continue
-        note = " (micro-batched: predicted, serve --pp not implemented yet)" if m == "pp" else ""
+        note = " (micro-batched: predicted; serve --pp runs the stages in turn, micro-batching not implemented)" if m == "pp" else ""
         fits = {True: "", False: "; does NOT fit", None: ""}[d["fits"]]
         flag = f" [{d['flag']}]" if d["flag"] else ""
         out.append(f"  {_name(m)}{flag}: one stream {d['one_stream_tok_s']:.1f} tok/s, "
