@@ -3,8 +3,9 @@
 At each world size and link profile (`--link`, which makes every collective and every
 stage hop cost the link's time, hardware/links.py): one-stream decode tok/s of
 `generate` with TP and with `--pp N`, and aggregate tok/s of 8 concurrent requests
-through the serving engine (`generate --prompts-file`, TP; the serving engine refuses
-`--pp`, so PP has no 8-concurrent figure yet). The model is one whose collectives
+through the serving engine (`generate --prompts-file`) with TP and with `--pp N` (the
+engine runs the stages in turn: micro-batching is not implemented). `--serving-only` runs
+just the 8-concurrent pair (its own section, pp-serve-<machine>). The model is one whose collectives
 dominate on a slow link: many thin layers (preset `tiny` with 16 layers, qwen2 layout so
 mlx-lm's `--pipeline` split runs on the same weights).
 
@@ -16,6 +17,7 @@ runs at the same worlds without emulation (mlx-lm has none), beside ours without
 Writes docs/bench/pp-<machine>.json and a section of docs/benchmarks.md.
 
     python scripts/bench_pp.py                        # worlds 3,4; ~15 min on 2 busy cores
+    python scripts/bench_pp.py --serving-only --worlds 3 --links tb4-ring
 """
 
 from __future__ import annotations
@@ -62,21 +64,38 @@ def one_stream(model_dir, world, prompt, a, mode, link) -> dict:
             "prompt_tokens": r["prompt_tokens"], "load_avg": B.load_avg()}
 
 
-def concurrent(model_dir, world, prompt, a, link, tmp: Path) -> dict:
-    """8 requests at once through the serving engine (TP): generated tokens / wall."""
-    f, rep = tmp / "lines.jsonl", tmp / f"engine-{world}-{link}.json"
+def concurrent(model_dir, world, prompt, a, link, tmp: Path, mode: str = "tp") -> dict:
+    """8 requests at once through the serving engine (TP, or `--pp world`): generated tokens / wall."""
+    f, rep = tmp / "lines.jsonl", tmp / f"engine-{world}-{link}-{mode}.json"
     f.write_text("".join(json.dumps({"prompt": prompt, "max_tokens": a.max_tokens}) + "\n" for _ in range(CONCURRENT)))
     argv = [sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(model_dir), "--prompts-file", str(f),
             "--no-chat-template", "--dtype", "float32", "--simulate", str(world), "--link", link,
             "--engine-report", str(rep), "--prefix-cache-bytes", "0", "--step-timeout", "120"]
+    if mode == "pp":
+        argv += ["--pp", str(world)]
     env = dict(os.environ, PYTHONPATH=str(B.REPO))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout * 2, env=env, cwd=B.REPO)
     if proc.returncode != 0:
-        raise B.BenchError(f"engine at world {world} on {link} failed:\n{proc.stderr[-2000:]}")
+        raise B.BenchError(f"engine ({mode}) at world {world} on {link} failed:\n{proc.stderr[-2000:]}")
     r = json.loads(rep.read_text())
     t = r["metrics"]["totals"]
+    tokens = sorted(json.loads(ln)["tokens"] for ln in proc.stdout.splitlines() if ln.startswith("{"))
     return {"tok_s": t["generated_tokens"] / r["wall_s"], "generated": t["generated_tokens"], "wall_s": r["wall_s"],
-            "link_s": t["link_s"], "load_avg": B.load_avg()}
+            "link_s": t["link_s"], "steps": t["steps"], "tokens": tokens, "load_avg": B.load_avg()}
+
+
+def serving_rows(model_dir, worlds, links, prompt, a, tmp: Path) -> list[dict]:
+    """The 8-concurrent pair alone: TP and PP through the serving engine, side by side."""
+    rows = []
+    for w in worlds:
+        for link in links:
+            row = {"world": w, "link": link, "tp_8": concurrent(model_dir, w, prompt, a, link, tmp),
+                   "pp_8": concurrent(model_dir, w, prompt, a, link, tmp, "pp")}
+            row["same_tokens"] = row["tp_8"].pop("tokens") == row["pp_8"].pop("tokens")
+            row["pp_over_tp_8"] = row["pp_8"]["tok_s"] / row["tp_8"]["tok_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def planner_link_s(cfg, world, mode, link_name, context) -> float:
@@ -101,6 +120,8 @@ def main() -> int:
     B.add_common_args(p, preset="tiny", worlds="3,4", max_tokens=16, runs=1, prompt_tokens=32)
     p.add_argument("--links", default="tb4-ring,tb5-rdma")
     p.add_argument("--no-mlxlm", action="store_true", help="skip mlx-lm's pipeline runs")
+    p.add_argument("--serving-only", action="store_true",
+                   help="only the 8-concurrent TP vs PP pair through the serving engine (section pp-serve-<machine>)")
     a = p.parse_args()
     worlds = B.apply_common_args(a)
     links = a.links.split(",")
@@ -115,6 +136,12 @@ def main() -> int:
     zero = tmp / "zero.json"
     zero.write_text(json.dumps(ZERO_LINK))
     rows, mlxlm = [], {}
+    if a.serving_only:
+        report = {"machine": machine, "preset": a.preset, "model": MODEL, "max_tokens": a.max_tokens,
+                  "prompt_tokens": a.prompt_tokens, "concurrent": CONCURRENT,
+                  "rows": serving_rows(model_dir, worlds, links, prompt, a, tmp), "load_avg_at_end": os.getloadavg()}
+        B.publish(a, "pp-serve", report, serving_table(report, a), t0)
+        return 0
     for w in worlds:
         base = {m: one_stream(model_dir, w, prompt, a, m, str(zero)) for m in ("tp", "pp")}
         loopback = one_stream(model_dir, w, prompt, a, "pp", None)
@@ -127,6 +154,8 @@ def main() -> int:
                 row[m] = {**got, "zero_link_tpot_s": base[m]["tpot_s"], "predicted_tok_s": 1 / pred_tpot,
                           "prediction_error": (1 / pred_tpot) / got["tok_s"] - 1}
             row["tp_8"] = concurrent(model_dir, w, prompt, a, link, tmp)
+            row["pp_8"] = concurrent(model_dir, w, prompt, a, link, tmp, "pp")
+            row["tp_8"].pop("tokens"), row["pp_8"].pop("tokens")
             row["pp_over_tp"] = row["pp"]["tok_s"] / row["tp"]["tok_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -152,18 +181,36 @@ def table(r: dict, a) -> str:
              f"({B.timestamp()}; {m['cpu']}, {m['cores']} cores shared with other work: load average "
              f"{m['load_avg_at_start'][0]:.1f} at start, {r['load_avg_at_end'][0]:.1f} at end)", "",
              "| world | link | TP 1 stream tok/s (predicted) | PP 1 stream tok/s (predicted) | PP / TP | "
-             "TP 8 concurrent tok/s | PP 8 concurrent |", "|---|---|---|---|---|---|---|"]
+             "TP 8 concurrent tok/s | PP 8 concurrent tok/s (stages in turn) |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         tp, pp = row["tp"], row["pp"]
         lines.append(f"| {row['world']} | {row['link']} | {B.fmt(tp['tok_s'])} ({B.fmt(tp['predicted_tok_s'])}) | "
                      f"{B.fmt(pp['tok_s'])} ({B.fmt(pp['predicted_tok_s'])}) | {row['pp_over_tp']:.2f}x | "
-                     f"{B.fmt(row['tp_8']['tok_s'])} | not implemented (serve --pp refused) |")
+                     f"{B.fmt(row['tp_8']['tok_s'])} | {B.fmt(row['pp_8']['tok_s'])} |")
     if r["mlxlm_pipeline"]:
         lines += ["", "Without emulation (loopback ring, no link cost), one stream:", "",
                   "| world | mlx-lm pipeline tok/s | ours --pp tok/s |", "|---|---|---|"]
         for w, x in r["mlxlm_pipeline"].items():
             lines.append(f"| {w} | {B.fmt(x.get('tok_s')) if 'error' not in x else 'failed: ' + _why(x['error'])} | "
                          f"{B.fmt(x['ours_pp_no_link_tok_s'])} |")
+    return "\n".join(lines)
+
+
+def serving_table(r: dict, a) -> str:
+    m = r["machine"]
+    lines = [f"{r['concurrent']} concurrent requests through the serving engine (`generate --prompts-file`), TP vs "
+             f"`--pp N` under `--link` emulation, preset `{a.preset}` with 16 layers (qwen2 layout), "
+             f"{a.prompt_tokens}-token prompt, {a.max_tokens} greedy tokens each, prefix cache off; PP runs the "
+             f"stages in turn (micro-batching not implemented) ({B.timestamp()}; {m['cpu']}, {m['cores']} cores "
+             f"shared with other work: load average {m['load_avg_at_start'][0]:.1f} at start, "
+             f"{r['load_avg_at_end'][0]:.1f} at end)", "",
+             "| world | link | TP tok/s (steps, link s) | PP tok/s (steps, link s) | PP / TP | same tokens | load |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        tp, pp = row["tp_8"], row["pp_8"]
+        lines.append(f"| {row['world']} | {row['link']} | {B.fmt(tp['tok_s'])} ({tp['steps']}, {tp['link_s']:.2f}) | "
+                     f"{B.fmt(pp['tok_s'])} ({pp['steps']}, {pp['link_s']:.2f}) | {row['pp_over_tp_8']:.2f}x | "
+                     f"{'yes' if row['same_tokens'] else 'no'} | {tp['load_avg']:.1f} / {pp['load_avg']:.1f} |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,6 @@ def check_stages(got: dict, model_dir, pp: int, shares=None) -> None:
     ("pp7", 3, []),  # 7 layers on 3 stages: 3, 2, 2
     ("pp_q4", 4, ["--shares", "1,1,1,2"]),  # 4-bit, tied embeddings (the last stage holds the embedding too)
     ("q_mixed", 2, []),  # per-module quantization: stage 1's layer 0 is the checkpoint's layer 1
-    ("pp7", 2, ["--kv-bits", "8", "--kv-group-size", "32", "--shares", "1,3"]),  # quantized KV; layers follow the shares (2, 5)
     ("pp7", 3, ["--kv-bits", "4", "--kv-group-size", "32"]),  # 4-bit KV, Hadamard-rotated by default
 ])
 def test_pipeline_matches_oracle(name, pp, flags, ckpt_root):

@@ -65,6 +65,23 @@ def test_prompts_file_on_three_uneven_stages_equals_the_oracle(pp7, tmp_path):
         assert len(per_layer) == 1, reports
 
 
+def test_quantized_kv_on_stages_equals_one_rank(pp7, tmp_path):
+    """--kv-bits 8 is not the float32 oracle: the engine on one rank is. Layers follow the
+    shares (2, 5). (Replaces the one-prompt case generate --pp 2 --kv-bits 8 once had in
+    test_pipeline.py; --pp 3 --kv-bits 4 there still covers one-prompt quantized stages.)"""
+    lines = [json.dumps({"prompt": p, "max_tokens": n}) for p, n in MIXED[1:3]]
+    kv = ["--kv-bits", "8", "--kv-group-size", "32"]
+    staged, report, _ = run_engine(tmp_path, lines, 2, "--pp", "2", "--shares", "1,3", *kv, name="ppkv", model=pp7)
+    alone, _, _ = run_engine(tmp_path, lines, 1, *kv, name="kv1", model=pp7)
+    assert [staged[i]["tokens"] for i in range(2)] == [alone[i]["tokens"] for i in range(2)]
+    from mlx_kvshard.settings import KVSettings
+
+    stages = StagePlan.build(ModelConfig.from_file(pp7), 2, [1, 3], compute_dtype="float32",
+                             kv=KVSettings(bits=8, group_size=32))
+    assert stages.layers == ((0, 2), (2, 7))
+    assert [r["kv_bytes_per_token"] for r in report["info"]["ranks"]] == [stages.kv_bytes_per_token(s) for s in range(2)]
+
+
 def test_serve_on_two_stages_answers_concurrent_requests_as_the_oracle(pp7, tmp_path):
     import openai
 
