@@ -164,3 +164,47 @@ def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, la
     finally:
         server.stop()
     assert not tagged(tag)
+
+
+def test_rank0_on_another_mac_over_tcp_then_a_smaller_world_after_exclude(model, tmp_path, monkeypatch):
+    """`launch --hostfile` over three 'remote' hosts (the launch tests' ssh shim; ranks on
+    127.0.0.1): the front listens on TCP and rank 0 says hello with the token it read on its
+    stdin. SIGKILL of rank 0's engine mid-stream with `--exclude failed`: the group comes back
+    on the two hosts left and the stream completes. The text equals the undisturbed runs at
+    world 3 and at world 2 (this tiny float32 model's greedy tokens do not change with the
+    layout; in general the continuation may differ by its rounding). --check-sync audits and
+    log-probability pieces come through the front (which has no tokenizer)."""
+    from test_launch_run import shim_hostfile
+
+    hf, shim, log = shim_hostfile(tmp_path, monkeypatch, hosts=("mini-a", "mini-b", "mini-c"))
+    tag = f"front-tcp-{os.getpid()}"
+    server = Server(tmp_path, ["launch", "--hostfile", str(hf), "--ssh-command", str(shim), "--restart", "1",
+                               "--exclude", "failed", "--skip-check", "--", "serve", "--model", str(model),
+                               "--port", "0", "--max-context", "256", "--peer-timeout", str(PEER_TIMEOUT),
+                               "--check-sync"], tag, env={"SHIM_LOG": str(log)})
+    body = {**BODIES["greedy"], "max_tokens": 64}
+    try:
+        server.wait_ready()
+        world3: list = []
+        stream(server, body, world3)
+        events, err = interrupted(server, body, 0, 3, signal.SIGKILL)
+        assert "rank 0 (host mini-a) died" in err, err[-3000:]
+        assert ("restart 1/1 on 2 rank(s) (mini-b, mini-c): serving again; the requests in flight continue on "
+                "the relaunched group") in err, err[-3000:]
+        assert moved(err) == 1, err[-3000:]
+        wait_for(lambda: server.health() == 200, server.proc, 300, "the group back")
+        world2: list = []
+        stream(server, {**body, "logprobs": 1}, world2)
+        assert text_of(world2) == text_of(world3)  # the model makes the two layouts agree on these tokens
+        assert text_of(events) == text_of(world3)
+        pieces = [p for e in world2 for p in (e["choices"][0].get("logprobs") or {}).get("tokens", [])]
+        assert len(pieces) == body["max_tokens"] and "".join(pieces) == text_of(world2)
+        m = httpx.get(server.url + "/metrics", timeout=60).text
+        assert "mlx_kvshard_world_size 2.0" in m, m[:2000]
+        assert re.findall(r'mlx_kvshard_audited_batch_rows\{rank="(\d)"\} 0\.0', m) == ["0", "1"], m
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(timeout=120) == 128 + signal.SIGTERM  # an orderly stop, as without a front
+        assert "stopped on request (SIGTERM): all 2 rank(s) stopped in order" in server.stderr()
+    finally:
+        server.stop()
+    assert not tagged(tag)

@@ -153,15 +153,15 @@ def test_signalling_the_launcher_leaves_no_rank_behind(tmp_path, sig):
                 os.kill(p, signal.SIGKILL)
 
 
-def shim_hostfile(tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
-    """Two 'remote' hosts reached through the ssh shim of the doctor tests."""
+def shim_hostfile(tmp_path: Path, monkeypatch, hosts=("mini-a", "mini-b")) -> tuple[Path, Path, Path]:
+    """'Remote' hosts reached through the ssh shim of the doctor tests."""
     from test_launch_doctor import SHIM
 
     shim, log = tmp_path / "ssh", tmp_path / "ssh.log"
     shim.write_text(SHIM)
     shim.chmod(0o755)
     monkeypatch.setenv("SHIM_LOG", str(log))
-    hosts = [{"ssh": n, "ips": ["127.0.0.1"], "python": sys.executable, "cwd": str(REPO)} for n in ("mini-a", "mini-b")]
+    hosts = [{"ssh": n, "ips": ["127.0.0.1"], "python": sys.executable, "cwd": str(REPO)} for n in hosts]
     hf = tmp_path / "hosts.json"
     hf.write_text(json.dumps({"backend": "ring", "envs": [f"PYTHONPATH={REPO}"], "hosts": hosts}))
     return hf, shim, log

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..launch.secrets import take_from_stdin
+
+    take_from_stdin()  # a rank under the launcher: its tokens come on stdin, first (launch/secrets.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

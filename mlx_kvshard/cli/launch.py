@@ -164,11 +164,20 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
     front = _front(args, setup)
 
     def start(sub, sub_cables, attempt_args: list[str], env: dict[str, str], attempt: int, request_stop) -> int:
-        """One (re)launch: the hosts left, --resume, the coordinator's address and token (restart.py)."""
-        envs = [*setup.envs, *(f"{k}={v}" for k, v in {**env, **(front.env() if front else {})}.items())]
-        sub_spec = _spec(args, wire(sub, sub_cables), setup.cluster.backend, attempt_args, envs)
-        return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
-                          quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout, on_interrupt=request_stop)
+        """One (re)launch: the hosts left, --resume, the coordinator's address and token (restart.py),
+        and where this attempt's rank 0 reaches the front."""
+        wiring = wire(sub, sub_cables)
+        if front is not None:
+            env = {**env, **front.env(restart.address_towards(wiring.hosts[0]))}
+        envs = [*setup.envs, *(f"{k}={v}" for k, v in env.items())]
+        sub_spec = _spec(args, wiring, setup.cluster.backend, attempt_args, envs)
+        try:
+            return runner.run(sub_spec, run_dir / f"restart{attempt}" if attempt else run_dir,
+                              quiet_ranks=args.quiet_ranks, finish_timeout=args.finish_timeout,
+                              on_interrupt=request_stop)
+        finally:
+            if front is not None:
+                front.group_ended()
 
     code = 1
     try:
@@ -185,23 +194,17 @@ def _launch(args: argparse.Namespace, setup: _Setup) -> int:
 
 def _front(args: argparse.Namespace, setup: _Setup):
     """`--restart` with `serve`: the HTTP front that keeps the requests across relaunches
-    runs here (mlx_kvshard/front) when every rank runs on this machine; rank 0 on another
-    Mac would need the front's socket over the network, which is not implemented yet."""
+    runs here (mlx_kvshard/front). Rank 0 reaches it over a Unix socket when every rank
+    runs on this machine, else over TCP (after --exclude rank 0 may be any host)."""
     ns = setup.rank_ns
     if not args.restart or getattr(ns, "command", None) != "serve":
-        return None
-    if not all(h.is_local for h in setup.cluster.hosts):
-        print("mlx-kvshard launch: not implemented: moving a server's requests in flight to the relaunched group "
-              "when rank 0 runs on another Mac (launch --simulate N and serve --simulate N do it); --restart "
-              "relaunches the group, and the requests in flight when a rank is lost end with an error",
-              file=sys.stderr, flush=True)
         return None
     from ..front.server import FrontServer
     from .serve import server_settings
 
-    model_dir, _ = options.resolve_checked(options.rank_settings(ns))
     ns.served_model_name = ns.served_model_name or ns.model
-    return FrontServer(server_settings(ns), model_dir, ns.migration_limit, ns.migration_timeout)
+    return FrontServer(server_settings(ns), ns.migration_limit, ns.migration_timeout,
+                       tcp=not all(h.is_local for h in setup.cluster.hosts))
 
 
 def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser, rank_args: list[str]) -> None:

@@ -84,7 +84,7 @@ def simulate(args: argparse.Namespace) -> int:
     # --restart: the HTTP front runs here, in the launcher, and outlives every group (mlx_kvshard/front)
     from ..front.server import FrontServer, ending
 
-    front = FrontServer(server_settings(args), model_dir, args.migration_limit, args.migration_timeout)
+    front = FrontServer(server_settings(args), args.migration_limit, args.migration_timeout)
     code = 1
     try:
         code = options.run_simulated(args, "serve", skip={"api_key"}, env={**env, **front.env()})

@@ -1,6 +1,7 @@
 """What the front and rank 0's engine say to each other: one JSON object per line over a
-Unix socket. Requests, events and refusals as plain fields (ids, integers, floats,
-strings), never pickle; every line bounded."""
+Unix socket (rank 0 on the launching machine) or TCP (rank 0 on another Mac). Requests,
+events and refusals as plain fields (ids, integers, floats, strings), never pickle; every
+line bounded."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from dataclasses import asdict, fields
 from ..engine.generate import SamplingParams
 from ..serving.requests import EngineStopped, Event, QueueFull, Request, RequestError, Usage
 
-ENV_FRONT = "MLX_KVSHARD_FRONT"  # the front's Unix socket path, for rank 0 (set by the launcher)
-ENV_FRONT_TOKEN = "MLX_KVSHARD_FRONT_TOKEN"  # the secret rank 0's hello to the front must carry
+ENV_FRONT = "MLX_KVSHARD_FRONT"  # where rank 0 finds the front: a Unix socket path, or tcp:HOST:PORT
+ENV_FRONT_TOKEN = "MLX_KVSHARD_FRONT_TOKEN"  # the secret rank 0's hello must carry (on stdin: launch/secrets.py)
+TCP_PREFIX = "tcp:"
 MAX_LINE = 64 << 20  # bytes: a request carries at most the body limit's text or a context of ids
+MAX_HELLO = 1 << 20  # bytes: before its token is checked a peer gets no more than this
 
 
 def send(sock: socket.socket, msg: dict) -> None:
@@ -21,17 +24,17 @@ def send(sock: socket.socket, msg: dict) -> None:
 
 
 class Lines:
-    """Read whole JSON lines from a blocking socket; None at EOF (or a line too long)."""
+    """Read whole JSON lines from a blocking socket; None at EOF (or a line longer than `limit`)."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buf = sock, b""
+    def __init__(self, sock: socket.socket, limit: int = MAX_LINE):
+        self.sock, self.buf, self.limit = sock, b"", limit
 
     def next(self) -> dict | None:
         while b"\n" not in self.buf:
-            if len(self.buf) > MAX_LINE:
+            if len(self.buf) > self.limit:
                 return None
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(min(1 << 20, self.limit + 1 - len(self.buf)))
             except OSError:
                 return None
             if not data:

@@ -1,6 +1,8 @@
 """The front's stand-in for rank 0's Engine: what the HTTP app calls (submit, cancel,
-decode, info, metrics), carried over the Unix socket to whichever group is up, and the
-requests it keeps across a lost group.
+decode, info, metrics), carried over the socket to whichever group is up, and the
+requests it keeps across a lost group. It needs no model files: rank 0 sends the text of
+the tokens whose log-probabilities it reports (`pieces`), and --check-sync's last audit
+with the metrics.
 
 Each open request keeps its prompt ids (from the engine's acceptance) and every token the
 client was sent. When the group is lost the requests wait; when the next group's rank 0
@@ -48,9 +50,9 @@ class _Metrics:
 
 
 class RemoteEngine:
-    def __init__(self, backend, tokenizer, migration_limit: int, migration_timeout: float):
+    def __init__(self, backend, migration_limit: int, migration_timeout: float):
         self.backend = backend
-        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}  # token id -> its text, as rank 0 decoded it (at most the vocabulary)
         self.migration_limit = migration_limit
         self.migration_timeout = migration_timeout
         self.metrics = _Metrics(self)
@@ -88,7 +90,9 @@ class RemoteEngine:
         return self._info
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        """The app decodes one token at a time (a log-probability's piece); rank 0 sent its text
+        with the event that carried it."""
+        return "".join(self._pieces.get(int(t), "") for t in ids)
 
     def submit(self, request: Request, on_event: EventCallback | None = None) -> RequestHandle:
         with self._lock:
@@ -130,10 +134,15 @@ class RemoteEngine:
 
     # ---- the group's side ----------------------------------------------------------------
 
-    def connected(self, sock: socket.socket, info: dict) -> None:
+    def connected(self, sock: socket.socket, info: dict, lines: Lines) -> None:
         """A group's rank 0 is up: serve from it, and move every waiting request to it."""
         with self._lock:
+            if self._sock is not None:  # the last group's connection never closed (the launcher says when)
+                old = self._sock
+                self._lose(old)
+                old.close()
             self._sock, self._info, self._loss = sock, info, None
+            self.audits = []
             self.backend.attach(self)
             waiting = [op for op in self._open.values() if op.waiting]
             for op in waiting:
@@ -141,7 +150,16 @@ class RemoteEngine:
         if waiting:
             print(f"mlx-kvshard: moved {len(waiting)} request(s) in flight to the relaunched group",
                   file=sys.stderr, flush=True)
-        threading.Thread(target=self._read, args=(sock,), name="mlx-kvshard-front-engine", daemon=True).start()
+        threading.Thread(target=self._read, args=(sock, lines), name="mlx-kvshard-front-engine", daemon=True).start()
+
+    def detach(self) -> None:
+        """The launcher saw the group end: drop its connection if it is still open."""
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # its reader sees the end and moves the requests
+                except OSError:
+                    pass
 
     def _move(self, op: _Open) -> None:
         op.waiting, op.moves = False, op.moves + 1
@@ -153,8 +171,7 @@ class RemoteEngine:
                       top_logprobs=op.request.top_logprobs, resume=tuple(op.tokens))
         self._send({"t": "submit", "fid": op.fid, "req": request_to_msg(req)})
 
-    def _read(self, sock: socket.socket) -> None:
-        lines = Lines(sock)
+    def _read(self, sock: socket.socket, lines: Lines) -> None:
         while (msg := lines.next()) is not None:
             kind = msg.get("t")
             with self._lock:
@@ -164,6 +181,7 @@ class RemoteEngine:
                     self._reply(msg)
                 elif kind == "metrics":
                     self._snapshot = msg.get("snapshot") or {}
+                    self.audits = [msg["audit"]] if msg.get("audit") else []
                     self._snap_reply.set()
                 elif kind == "lost":
                     self._loss = str(msg.get("message"))
@@ -173,6 +191,8 @@ class RemoteEngine:
         op = self._open.get(int(msg["fid"]))
         if op is None:
             return
+        for t, piece in (msg.get("pieces") or {}).items():
+            self._pieces[int(t)] = str(piece)
         ev = msg_to_event(op.fid, msg)
         if ev.kind == "token":
             op.tokens.append(ev.token)
@@ -197,28 +217,33 @@ class RemoteEngine:
 
     def _disconnected(self, sock: socket.socket) -> None:
         with self._lock:
-            if self._sock is not sock:
-                return
-            self._sock = None
-            why = self._loss or "rank 0's engine is gone (its connection to the front closed)"
-            self._loss, self._t_lost = why, time.monotonic()
-            if self._closed:
-                return
-            self.backend.state = "recovering"
-            self.backend.reason = f"{why}; the requests in flight continue once the group is back"
-            for op in list(self._open.values()):
-                if not op.reply.is_set():  # still being submitted: refuse it (503)
-                    op.refusal = EngineStopped(why)
-                    self._open.pop(op.fid, None)
-                    op.reply.set()
-                elif op.prompt_ids is None:
-                    self._end(op, Event(op.fid, "error", error=f"{why} (before the request was admitted)"))
-                elif op.moves >= self.migration_limit:
-                    self._end(op, Event(op.fid, "error", error=f"{why}; the request was already moved "
-                                                               f"{op.moves} time(s) (--migration-limit "
-                                                               f"{self.migration_limit})"))
-                else:
-                    op.waiting = True
+            if self._sock is sock:
+                self._lose(sock)
+
+    def _lose(self, sock: socket.socket) -> None:
+        """`sock`'s group is gone (under the lock): its requests wait for the next group, or
+        end past the bounds."""
+        assert self._sock is sock
+        self._sock = None
+        why = self._loss or "rank 0's engine is gone (its connection to the front closed)"
+        self._loss, self._t_lost = why, time.monotonic()
+        if self._closed:
+            return
+        self.backend.state = "recovering"
+        self.backend.reason = f"{why}; the requests in flight continue once the group is back"
+        for op in list(self._open.values()):
+            if not op.reply.is_set():  # still being submitted: refuse it (503)
+                op.refusal = EngineStopped(why)
+                self._open.pop(op.fid, None)
+                op.reply.set()
+            elif op.prompt_ids is None:
+                self._end(op, Event(op.fid, "error", error=f"{why} (before the request was admitted)"))
+            elif op.moves >= self.migration_limit:
+                self._end(op, Event(op.fid, "error", error=f"{why}; the request was already moved "
+                                                           f"{op.moves} time(s) (--migration-limit "
+                                                           f"{self.migration_limit})"))
+            else:
+                op.waiting = True
 
     def _expire(self) -> None:
         while not self._closed:

@@ -10,5 +10,6 @@ doctor.py    run the probes; judge.py turns results into PASS/WARN/FAIL with fix
 runner.py    start, stream, log, fail fast, tear down
 simulate.py  N ranks on 127.0.0.1 through the same path
 restart.py   relaunch from the last checkpoint without the lost hosts
+secrets.py   tokens to a rank on its stdin, never on a command line
 The command line is mlx_kvshard/cli/launch.py.
 """

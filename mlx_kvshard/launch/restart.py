@@ -16,6 +16,10 @@ from ..errors import UserError
 from ..liveness.client import EXIT_PEER_LOST
 
 FAILED = "failed"  # --exclude failed: the host of the rank that was lost
+# What a relaunch without a checkpoint does: `serve --restart` always runs behind the front
+# (mlx_kvshard/front), which moves the requests that were open to the new group.
+FRESH = {"serve": "serving again; the requests in flight continue on the relaunched group"}
+FRESH_DEFAULT = "no checkpoint was written yet: starting over"
 
 
 @dataclass
@@ -78,7 +82,7 @@ def run_with_restarts(run_once: Callable[[list, list[str]], Attempt], hosts: lis
         if attempt.checkpoint:
             rank_args = with_resume(rank_args, attempt.checkpoint)
         resumed = rank_args[rank_args.index("--resume") + 1] if "--resume" in rank_args else None
-        what = f"resuming from {resumed}" if resumed else "no checkpoint was written yet: starting over"
+        what = f"resuming from {resumed}" if resumed else FRESH.get(rank_args[0] if rank_args else "", FRESH_DEFAULT)
         say(f"restart {n}/{restarts} on {len(hosts)} rank(s) ({', '.join(map(label, hosts))}): {what}")
         attempt = run_once(hosts, rank_args)
     return attempt.code
@@ -103,20 +107,26 @@ def subset(cluster, cables, kept: list):
     return replace(cluster, hosts=hosts, cables=remap(cluster.cables)), None if cables is None else remap(cables)
 
 
+def address_towards(host) -> str:
+    """This machine's address on the route to `host` (a HostSpec): where its rank reaches the launcher."""
+    from ..liveness.coordinator import local_address_towards
+
+    if host.is_local:
+        return "127.0.0.1"
+    return local_address_towards(host.ips[0] if host.ips else host.ssh.split("@")[-1])
+
+
 def run_launch(cluster, cables, rank_args: list[str], timeouts: tuple[float, float], restarts: int,
                exclude: list[str], start: Callable, say: Callable[[str], None]) -> int:
     """Every attempt under a coordinator with the rank command's (peer, step) `timeouts`.
     `start(cluster, cables, rank_args, env, attempt, request_stop)` wires, builds and runs
     the ranks with `env` added, and returns the exit code."""
-    from ..liveness.coordinator import local_address_towards
-
     from .topology import wire
 
     peer_timeout, step_timeout = timeouts
     remote = [h for h in cluster.hosts if not h.is_local]
     # Remote ranks reach the launcher at its address on the route to them.
-    bind, advertise = ("127.0.0.1", None) if not remote else (
-        "0.0.0.0", local_address_towards(remote[0].ips[0] if remote[0].ips else remote[0].ssh.split("@")[-1]))
+    bind, advertise = ("127.0.0.1", None) if not remote else ("0.0.0.0", address_towards(remote[0]))
     attempts = 0
 
     def once(kept: list, attempt_args: list[str]) -> Attempt:

@@ -29,7 +29,8 @@ from typing import BinaryIO, Callable
 from ..liveness.client import EXIT_PEER_LOST
 from . import kernels
 
-from .spec import LaunchSpec, RankLaunch
+from . import secrets
+from .spec import LaunchSpec, RankLaunch, _is_loopback
 
 TAIL_LINES = 15
 STOP_GRACE_S = 20.0  # after a stop on request, how long the ranks may take to stop in order (a server drains)
@@ -284,6 +285,7 @@ def _pump(r: _Rank, stream, sink: BinaryIO | None, lock: threading.Lock, raw: bo
                 continue
             first, chunk = pending.split(b"\n", 1)
             r.pidfile, pending, expect_pidfile = first.strip(b"\r").decode(errors="replace"), b"", False
+            _send_secrets(r)
             if not chunk:
                 continue
         if raw:
@@ -296,6 +298,18 @@ def _pump(r: _Rank, stream, sink: BinaryIO | None, lock: threading.Lock, raw: bo
             _line(r, sink, lock, prefix, line)
     if pending and not raw:  # a last line without newline (or output that never had the pidfile)
         _line(r, sink, lock, prefix, pending)
+
+
+def _send_secrets(r: _Rank) -> None:
+    """The rank's secrets on its stdin (launch/secrets.py): now, once its launch script has
+    printed the pidfile, which it does after turning a remote pty's echo off."""
+    if not r.launch.secrets:
+        return
+    try:
+        r.proc.stdin.write(secrets.line(r.launch.secrets))
+        r.proc.stdin.flush()
+    except OSError:  # it already ended: its exit says why
+        pass
 
 
 def _line(r: _Rank, sink: BinaryIO | None, lock: threading.Lock, prefix: bytes, line: bytes) -> None:
@@ -346,8 +360,10 @@ def _local_core_shares(spec: LaunchSpec) -> dict[int, set[int]]:
     """Simulated ranks on one Linux machine each get their own cores. MLX's ring threads
     busy-poll while a collective waits, so unpinned ranks steal each other's cores:
     measured on 2 cores, 16 all_sums per token took 18.4 ms unpinned, 1.2 ms pinned.
-    MLX_KVSHARD_PIN=0 turns it off."""
-    local = [r for r in spec.ranks if r.host.is_local]
+    MLX_KVSHARD_PIN=0 turns it off. A host whose ring addresses are all loopback is this
+    machine too, whatever its ssh name (the tests' ssh stand-in)."""
+    local = [r for r in spec.ranks
+             if r.host.is_local or (r.host.ips and all(_is_loopback(ip) for ip in r.host.ips))]
     if (len(local) < 2 or not hasattr(os, "sched_setaffinity")
             or os.environ.get("MLX_KVSHARD_PIN", "1") == "0"):
         return {}

@@ -22,6 +22,7 @@ from mlx._distributed_utils.launch import RemoteProcess
 
 from ..liveness.client import ENV_TOKEN
 
+from . import secrets
 from .hostfile import HostSpec
 from .topology import Wiring
 
@@ -42,6 +43,7 @@ class RankLaunch:
     script: str  # MLX's launch script
     launch_argv: list[str]  # what the launcher executes here: bash, or ssh to the host
     tty: bool
+    secrets: dict[str, str] = field(default_factory=dict)  # written to its stdin, never on a command line
 
     @property
     def name(self) -> str:
@@ -88,7 +90,7 @@ class LaunchSpec:
             "ranks": [
                 {"rank": r.rank, "label": r.host.label, "ssh": r.host.ssh, "local": r.host.is_local,
                  "python": r.python, "cwd": r.cwd, "env": r.env, "files": r.files, "command": r.argv,
-                 "exec": r.launch_argv}
+                 "exec": r.launch_argv, "secrets on stdin": sorted(r.secrets)}
                 for r in self.ranks
             ],
         })
@@ -116,7 +118,10 @@ def build_spec(
     """`command`, when given, replaces `<python> -m <module> <rank_args>` verbatim."""
     hosts = wiring.hosts
     world = len(hosts)
+    envs, hidden = secrets.split(list(envs))
     env = list(envs)
+    if hidden:
+        env.append(f"{secrets.ENV_SECRETS}=stdin")
     files: dict[str, str] = {}
     addresses = None
     if world > 1 and backend == "ring":
@@ -148,7 +153,7 @@ def build_spec(
             tty_opts = ["-tt", "-o", "LogLevel=ERROR"] if tty else []
             launch_argv = [*ssh_command, *tty_opts, h.ssh, script]
         ranks.append(RankLaunch(rank, h, py, rank_cwd, [*env, f"MLX_RANK={rank}"], dict(files), argv,
-                                script, launch_argv, tty))
+                                script, launch_argv, tty, dict(hidden)))
     return LaunchSpec(backend, ranks, mlx_hostfile(hosts, backend, envs), addresses, list(ssh_command),
                       list(wiring.notes))
 
