@@ -36,7 +36,8 @@ def model(ckpt_root):
 
 
 def stream(server: Server, body: dict, events: list) -> None:
-    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=600) as r:
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=600,
+                      headers=getattr(server, "headers", None)) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -135,18 +136,14 @@ def test_streams_continue_exactly_after_a_rank_is_killed_or_stalled(model, tmp_p
     assert not tagged(tag)
 
 
-@pytest.mark.parametrize("launch, flags, why", [
-    (False, ["--migration-limit", "0"], "--migration-limit 0"),
-    (False, ["--migration-timeout", "0.5"], "--migration-timeout"),
-    (True, ["--migration-limit", "0"], "--migration-limit 0"),  # the same front under `launch --simulate`
-], ids=["limit", "timeout", "launch-limit"])
-def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, launch, flags, why):
+@pytest.mark.parametrize("flags, why", [
+    (["--migration-limit", "0"], "--migration-limit 0"),
+    (["--migration-timeout", "0.5"], "--migration-timeout"),
+], ids=["limit", "timeout"])  # the front under `launch` (over TCP): the last test
+def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, flags, why):
     tag = f"front-bound-{os.getpid()}"
-    serve = ["serve", *flags, "--model", str(model), "--port", "0", "--max-context", "256",
-             "--peer-timeout", str(PEER_TIMEOUT)]
-    argv = (["launch", "--simulate", "2", "--restart", "1", "--skip-check", "--", *serve] if launch else
-            [*serve[:1], "--simulate", "2", "--restart", "1", *serve[1:]])
-    server = Server(tmp_path, argv, tag)
+    server = Server(tmp_path, ["serve", "--simulate", "2", "--restart", "1", *flags, "--model", str(model),
+                               "--port", "0", "--max-context", "256", "--peer-timeout", str(PEER_TIMEOUT)], tag)
     try:
         server.wait_ready()
         events, _ = interrupted(server, BODIES["greedy"], 1, 2, signal.SIGKILL)
@@ -173,18 +170,22 @@ def test_rank0_on_another_mac_over_tcp_then_a_smaller_world_after_exclude(model,
     on the two hosts left and the stream completes. The text equals the undisturbed runs at
     world 3 and at world 2 (this tiny float32 model's greedy tokens do not change with the
     layout; in general the continuation may differ by its rounding). --check-sync audits and
-    log-probability pieces come through the front (which has no tokenizer)."""
+    log-probability pieces come through the front (which has no tokenizer); the front checks
+    the API key given to the ranks with `launch --env`."""
     from test_launch_run import shim_hostfile
 
     hf, shim, log = shim_hostfile(tmp_path, monkeypatch, hosts=("mini-a", "mini-b", "mini-c"))
     tag = f"front-tcp-{os.getpid()}"
     server = Server(tmp_path, ["launch", "--hostfile", str(hf), "--ssh-command", str(shim), "--restart", "1",
-                               "--exclude", "failed", "--skip-check", "--", "serve", "--model", str(model),
+                               "--exclude", "failed", "--skip-check", "--env", "MLX_KVSHARD_API_KEY=k3y", "--",
+                               "serve", "--model", str(model),
                                "--port", "0", "--max-context", "256", "--peer-timeout", str(PEER_TIMEOUT),
                                "--check-sync"], tag, env={"SHIM_LOG": str(log)})
     body = {**BODIES["greedy"], "max_tokens": 64}
     try:
         server.wait_ready()
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 401
+        server.headers = {"Authorization": "Bearer k3y"}
         world3: list = []
         stream(server, body, world3)
         events, err = interrupted(server, body, 0, 3, signal.SIGKILL)
@@ -199,7 +200,7 @@ def test_rank0_on_another_mac_over_tcp_then_a_smaller_world_after_exclude(model,
         assert text_of(events) == text_of(world3)
         pieces = [p for e in world2 for p in (e["choices"][0].get("logprobs") or {}).get("tokens", [])]
         assert len(pieces) == body["max_tokens"] and "".join(pieces) == text_of(world2)
-        m = httpx.get(server.url + "/metrics", timeout=60).text
+        m = httpx.get(server.url + "/metrics", timeout=60, headers=server.headers).text
         assert "mlx_kvshard_world_size 2.0" in m, m[:2000]
         assert re.findall(r'mlx_kvshard_audited_batch_rows\{rank="(\d)"\} 0\.0', m) == ["0", "1"], m
         os.killpg(server.proc.pid, signal.SIGTERM)

@@ -85,10 +85,13 @@ def test_options_reach_every_command_and_nothing_runs(capsys, tmp_path):
     shim.write_text(f"#!/bin/sh\ntouch {ran}\n")
     shim.chmod(0o755)
     d = dry_run(capsys, "2-minis-thunderbolt-ring.json", "--ssh-command", f"{shim} -p 2222", "--starting-port",
-                "40000", "--env", "MLX_METAL_FAST_SYNCH=1", "--python", "/opt/py/bin/python3", "--cwd", "/srv/run")
+                "40000", "--env", "MLX_METAL_FAST_SYNCH=1", "--python", "/opt/py/bin/python3", "--cwd", "/srv/run",
+                "--env", "MLX_KVSHARD_API_KEY=k3y-not-on-any-command-line")
     r0 = d["ranks"][0]
     assert r0["exec"][:4] == [str(shim), "-p", "2222", "mini1.local"]  # no -tt: only real ssh gets a pty
-    assert r0["env"] == ["MLX_METAL_FAST_SYNCH=1", "MLX_RANK=0"]
+    # a secret goes to the rank's stdin (launch/secrets.py): not in ssh's arguments, the script or the hostfile
+    assert r0["env"] == ["MLX_METAL_FAST_SYNCH=1", "MLX_KVSHARD_SECRETS=stdin", "MLX_RANK=0"]
+    assert r0["secrets on stdin"] == ["MLX_KVSHARD_API_KEY"] and "k3y" not in json.dumps(d)
     assert r0["command"][0] == "/opt/py/bin/python3" and r0["cwd"] == "/srv/run"
     assert d["addresses"] == [["192.168.0.1:40000"], ["192.168.0.2:40001"]]
     assert d["mlx_hostfile"]["envs"] == ["MLX_METAL_FAST_SYNCH=1"]

@@ -200,9 +200,11 @@ def _front(args: argparse.Namespace, setup: _Setup):
     if not args.restart or getattr(ns, "command", None) != "serve":
         return None
     from ..front.server import FrontServer
-    from .serve import server_settings
+    from .serve import ENV_API_KEY, server_settings
 
     ns.served_model_name = ns.served_model_name or ns.model
+    if ns.api_key is None:  # `launch --env MLX_KVSHARD_API_KEY=KEY`: the front answers HTTP, so it checks the key
+        ns.api_key = dict(e.split("=", 1) for e in setup.envs).get(ENV_API_KEY)
     return FrontServer(server_settings(ns), ns.migration_limit, ns.migration_timeout,
                        tcp=not all(h.is_local for h in setup.cluster.hosts))
 
