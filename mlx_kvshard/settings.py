@@ -240,6 +240,8 @@ class EngineSettings:
     prefix_cache_bytes: int = 256 << 20  # per rank, for cached prompt prefixes; 0 = off
     min_prefix_tokens: int = 16  # shorter shared prefixes are recomputed, not looked up
     prefix_block_tokens: int = 64  # tokens per prefix-cache block (see docs/engine.md for why 64)
+    prefix_cache_dir: str | None = None  # the disk tier: each rank keeps its blocks in DIR/rank<r> (None = off)
+    prefix_cache_disk_bytes: int = 16 << 30  # the disk tier's size, counted at the largest rank's bytes
     # While rows decode, a step's prefill is cut to about this many decode steps' time (0 = always
     # prefill_step), so streaming requests slow down at most ~(1 + factor)x while a long prompt prefills.
     prefill_decode_ratio: float = 2.0
@@ -263,13 +265,17 @@ class EngineSettings:
         for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-waiting", self.max_waiting, 0),
                                  ("--prefill-step", self.prefill_step, 1),
                                  ("--prefix-cache-bytes", self.prefix_cache_bytes, 0),
-                                 ("--prefix-block-tokens", self.prefix_block_tokens, 1)):
+                                 ("--prefix-block-tokens", self.prefix_block_tokens, 1),
+                                 ("--prefix-cache-disk-bytes", self.prefix_cache_disk_bytes, 0)):
             if value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
         if self.prefill_decode_ratio < 0 or self.min_prefill_chunk < 1:
             raise UserError("prefill_decode_ratio must be >= 0 and min_prefill_chunk >= 1")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 2:
             raise UserError(f"--max-kv-tokens {self.max_kv_tokens}: must be at least 2")
+        if self.prefix_cache_dir is not None and not self.prefix_cache_bytes:
+            raise UserError("--prefix-cache-dir needs the RAM prefix cache (blocks are read back into it): "
+                            "give --prefix-cache-bytes > 0")
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,3 @@ def test_shared_blocks_equal_the_oracle_in_process(model):
     done = with_engine(model, together, max_batch=4, prefix_block_tokens=BLOCK)
     assert all(c.usage.cached_tokens >= len(SYSTEM) for c in done)
     assert [c.tokens for c in done] == [oracle(model, SYSTEM + q) for q in QUESTIONS[1:]]
-
-
-def test_disk_tier_is_refused_with_one_line(model):
-    import subprocess
-
-    from liveness_procs import REPO, env_for
-
-    proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "serve", "--model", str(model), "--prefix-cache-dir",
-                           "/tmp/nowhere"], capture_output=True, text=True, timeout=120, env=env_for("kvdisk"), cwd=REPO)
-    assert proc.returncode != 0 and "not implemented: --prefix-cache-dir" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1

@@ -9,11 +9,13 @@ from mlx_kvshard.settings import EngineSettings
 
 
 def test_step_message_round_trip_and_capacity():
-    step = wire.Step(index=7, save=[(11, 0, 40, 3, -1)], remove=[11, 12], join=[13], decode=[(13, 5), (14, 9)],
-                     prefill=[wire.Prefill(15, 16, [1, 2, 3], True, 2, 16)], put=[(15, 16, 19, 4, 2)], drop=[2, 5],
+    step = wire.Step(index=7, save=[(11, 0, 40, 3, -1, 1)], remove=[11, 12], join=[13], decode=[(13, 5), (14, 9)],
+                     prefill=[wire.Prefill(15, 16, [1, 2, 3], True, 2, 16)], put=[(15, 16, 19, 4, 2, 0)], drop=[2, 5],
                      audit=True)
     size = wire.capacity(max_batch=16, prefill_step=512)
     assert wire.decode(wire.encode(step, size)) == step
+    disk = wire.Step(index=9, unlink=[4, 6], disk_off=True, load=(3, list(range(10, 10 + wire.MAX_LOADS))))
+    assert wire.decode(wire.encode(disk, wire.capacity(16, 512, disk=True))) == disk
     assert wire.decode(wire.encode(wire.Step(index=8, idle=True), size)).idle
 
 

@@ -44,9 +44,11 @@ def add_engine_arguments(g) -> None:
                    help="tokens per prefix-cache block: a prefix shared by many requests is stored once, as a "
                         "chain of blocks (default 64)")
     g.add_argument("--prefix-cache-dir", metavar="DIR", default=None,
-                   help="not implemented yet: a disk tier for the prefix cache (refused)")
-    g.add_argument("--prefix-cache-disk-bytes", type=int, metavar="N", default=None,
-                   help="not implemented yet: the disk tier's size (refused)")
+                   help="a disk tier for the prefix cache that survives restarts: every new block is also written "
+                        "(off the step path) to DIR/rank<r> on its rank's host, and a hit on blocks that left RAM "
+                        "reads them back; a different model or layout is ignored (default: off)")
+    g.add_argument("--prefix-cache-disk-bytes", type=int, metavar="N", default=16 << 30,
+                   help="per-rank bytes of the disk tier (LRU; default 16 GiB)")
     g.add_argument("--prefill-decode-ratio", type=float, default=2.0, metavar="R",
                    help="while requests decode, prefill at most ~R decode steps' time of prompt per step "
                         "(streaming slows at most ~(1+R)x during a long prefill; 0 = always --prefill-step; a burst of "
@@ -118,16 +120,16 @@ def parse_line(i: int, raw: str, defaults, chat_template: bool) -> Line:
 def engine_settings(args):
     from ..settings import EngineSettings
 
-    if args.prefix_cache_dir is not None or args.prefix_cache_disk_bytes is not None:
-        raise UserError("not implemented: --prefix-cache-dir / --prefix-cache-disk-bytes (a disk tier for the prefix "
-                        "cache); the prefix cache is in RAM only (--prefix-cache-bytes)")
-
     if args.pp > 1 and args.prompt_lookup:
         raise UserError(f"not implemented: speculative decoding (--prompt-lookup) with --pp {args.pp}; "
                         f"drop --prompt-lookup or --pp")
+    if args.pp > 1 and args.prefix_cache_dir is not None:
+        raise UserError(f"not implemented: the prefix cache's disk tier (--prefix-cache-dir) with --pp {args.pp}; "
+                        f"drop one of them")
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
-                          prefix_block_tokens=args.prefix_block_tokens,
+                          prefix_block_tokens=args.prefix_block_tokens, prefix_cache_dir=args.prefix_cache_dir,
+                          prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
                           prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync,
                           prompt_lookup=args.prompt_lookup, num_draft=args.num_draft)
 

@@ -1,4 +1,4 @@
-"""One rank's prefix-cache blocks: for each block id (rank 0's index.py names them), its
+"""One rank's prefix-cache blocks in RAM: for each block id (rank 0's index.py names them), its
 parent and, per layer, a single-stream cache (KVCache, or QuantizedKVCache with
 --kv-bits) holding this rank's heads at the block's positions. Every rank executes the
 same PUT/SAVE/DROP messages, so every rank holds the same ids."""
@@ -21,14 +21,25 @@ class BlockStore:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def put(self, caches: list, start: int, end: int, first: int, parent: int) -> None:
-        """Keep positions [start, end) of a sequence's per-layer caches as blocks first, first + 1, ..."""
-        made = []
+    def put(self, caches: list, start: int, end: int, first: int, parent: int) -> list[int]:
+        """Keep positions [start, end) of a sequence's per-layer caches as blocks first, first + 1, ...
+        (returns their ids)"""
+        made, ids = [], []
         for i, s in enumerate(range(start, end, self.block_tokens)):
             layers = [slice_copy(c, s, min(s + self.block_tokens, end)) for c in caches]
             self.blocks[first + i] = (parent if i == 0 else first + i - 1, layers)
             made += layers
+            ids.append(first + i)
         mx.eval([c.state for c in made])
+        return ids
+
+    def adopt(self, block: int, parent: int, layers: list) -> None:
+        """A block read back from the disk tier."""
+        mx.eval([c.state for c in layers])
+        self.blocks[block] = (parent, layers)
+
+    def __contains__(self, block: int) -> bool:
+        return block in self.blocks
 
     def drop(self, ids: list[int]) -> None:
         for i in ids:

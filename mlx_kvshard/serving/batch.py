@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
@@ -41,6 +42,7 @@ class StepOutput:
     decode_logits: mx.array | None = None  # [rows, vocab], in row order
     first_logits: dict[int, mx.array] = field(default_factory=dict)  # uid -> [vocab], prompts just prefilled
     audit: list | None = None  # every rank's report, on an AUDIT step
+    loaded: tuple[int, bool] | None = None  # a LOAD step: (leading blocks every rank read, every rank's tier ok)
     decode_s: float = 0.0  # time of the decode forward (evaluated: collectives included)
     prefill_s: float = 0.0  # time of the prefill forwards
 
@@ -64,16 +66,23 @@ class BatchState:
         self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
         self.blocks = BlockStore(block_tokens)  # prefix-cache blocks: this rank's heads of each
+        self.disk = None  # kv.disk.DiskTier with --prefix-cache-dir (set by the worker on every rank alike)
 
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
         for uid, n in step.trim:
             self._trim(uid, n)
-        for uid, start, end, first, parent in step.save:
+        for uid, start, end, first, parent, persist in step.save:
             i = self.rows.index(uid)  # its slot
-            self.blocks.put([b.extract(i) for b in self.cache], start, end, first, parent)
+            self._keep(persist, [b.extract(i) for b in self.cache], start, end, first, parent)
         if step.remove:
             self._remove(step.remove)
+        if step.unlink and self.disk is not None:
+            self.disk.unlink(step.unlink)
+        if step.disk_off and self.disk is not None:
+            self.disk.stop()
+        if step.load is not None:
+            out.loaded = self._load(*step.load)
         for uid in step.join:
             self._join(uid)
         t0 = time.perf_counter()
@@ -93,14 +102,39 @@ class BatchState:
                 out.first_logits[p.uid] = logits
         self.comm.pay_link_time()  # --link: the prefills' collectives (the message's, on a prefill-only step)
         out.decode_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
-        for uid, start, end, first, parent in step.put:
-            self.blocks.put(self.pending[uid], start, end, first, parent)
+        for uid, start, end, first, parent, persist in step.put:
+            self._keep(persist, self.pending[uid], start, end, first, parent)
         self.blocks.drop(step.drop)  # after this step's prefills: a hit taken this step has copied its blocks
         if step.audit:
             from ..engine.dist import gather_json
 
             out.audit = gather_json(self.comm, self.report(), max_bytes=self.audit_bytes)
         return out
+
+    # ---- prefix blocks and the disk tier ------------------------------------------------
+
+    def _keep(self, persist: int, caches: list, start: int, end: int, first: int, parent: int) -> None:
+        ids = self.blocks.put(caches, start, end, first, parent)
+        if persist and self.disk is not None:  # written off the step thread (or dropped when the disk lags)
+            for i in ids:
+                self.disk.write(i, self.blocks.blocks[i][0], self.blocks.blocks[i][1])
+
+    def _load(self, parent: int, ids: list[int]) -> tuple[int, bool]:
+        """Read disk blocks back into RAM. Each rank reads and verifies its own slices; one
+        all_gather of (blocks read, tier ok) gives every rank the same verdict: keep the
+        leading blocks every rank read, and every rank recomputes the rest."""
+        held = 0
+        while held < len(ids) and ids[held] in self.blocks:  # still in RAM here (its DROP not sent yet)
+            held += 1
+        layers = []
+        if self.disk is not None and held < len(ids):
+            layers = self.disk.read(ids[held - 1] if held else parent, ids[held:])
+        mine = [held + len(layers), int(self.disk is not None and not self.disk.broken and not self.disk.off)]
+        every = np.array(self.comm.all_gather(mx.array(mine, dtype=mx.int32)[None])).reshape(-1, 2)
+        valid, ok = int(every[:, 0].min()), bool(every[:, 1].min())
+        for k in range(held, valid):
+            self.blocks.adopt(ids[k], ids[k - 1] if k else parent, layers[k - held])
+        return valid, ok
 
     # ---- steps ------------------------------------------------------------------------
 

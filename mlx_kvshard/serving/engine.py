@@ -60,8 +60,13 @@ class Engine:
         self.kv_bytes_per_token = [loaded.kv_bytes_per_token(r) for r in range(self.comm.world)]
         prefix = None
         if settings.prefix_cache_bytes > 0:
+            disk = state.disk
             prefix = BlockIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.prefix_block_tokens,
-                                settings.min_prefix_tokens)
+                                settings.min_prefix_tokens, settings.prefix_cache_disk_bytes if disk else 0)
+            if disk is not None:  # the disk tier as the last run left it (kv/disk.py checked it is this layout's)
+                prefix.restore(disk.restored, disk.next_id)
+                disk.restored = []
+                self._saved = prefix.changed
         self.scheduler = Scheduler(settings, kv_capacity, prefix)
         self.metrics = Metrics()
         self.size = wire.engine_capacity(settings)
@@ -75,6 +80,7 @@ class Engine:
         self._stopped = False
         self._trim: tuple[int, int] | None = None  # (uid, rejected drafts) for the next step's TRIM
         self.error: str | None = None
+        self._saved = 0  # the prefix index's disk-tier version in the last manifest written
         self.audits: list[dict] = []  # with check_sync: every rank's rows and KV after each join and removal
         # A front that moves the open requests to the next group (mlx_kvshard/front) takes a
         # loss itself: callable(message) instead of an error event to every open request.
@@ -239,11 +245,13 @@ class Engine:
                     if not sched.busy():
                         if self._stopping:
                             self._broadcast(sched.control_step(stop=True))
+                            self._close_disk()
                             return
                         self._idle()
                         continue
                     step = sched.next_step()
                     self._speculate(step)
+                    self._disk_ids(step)
                 self._run_step(step)
         except BaseException as e:
             self._lost(f"the engine stopped: {type(e).__name__}: {e}")
@@ -252,9 +260,37 @@ class Engine:
             with self._cond:
                 self._stopped = True
 
+    def _disk_ids(self, step: wire.Step) -> None:
+        """Before a step's new block ids reach any disk: reserve them in rank 0's layout file
+        (ids are never reused within an epoch); a failed disk stops the tier on every rank."""
+        disk, prefix = self.state.disk, self.scheduler.prefix
+        if disk is None or prefix is None or not prefix.disk_bytes:
+            return
+        if prefix._next_id >= disk.reserved:
+            disk.reserve(prefix._next_id)
+        if disk.broken and not step.disk_off:
+            self.scheduler.stop_disk()  # our own disk failed: DISKOFF in this very step
+            step.disk_off, self.scheduler.disk_off = True, False
+            step.unlink = []
+            step.put = [(*p[:5], 0) for p in step.put]
+            step.save = [(*p[:5], 0) for p in step.save]
+
+    def _save_manifest(self) -> None:
+        disk, prefix = self.state.disk, self.scheduler.prefix
+        if disk is not None and prefix is not None and prefix.disk_bytes and prefix.changed != self._saved:
+            disk.save_manifest(prefix.manifest(), prefix._next_id)
+            self._saved = prefix.changed
+
+    def _close_disk(self) -> None:
+        if self.state.disk is not None:
+            self._save_manifest()
+            self.state.disk.close()
+
     def _idle(self) -> None:
         """Park: the other ranks leave the ring (which spins) for a socket wait; rank 0
-        sleeps on its condition until there is work, then wakes them through the coordinator."""
+        sleeps on its condition until there is work, then wakes them through the coordinator.
+        The disk tier's manifest is written now (off the step path, by its writer thread)."""
+        self._save_manifest()
         self._gauges()
         if self.comm.world > 1:
             self._broadcast(self.scheduler.control_step(idle=True))
@@ -294,6 +330,9 @@ class Engine:
             self._sample(step, out)
         if out.audit is not None:
             self._check_audit(out.audit)
+        if out.loaded is not None:
+            with self._cond:
+                self.scheduler.loaded(*out.loaded)
         self.live.progress(step.index + 1)
         wall = time.perf_counter() - t0
         with self._cond:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..settings import EngineSettings
 from ..kv.index import BlockIndex, Insert
-from .wire import MAX_DROPS, Prefill, Step
+from .wire import MAX_DROPS, MAX_LOADS, Prefill, Step
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Seq:
     prefilled: int = 0  # prompt positions in its KV
     cached: int = 0  # of those, reused from the prefix cache
     entry: int = -1  # the last prefix-cache block its hit used (-1: none)
+    from_disk: int = 0  # prompt positions of its hit loaded back from the disk tier for it
     generated: list[int] = field(default_factory=list)
     on_ranks: bool = False  # a prefill chunk went out: the ranks hold KV for it
     phase: str = "waiting"  # waiting, prefill, ready (first token sampled), running
@@ -50,6 +51,9 @@ class Scheduler:
         self.to_remove: list[Seq] = []
         self.saves: list[tuple[int, ...]] = []  # prefix blocks from finished rows, for the next step
         self.drops: deque[int] = deque()  # evicted prefix blocks not yet sent (at most MAX_DROPS a step)
+        self.unlinks: deque[int] = deque()  # disk blocks to delete, not yet sent (at most MAX_DROPS a step)
+        self.loading: tuple[Seq, list[int]] | None = None  # the disk load of the step being run, for whom
+        self.disk_off = False  # the disk tier failed: tell the ranks in the next step
         self.step_index = 0
         self.decode_s: float | None = None  # measured: a decode-only step's time
         self.prefill_token_s: float | None = None  # measured: one prompt token's share of a step
@@ -100,9 +104,42 @@ class Scheduler:
             self.prefilling.append(seq)
         self._plan_prefill(step)
         step.drop = self._take_drops()
+        if self.prefix is not None:
+            self.unlinks.extend(self.prefix.unlinks)
+            self.prefix.unlinks.clear()
+        step.unlink = [self.unlinks.popleft() for _ in range(min(MAX_DROPS, len(self.unlinks)))]
+        step.disk_off, self.disk_off = self.disk_off, False
         # debug: every rank reports its rows and KV after each change (freed on every rank?)
         step.audit = self.settings.check_sync and bool(step.remove or step.join)
         return step
+
+    def _plan_load(self, step: Step, seq: Seq, hit) -> bool:
+        parent, ids, freed = self.prefix.plan_load(hit, MAX_LOADS)
+        self._evict(freed)
+        if not ids:
+            return False
+        queued = set(ids).intersection(self.drops)
+        if queued:  # still in RAM on every rank (their DROP not sent yet): keep them there
+            self.drops = deque(i for i in self.drops if i not in queued)
+        step.load = (parent, ids)
+        self.loading = (seq, ids)
+        return True
+
+    def loaded(self, valid: int, ok: bool) -> None:
+        """After a LOAD step: every rank read the first `valid` blocks; `ok` is False when a
+        rank's disk tier failed (then the tier stops everywhere)."""
+        seq, ids = self.loading
+        self.loading = None
+        seq.from_disk += sum(len(self.prefix.blocks[i].tokens) for i in ids[:valid])
+        self.prefix.loaded(ids, valid)
+        if not ok:
+            self.stop_disk()
+
+    def stop_disk(self) -> None:
+        if self.prefix is not None and self.prefix.disk_bytes:
+            self.prefix.disk_off()
+            self.unlinks.clear()
+            self.disk_off = True
 
     def _take_drops(self) -> list[int]:
         """This step's evictions: after its prefills and PUTs on every rank (a hit taken this
@@ -146,7 +183,12 @@ class Scheduler:
                 break
             hit = None
             if seq.prefilled == 0 and self.prefix is not None:  # decided as its first chunk goes out
-                hit = self.prefix.lookup(seq.prompt)
+                hit = self.prefix.lookup(seq.prompt, count=False)
+                if hit and hit.load:  # disk blocks: every rank reads them back first (a LOAD step), then prefill
+                    if step.load is not None or self._plan_load(step, seq, hit):
+                        continue  # one load a step; it prefills once its hit is in RAM
+                    hit = self.prefix.in_ram(hit)  # RAM has no room for them: recompute past its RAM part
+                self.prefix.counted(hit, seq.from_disk)
                 if hit:
                     seq.prefilled = seq.cached = hit.tokens
                     seq.entry = hit.block
@@ -194,9 +236,11 @@ class Scheduler:
 
     def busy(self) -> bool:
         """Work to send: requests, or evictions still held on the ranks (freed before parking)."""
-        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove or self.drops)
+        return bool(self.waiting or self.prefilling or self.ready or self.running or self.to_remove or self.drops
+                    or self.unlinks or (self.prefix is not None and self.prefix.unlinks) or self.disk_off)
 
 
-def _blocks(uid: int, new: Insert) -> tuple[int, int, int, int, int]:
-    """A PUT or SAVE: uid's positions [start, end) become blocks first, first + 1, ... after parent."""
-    return uid, new.start, new.end, new.first, new.parent
+def _blocks(uid: int, new: Insert) -> tuple[int, int, int, int, int, int]:
+    """A PUT or SAVE: uid's positions [start, end) become blocks first, first + 1, ... after parent
+    (and go to disk too when `persist`)."""
+    return uid, new.start, new.end, new.first, new.parent, int(new.persist)

