@@ -2,7 +2,9 @@
 
 1. TTFT for a ~2K and a ~8K token prompt, cold and RAM-warm (the same prefix sent again
    with a new question), `mlx-kvshard serve` beside `mlx_lm.server` (its in-memory prompt
-   cache) on the same prompts at world 1. (Disk-warm after a restart: no disk tier yet.)
+   cache) on the same prompts at world 1; and disk-warm: `serve --prefix-cache-dir`,
+   stopped (SIGTERM) and started again on the same directory, the prefix sent with a third
+   question (its blocks are read back from disk).
 2. A shared-system-prompt workload: 16 chats sharing a ~4K token system prompt; the
    prefix-cache bytes the server holds afterwards (its own gauge), this tree's block cache
    beside the whole-prompt entries of an older revision (`--baseline REV`, run from
@@ -10,6 +12,7 @@
 
     python scripts/bench_kv_server.py                      # tiny preset
     python scripts/bench_kv_server.py --baseline f93fcd6   # the revision before the block cache
+    python scripts/bench_kv_server.py --only disk          # the disk-tier rows alone
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ CONTEXT = 8704
 CACHE_BYTES = 2 << 30  # room for every chat's whole prompt in the older design too
 
 
-def start_ours(model_dir: Path, port: int, log: Path, tree: Path | None = None) -> Running:
+def start_ours(model_dir: Path, port: int, log: Path, tree: Path | None = None, *extra: str) -> Running:
     """This tree's server, or (`tree`) another revision's package: run from that directory,
     first on the path of every rank (`python -m` puts the working directory first)."""
     argv = [sys.executable, "-m", "mlx_kvshard", "serve", "--model", str(model_dir), "--simulate", "1",
             "--port", str(port), "--max-context", str(CONTEXT), "--max-batch", "4",
-            "--prefix-cache-bytes", str(CACHE_BYTES)]
+            "--prefix-cache-bytes", str(CACHE_BYTES), *extra]
     env = benchlib.rank_env(1)
     if tree:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
@@ -59,6 +62,36 @@ def ttft_rows(server: Running, model: str, texts: dict[int, str]) -> list[dict]:
         rows.append({"prompt_tokens": n, "cold_s": cold["ttft"], "warm_s": warm["ttft"],
                      "warm_cached": warm["cached_tokens"], "warm_prompt": warm["prompt_tokens"]})
     return rows
+
+
+def disk_rows(model_dir: Path, model: str, texts: dict[int, str], logs: Path, timeout: float) -> list[dict]:
+    """Cold and RAM-warm on a server with the disk tier, then disk-warm on a fresh server
+    (same directory) after the first one stopped."""
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-kv-disk-") as cache:
+        flags = ("--prefix-cache-dir", cache)
+        server = start_ours(model_dir, benchlib.free_port_base(1), logs / "disk-1.log", None, *flags).wait(timeout)
+        try:
+            for n, text in texts.items():
+                cold = one_request(httpx.Client(), server.url, model, text, 2)
+                warm = one_request(httpx.Client(), server.url, model, text + " and one more question", 2)
+                rows[n] = {"prompt_tokens": n, "cold_s": cold["ttft"], "warm_s": warm["ttft"],
+                           "warm_cached": warm["cached_tokens"], "warm_prompt": warm["prompt_tokens"]}
+        finally:
+            server.stop()
+        disk_bytes = sum(f.stat().st_size for f in Path(cache).rglob("*.kv"))
+        server = start_ours(model_dir, benchlib.free_port_base(1), logs / "disk-2.log", None, *flags).wait(timeout)
+        try:
+            for n, text in texts.items():
+                hot = one_request(httpx.Client(), server.url, model, text + " and a question after a restart", 2)
+                rows[n].update(disk_s=hot["ttft"], disk_cached=hot["cached_tokens"], disk_prompt=hot["prompt_tokens"])
+            rows["io"] = {"block_bytes_on_disk": disk_bytes,
+                          "read_bytes": gauge(server.url, "prefix_cache_disk_read_bytes_total"),
+                          "read_s": gauge(server.url, "prefix_cache_disk_read_seconds_total")}
+        finally:
+            server.stop()
+    io = rows.pop("io")
+    return [{**r, **io} for r in rows.values()]
 
 
 def shared_prompt(server: Running, model: str, system: str, chats: int) -> dict:
@@ -84,6 +117,7 @@ def main() -> int:
     p.add_argument("--system-tokens", type=int, default=4096)
     p.add_argument("--baseline", default=None, metavar="REV", help="also run the shared-prompt workload on REV")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--only", choices=("disk",), default=None, help="run only these rows")
     a = p.parse_args()
     t0 = time.time()
     model_dir = benchlib.bench_model_dir(a.preset)
@@ -91,7 +125,14 @@ def main() -> int:
     texts = {n: f"{tag} " + benchlib.prompt_text(model_dir, n) for tag, n in (("first", 2048), ("second", 8192))}
     system = "system " + benchlib.prompt_text(model_dir, a.system_tokens)
     logs = Path(tempfile.mkdtemp(prefix="bench_kv-"))
-    report = {"machine": benchlib.machine(), "preset": a.preset, "load_before": benchlib.load_avg(), "ttft": {}}
+    report = {"machine": benchlib.machine(), "preset": a.preset, "load_before": benchlib.load_avg(), "ttft": {},
+              "shared": {}}
+    report["disk"] = disk_rows(model_dir, model, texts, logs, a.timeout)
+    if a.only == "disk":
+        report["load_after"] = benchlib.load_avg()
+        report["wall_s"] = time.time() - t0
+        print(text(report, a))
+        return 0
     for name, start in (("mlx-kvshard", lambda port: start_ours(model_dir, port, logs / "ours.log")),
                         ("mlx_lm.server", lambda port: start_mlxlm(model_dir, port, logs / "mlxlm.log", 4, 1))):
         server = start(benchlib.free_port_base(1)).wait(a.timeout)
@@ -99,7 +140,6 @@ def main() -> int:
             report["ttft"][name] = ttft_rows(server, model, texts)
         finally:
             server.stop()
-    report["shared"] = {}
     with tempfile.TemporaryDirectory() as tree:
         for name, where in [("blocks (this tree)", None)] + ([(f"whole prompts ({a.baseline})", a.baseline)]
                                                              if a.baseline else []):
@@ -126,6 +166,16 @@ def text(report: dict, a) -> str:
         for r in rows:
             out.append(f"| {name} | {r['prompt_tokens']} | {r['cold_s'] * 1e3:.0f} ms | {r['warm_s'] * 1e3:.0f} ms | "
                        f"{r['warm_s'] / r['cold_s']:.2f} | {r['warm_cached']} / {r['warm_prompt']} |")
+    out += ["", "Disk tier (`--prefix-cache-dir`): cold and RAM-warm on one server, disk-warm on a second server "
+            "started on the same directory after the first stopped:", "",
+            "| prompt tokens | TTFT cold | RAM-warm | disk-warm | disk / cold | cached after the restart | "
+            "block files (rank 0) |", "|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in report.get("disk", []):
+        out.append(f"| {r['prompt_tokens']} | {r['cold_s'] * 1e3:.0f} ms | {r['warm_s'] * 1e3:.0f} ms | "
+                   f"{r['disk_s'] * 1e3:.0f} ms | {r['disk_s'] / r['cold_s']:.2f} | "
+                   f"{r['disk_cached']} / {r['disk_prompt']} | {benchlib.mib(r['block_bytes_on_disk'])} |")
+    if a.only:
+        return "\n".join(out)
     out += ["", f"{a.chats} chats sharing a {a.system_tokens}-token system prompt, one after the other, each on a "
             f"fresh server:", "",
             "| prefix cache | bytes held | cached / prompt tokens |", "|---|--:|--:|"]

@@ -35,6 +35,8 @@ def check_invariants(idx: BlockIndex) -> None:
         assert b.disk_kids == sum(c.disk for c in b.children.values())
     assert idx.tokens == sum(len(b.tokens) for b in idx.blocks.values() if b.ram)
     assert idx.disk_tokens == sum(len(b.tokens) for b in idx.blocks.values() if b.disk)
+    assert idx.tier_blocks() == {"ram": sum(b.ram for b in idx.blocks.values()),
+                                 "disk": sum(b.disk for b in idx.blocks.values())}
     assert idx.bytes <= idx.max_bytes and idx.disk_used <= max(idx.disk_bytes, 0)
 
 
@@ -50,7 +52,7 @@ def test_index_tiers_load_back_fail_and_restore():
     assert idx.in_ram(hit).tokens == 8
     parent, ids, freed = idx.plan_load(hit, most=3)
     assert (parent, ids) == (0, [1, 2, 3]) and freed and all(i >= 5 for i in freed)
-    idx.loaded(ids, 2)  # every rank read blocks 1 and 2; block 3 failed: it and block 4 are gone
+    assert idx.loaded(ids, 2) == []  # every rank read blocks 1 and 2; block 3 failed: it and block 4 are gone
     assert 3 not in idx.blocks and 4 not in idx.blocks and idx.unlinks[-2:] == [4, 3] and idx.load_failures == 1
     assert idx.lookup(a + [1]) == idx.lookup(a[:24] + [1]) and idx.lookup(a + [1]).load == []
     check_invariants(idx)
@@ -80,7 +82,7 @@ def test_index_random_workload_keeps_both_tiers_consistent():
             ok = rng.randrange(len(ids) + 1) if ids and rng.random() < 0.2 else len(ids)
             for i in ids[ok:]:
                 del held[i]
-            idx.loaded(ids, ok)
+            assert idx.loaded(ids, ok) == []
         new, evict = idx.insert(prompt)
         for i in evict:
             del held[i]
@@ -90,3 +92,95 @@ def test_index_random_workload_keeps_both_tiers_consistent():
         check_invariants(idx)
         assert set(held) == {b.id for b in idx.blocks.values() if b.ram}
         assert all(p == -1 or p in held for p in held.values())  # a rank can always walk a RAM chain
+
+
+# ---- real servers -----------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+from checkpoints import checkpoint  # noqa: E402
+from liveness_procs import tagged  # noqa: E402
+from server_procs import Server  # noqa: E402
+from test_kv_churn import complete  # noqa: E402
+
+BLOCK = 32
+P = [(7 * i + 3) % 200 + 2 for i in range(10 * BLOCK + 5)]  # 10 whole blocks and a part of one
+Q = [(5 * i + 1) % 190 + 3 for i in range(4 * BLOCK + 9)]
+N_TOKENS = 5
+NOTICE, WARNING = "notice: --prefix-cache-dir", "warning: --prefix-cache-dir"
+
+
+def metric(server: Server, line_start: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(x for x in text.splitlines() if x.startswith(line_start)).split()[-1])
+
+
+def serve(model, tmp, tag: str, world: int, cache_dir, *extra: str):
+    """A server on `cache_dir`: P then Q, one after the other; (texts, usages, server, its stderr)."""
+    launch = ["--simulate", str(world)] if world > 1 else []  # world 1: the rank itself, no launcher
+    server = Server(tmp, ["serve", *launch, "--model", str(model), "--served-model-name", "m",
+                          "--port", "0", "--max-context", "512", "--peer-timeout", "5", "--max-batch", "2",
+                          "--prefix-block-tokens", str(BLOCK), "--prefix-cache-dir", str(cache_dir), *extra],
+                    f"{tag}-{os.getpid()}")
+    try:
+        server.wait_ready()
+        got = [complete(server, prompt, N_TOKENS) for prompt in (P, Q)]
+        assert httpx.get(server.url + "/health").status_code == 200
+        counters = {k: metric(server, f"mlx_kvshard_{k}") for k in (
+            'prefix_cache_tier_hits_total{tier="disk"}', "prefix_cache_disk_load_failures_total",
+            "prefix_cache_disk_enabled", 'prefix_cache_tier_blocks{tier="disk"}')}
+    finally:
+        server.stop()
+        assert not tagged(server.tag)
+    return [r["choices"][0]["text"] for r in got], [r["usage"] for r in got], counters, server.stderr()
+
+
+def cached(usage: dict) -> int:
+    return usage["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads rank processes in /proc")
+def test_disk_tier_survives_restarts_and_refuses_what_it_cannot_trust(ckpt_root, tmp_path):
+    model = checkpoint(ckpt_root, "llama_kv8")
+    cache_dir = tmp_path / "kv"
+    cold, usage, counters, err = serve(model, tmp_path, "disk-cold", 2, cache_dir)
+    assert [cached(u) for u in usage] == [0, 0] and counters['prefix_cache_tier_blocks{tier="disk"}'] >= 16
+    assert NOTICE not in err and WARNING not in err
+
+    # one flipped byte in one of Q's blocks on rank 1 (its second block: the first still hits)
+    manifest = json.loads((cache_dir / "rank0" / "manifest.json").read_text())["blocks"]
+    first = next(i for i, parent, tokens in manifest if parent == -1 and tokens == Q[:BLOCK])
+    second = next(i for i, parent, tokens in manifest if parent == first)
+    path = cache_dir / "rank1" / "blocks" / f"{second}.kv"
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+
+    warm, usage, counters, err = serve(model, tmp_path, "disk-warm", 2, cache_dir)
+    assert warm == cold  # the greedy text of a cold server, after a restart, one block corrupt
+    assert cached(usage[0]) >= 0.9 * len(P), usage  # read back from disk after the restart
+    assert cached(usage[1]) == BLOCK, usage  # up to the corrupt block; every rank recomputed from it
+    assert counters['prefix_cache_tier_hits_total{tier="disk"}'] == 2
+    assert counters["prefix_cache_disk_load_failures_total"] >= 1
+
+    # the directory at another world size: ignored with one notice, right text
+    other, usage, counters, err = serve(model, tmp_path, "disk-world1", 1, cache_dir)
+    assert other == cold and [cached(u) for u in usage] == [0, 0]
+    assert err.count(NOTICE) == 1 and "world 2 here, 1 now" in err, err[-2000:]
+
+    # a directory nothing can be written to: one warning, the tier is off, serving goes on
+    if os.geteuid() == 0:  # root writes through permissions: a regular file stands where the directory would be
+        blocked = tmp_path / "not-a-dir"
+        blocked.write_text("")
+    else:
+        blocked = tmp_path / "read-only"
+        blocked.mkdir()
+        blocked.chmod(0o500)
+    off, usage, counters, err = serve(model, tmp_path, "disk-off", 1, blocked)
+    assert off == cold and counters["prefix_cache_disk_enabled"] == 0
+    assert err.count(WARNING) == 1 and "the disk tier is off" in err, err[-2000:]

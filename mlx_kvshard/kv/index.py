@@ -87,6 +87,7 @@ class BlockIndex:
         self._next_id = 0
         self.tokens = 0  # positions held in RAM, all blocks together
         self.disk_tokens = 0  # positions on disk
+        self._count = {"ram": 0, "disk": 0}  # blocks per tier
         self.hits = self.misses = self.evictions = 0  # evictions: from RAM
         self.disk_evictions = 0
         self.tier_hits = {"ram": 0, "disk": 0}  # hits by the farthest tier they used
@@ -108,8 +109,7 @@ class BlockIndex:
         return self.disk_tokens * self.bytes_per_token
 
     def tier_blocks(self) -> dict[str, int]:
-        ram = sum(b.ram for b in self.blocks.values())
-        return {"ram": ram, "disk": sum(b.disk for b in self.blocks.values())}
+        return dict(self._count)
 
     # ---- lookups ----------------------------------------------------------------------
 
@@ -255,15 +255,21 @@ class BlockIndex:
         parent = take[0].parent.id if take else -1
         return parent, [b.id for b in take], freed
 
-    def loaded(self, ids: list[int], valid: int) -> None:
+    def loaded(self, ids: list[int], valid: int) -> list[int]:
         """Every rank read the first `valid` of `ids` (plan_load's): the rest, and what hangs
-        under them, are dropped from the index (deleted on disk; recomputed when next needed)."""
+        under them, are dropped from the index (deleted on disk; recomputed when next needed).
+        Returns RAM copies to free (none, unless the index moved since plan_load)."""
+        self._dropped = []
         if valid < len(ids):
             self.load_failures += len(ids) - valid
-            failed = self.blocks[ids[valid]]
             for i in ids[valid:]:  # no rank holds them in RAM: nothing to free there
-                self._set_ram(self.blocks[i], False)
-            self._remove_subtree(failed)
+                if i in self.blocks:
+                    self._set_ram(self.blocks[i], False)
+            failed = self.blocks.get(ids[valid])  # (gone already if an insertion removed it since)
+            if failed is not None:
+                self._remove_subtree(failed)
+        freed, self._dropped = self._dropped, []
+        return freed
 
     def disk_off(self) -> None:
         """The disk tier stops (a rank's disk failed): disk-only blocks leave the index."""
@@ -329,6 +335,7 @@ class BlockIndex:
         if block.ram == on:
             return
         block.ram = on
+        self._count["ram"] += 1 if on else -1
         self.tokens += len(block.tokens) if on else -len(block.tokens)
         parent = block.parent
         if parent is not self.root:
@@ -342,6 +349,7 @@ class BlockIndex:
         if block.disk == on:
             return
         block.disk = on
+        self._count["disk"] += 1 if on else -1
         self.changed += 1
         self.disk_tokens += len(block.tokens) if on else -len(block.tokens)
         parent = block.parent

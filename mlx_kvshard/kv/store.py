@@ -42,8 +42,8 @@ class BlockStore:
         return block in self.blocks
 
     def drop(self, ids: list[int]) -> None:
-        for i in ids:
-            del self.blocks[i]
+        for i in ids:  # (a block whose disk load failed on some rank was never adopted: nothing to drop)
+            self.blocks.pop(i, None)
 
     def start(self, last: int, tokens: int) -> list:
         """Per layer, a new cache holding the first `tokens` positions of the chain ending at block `last`."""

@@ -116,6 +116,43 @@ class EngineCollector(Collector):
         yield _gauge("prefix_cache_entries", "Prefix-cache blocks held (--prefix-block-tokens tokens each, a tail shorter)",
                      pc["entries"])
         yield _gauge("prefix_cache_bytes", "Bytes the prefix cache holds on the largest rank", pc["bytes"])
+        tiers = pc.get("tiers")
+        if tiers is None:
+            return
+        for key, name, doc, kind in (
+                ("blocks", "prefix_cache_tier_blocks", "Prefix-cache blocks held per tier (a block can be in both)",
+                 GaugeMetricFamily),
+                ("bytes", "prefix_cache_tier_bytes", "Prefix-cache bytes per tier on the largest rank", GaugeMetricFamily),
+                ("hits", "prefix_cache_tier_hits", "Prefix-cache hits by the farthest tier they used", CounterMetricFamily),
+                ("hit_tokens", "prefix_cache_tier_hit_tokens", "Prompt positions reused, by the tier that held them",
+                 CounterMetricFamily),
+                ("hit_bytes", "prefix_cache_tier_hit_bytes", "KV bytes reused (largest rank), by the tier that held them",
+                 CounterMetricFamily),
+                ("evictions", "prefix_cache_tier_evictions", "Blocks evicted per tier (from RAM: to disk when there)",
+                 CounterMetricFamily)):
+            m = kind(P + name, doc, labels=["tier"])
+            for tier in ("ram", "disk"):
+                m.add_metric([tier], tiers[key][tier])
+            yield m
+        yield _gauge("prefix_cache_disk_enabled", "1 while the disk tier is on (--prefix-cache-dir)",
+                     float(pc["disk_on"]))
+        c = CounterMetricFamily(P + "prefix_cache_disk_load_failures", "Disk blocks some rank could not read back "
+                                "(missing, truncated or corrupt: recomputed)")
+        c.add_metric([], pc["load_failures"])
+        yield c
+        io = pc.get("disk_io")
+        if io is None:
+            return
+        for key, name, doc in (("read_bytes", "prefix_cache_disk_read_bytes", "Block bytes rank 0 read from its disk"),
+                               ("read_s", "prefix_cache_disk_read_seconds", "Seconds rank 0 spent reading blocks"),
+                               ("write_bytes", "prefix_cache_disk_write_bytes", "Block bytes rank 0 wrote to its disk"),
+                               ("write_s", "prefix_cache_disk_write_seconds",
+                                "Seconds rank 0's writer thread spent writing blocks"),
+                               ("writes_dropped", "prefix_cache_disk_writes_dropped",
+                                "Block writes rank 0 dropped because its disk lagged")):
+            c = CounterMetricFamily(P + name, doc)
+            c.add_metric([], io[key])
+            yield c
 
     def _steps(self, m: dict):
         t = m.get("totals", {})

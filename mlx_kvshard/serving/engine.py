@@ -501,10 +501,17 @@ class Engine:
                          prefilling=len(sched.prefilling), kv_tokens_used=used,
                          kv_tokens_reserved=sched.kv_needed(sched.admitted()), kv_tokens_capacity=self.kv_capacity,
                          kv_bytes_used_per_rank=[used * b for b in self.kv_bytes_per_token],
-                         prefix_cache={"entries": len(sched.prefix), "bytes": sched.prefix.bytes,
-                                       "hits": sched.prefix.hits, "misses": sched.prefix.misses,
-                                       "evictions": sched.prefix.evictions}
-                         if sched.prefix else None)
+                         prefix_cache=self._prefix_gauges() if sched.prefix else None)
+
+    def _prefix_gauges(self) -> dict:
+        p, disk = self.scheduler.prefix, self.state.disk
+        return {"entries": len(p), "bytes": p.bytes, "hits": p.hits, "misses": p.misses, "evictions": p.evictions,
+                "tiers": {"blocks": p.tier_blocks(), "bytes": {"ram": p.bytes, "disk": p.disk_used},
+                          "hits": dict(p.tier_hits), "hit_tokens": dict(p.tier_hit_tokens),
+                          "hit_bytes": {k: v * p.bytes_per_token for k, v in p.tier_hit_tokens.items()},
+                          "evictions": {"ram": p.evictions, "disk": p.disk_evictions}},
+                "disk_on": bool(p.disk_bytes), "load_failures": p.load_failures,
+                "disk_io": dict(disk.stats) if disk is not None else None}
 
     def _lost(self, message: str) -> None:
         """The liveness client is ending the process (a rank was lost): tell every open request."""

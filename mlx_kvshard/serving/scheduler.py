@@ -130,8 +130,8 @@ class Scheduler:
         rank's disk tier failed (then the tier stops everywhere)."""
         seq, ids = self.loading
         self.loading = None
-        seq.from_disk += sum(len(self.prefix.blocks[i].tokens) for i in ids[:valid])
-        self.prefix.loaded(ids, valid)
+        seq.from_disk += sum(len(self.prefix.blocks[i].tokens) for i in ids[:valid] if i in self.prefix.blocks)
+        self._evict(self.prefix.loaded(ids, valid))
         if not ok:
             self.stop_disk()
 
