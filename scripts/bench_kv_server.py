@@ -168,12 +168,16 @@ def text(report: dict, a) -> str:
                        f"{r['warm_s'] / r['cold_s']:.2f} | {r['warm_cached']} / {r['warm_prompt']} |")
     out += ["", "Disk tier (`--prefix-cache-dir`): cold and RAM-warm on one server, disk-warm on a second server "
             "started on the same directory after the first stopped:", "",
-            "| prompt tokens | TTFT cold | RAM-warm | disk-warm | disk / cold | cached after the restart | "
-            "block files (rank 0) |", "|--:|--:|--:|--:|--:|--:|--:|"]
+            "| prompt tokens | TTFT cold | RAM-warm | disk-warm | disk / cold | cached after the restart |",
+            "|--:|--:|--:|--:|--:|--:|"]
     for r in report.get("disk", []):
         out.append(f"| {r['prompt_tokens']} | {r['cold_s'] * 1e3:.0f} ms | {r['warm_s'] * 1e3:.0f} ms | "
                    f"{r['disk_s'] * 1e3:.0f} ms | {r['disk_s'] / r['cold_s']:.2f} | "
-                   f"{r['disk_cached']} / {r['disk_prompt']} | {benchlib.mib(r['block_bytes_on_disk'])} |")
+                   f"{r['disk_cached']} / {r['disk_prompt']} |")
+    if report.get("disk"):
+        r = report["disk"][0]
+        out += ["", f"Block files on disk after the first server: {benchlib.mib(r['block_bytes_on_disk'])}; the "
+                f"restarted server read {benchlib.mib(r['read_bytes'])} back in {r['read_s']:.2f} s."]
     if a.only:
         return "\n".join(out)
     out += ["", f"{a.chats} chats sharing a {a.system_tokens}-token system prompt, one after the other, each on a "

@@ -105,6 +105,11 @@ class BlockIndex:
         return self.tokens * self.bytes_per_token
 
     @property
+    def next_id(self) -> int:
+        """The id the next new block gets (ids only grow)."""
+        return self._next_id
+
+    @property
     def disk_used(self) -> int:
         return self.disk_tokens * self.bytes_per_token
 

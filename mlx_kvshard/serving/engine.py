@@ -59,6 +59,7 @@ class Engine:
         self.rank_capacity = rank_capacity
         self.kv_bytes_per_token = [loaded.kv_bytes_per_token(r) for r in range(self.comm.world)]
         prefix = None
+        self._saved = 0  # the prefix index's disk-tier version in the last manifest written
         if settings.prefix_cache_bytes > 0:
             disk = state.disk
             prefix = BlockIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.prefix_block_tokens,
@@ -80,7 +81,6 @@ class Engine:
         self._stopped = False
         self._trim: tuple[int, int] | None = None  # (uid, rejected drafts) for the next step's TRIM
         self.error: str | None = None
-        self._saved = 0  # the prefix index's disk-tier version in the last manifest written
         self.audits: list[dict] = []  # with check_sync: every rank's rows and KV after each join and removal
         # A front that moves the open requests to the next group (mlx_kvshard/front) takes a
         # loss itself: callable(message) instead of an error event to every open request.
@@ -266,8 +266,8 @@ class Engine:
         disk, prefix = self.state.disk, self.scheduler.prefix
         if disk is None or prefix is None or not prefix.disk_bytes:
             return
-        if prefix._next_id >= disk.reserved:
-            disk.reserve(prefix._next_id)
+        if prefix.next_id >= disk.reserved:
+            disk.reserve(prefix.next_id)
         if disk.broken and not step.disk_off:
             self.scheduler.stop_disk()  # our own disk failed: DISKOFF in this very step
             step.disk_off, self.scheduler.disk_off = True, False
@@ -278,7 +278,7 @@ class Engine:
     def _save_manifest(self) -> None:
         disk, prefix = self.state.disk, self.scheduler.prefix
         if disk is not None and prefix is not None and prefix.disk_bytes and prefix.changed != self._saved:
-            disk.save_manifest(prefix.manifest(), prefix._next_id)
+            disk.save_manifest(prefix.manifest(), prefix.next_id)
             self._saved = prefix.changed
 
     def _close_disk(self) -> None:
