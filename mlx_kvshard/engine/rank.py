@@ -153,7 +153,14 @@ def _token_agreement(rank: LoadedRank, run: _Run):
     comm = rank.comm
     if rank.stages is not None:  # only the last stage has logits: its token is every rank's
         last = rank.stages.stages - 1
-        return lambda y: comm.broadcast_from(y, last)
+        if comm.rank == last:
+            return lambda y: comm.broadcast_from(y, last)
+        # Before the last stage the logits are placeholder zeros: contribute zeros that do not
+        # depend on them, so neither they nor their sample are ever computed (this stage's
+        # send is evaluated inside the forward already, so no collective can overtake it).
+        import mlx.core as mx
+
+        return lambda y: comm.all_sum(mx.zeros(y.shape, dtype=mx.int32)).astype(y.dtype)
     if comm.world == 1 or rank.plan.vocab_parallel:
         return None
     if not probing_tokens():
