@@ -39,6 +39,8 @@ def test_the_link_decides_between_head_sharding_and_stages(llama8b, tmp_path, ca
     assert c["pp"]["layers"] == [[0, 8], [8, 16], [16, 24], [24, 32]]
     assert c["hybrid"]["runs"] is False and "Group split not supported" in c["hybrid"]["why"]
     assert c["pp"]["concurrent_implemented"] is False
+    # what serve --pp runs (the stages in turn) is predicted beside it; micro-batches read the KV concurrently
+    assert 0 < c["pp"]["concurrent_in_turn_tok_s"] < c["pp"]["concurrent_tok_s"]
     for m in ("tp", "pp"):
         assert c[m]["concurrent_tok_s"] > c[m]["one_stream_tok_s"] > 0
 

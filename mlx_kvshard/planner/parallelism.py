@@ -7,7 +7,10 @@ link. PP, one stream: the stages run one after another (each reads its layers' w
 KV), S−1 activations cross one hop each and one 4-byte all_sum hands the last stage's token
 to every rank. PP serving keeps S micro-batches in flight so every stage works every step:
 a round of S micro-steps gives each row one token; `serve --pp` runs the stages in turn
-(no micro-batches yet), so that figure says what micro-batching would give, labelled as such. Hybrid TP x PP
+(no micro-batches yet), so that figure says what micro-batching would give, labelled as such,
+beside the in-turn figure (`concurrent_in_turn_tok_s`: the whole batch through every stage in
+turn, what serve --pp runs). Micro-batching gains on what scales with rows (each stage's KV
+reads, compute), not on the weights, which every stage reads once per micro-step. Hybrid TP x PP
 cannot run on MLX's ring (no Group.split): it is reported as not runnable."""
 
 from __future__ import annotations
@@ -103,9 +106,12 @@ def compare(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, o
         stages = StagePlan.build(cfg, S, shares, compute_dtype, opts.kv, opts.context)
         pp1 = predict_pipeline(stages, opts.context, 1, link, chips, opts.eta, opts.t_fixed_s)
         pp8 = predict_pipeline_microbatched(stages, opts.context, CONCURRENT, link, chips, opts.eta, opts.t_fixed_s)
+        pp8_turn = predict_pipeline(stages, opts.context, CONCURRENT, link, chips, opts.eta, opts.t_fixed_s)
         out["pp"] = {"flag": f"--pp {S}", "layers": [list(r) for r in stages.layers],
                      "one_stream_tok_s": pp1["tokens_per_second"], "concurrent_tok_s": pp8["aggregate_tokens_per_second"],
-                     "concurrent_implemented": False, "link_ms_per_token": pp1["link_seconds"] * 1e3,
+                     "concurrent_implemented": False,
+                     "concurrent_in_turn_tok_s": pp8_turn["aggregate_tokens_per_second"],  # what serve --pp runs
+                     "link_ms_per_token": pp1["link_seconds"] * 1e3,
                      "fits": _stage_fits(stages, hosts, opts)}
     except UserError as e:
         out["pp"] = {"error": str(e)}
@@ -144,7 +150,8 @@ def lines(c: dict | None) -> list[str]:
         if "error" in d:
             out.append(f"  {_name(m)}: cannot run ({d['error']})")
             continue
-        note = " (micro-batched: predicted; serve --pp runs the stages in turn, micro-batching not implemented)" if m == "pp" else ""
+        note = (f" (micro-batched: predicted, not implemented; serve --pp runs the stages in turn: "
+                f"{d['concurrent_in_turn_tok_s']:.1f} tok/s)" if m == "pp" else "")
         fits = {True: "", False: "; does NOT fit", None: ""}[d["fits"]]
         flag = f" [{d['flag']}]" if d["flag"] else ""
         out.append(f"  {_name(m)}{flag}: one stream {d['one_stream_tok_s']:.1f} tok/s, "
