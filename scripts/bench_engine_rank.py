@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_kvshard.engine.generate import SamplingParams  # noqa: E402
+from mlx_kvshard.launch.secrets import take_from_stdin  # noqa: E402
 from mlx_kvshard.serving.requests import Request  # noqa: E402
 from mlx_kvshard.serving.worker import serve_rank  # noqa: E402
 from mlx_kvshard.settings import EngineSettings, ModelSettings, RankSettings  # noqa: E402
@@ -82,6 +83,7 @@ def main() -> int:
     p.add_argument("--long-prompt", type=int, default=2048)
     p.add_argument("--prefill-step", type=int, default=512)
     a = p.parse_args()
+    take_from_stdin()  # the coordinator's token comes on stdin (mlx_kvshard/launch/secrets.py)
     a.concurrency = [int(x) for x in a.concurrency.split(",")]
     settings = RankSettings(model=ModelSettings(a.model, "float32", 4096, a.prefill_step))
     es = EngineSettings(max_batch=16, prefill_step=a.prefill_step, prefix_cache_bytes=0)
