@@ -82,6 +82,17 @@ def concurrent(server: Server, bodies: list[dict]) -> list[list]:
     return out
 
 
+def world2_metrics_then_orderly_stop(server: Server) -> str:
+    """/metrics (rank 0's engine answers through the front) shows the relaunched world-2
+    group; then SIGTERM stops it in order, as without a front. Returns the metrics text."""
+    m = httpx.get(server.url + "/metrics", timeout=60, headers=getattr(server, "headers", None))
+    assert m.status_code == 200 and "mlx_kvshard_world_size 2.0" in m.text, m.text[:2000]
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    assert server.proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped on request (SIGTERM): all 2 rank(s) stopped in order" in server.stderr()
+    return m.text
+
+
 def moved(err: str) -> int:
     return sum(int(m) for m in re.findall(r"moved (\d+) request\(s\) in flight to the relaunched group", err))
 
@@ -153,11 +164,7 @@ def test_past_the_migration_bounds_the_client_gets_one_error(model, tmp_path, fl
         wait_for(lambda: server.health() == 200, server.proc, 300, "the group back")
         r = httpx.post(server.url + "/v1/completions", json={**BODIES["greedy"], "max_tokens": 4}, timeout=600)
         assert r.status_code == 200  # the next request runs on the relaunched group
-        m = httpx.get(server.url + "/metrics", timeout=60)  # rank 0's engine answers through the front
-        assert m.status_code == 200 and "mlx_kvshard_world_size 2.0" in m.text, m.text[:2000]
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        assert server.proc.wait(timeout=120) == 128 + signal.SIGTERM  # an orderly stop, as without a front
-        assert "stopped on request (SIGTERM): all 2 rank(s) stopped in order" in server.stderr()
+        world2_metrics_then_orderly_stop(server)
     finally:
         server.stop()
     assert not tagged(tag)
@@ -200,12 +207,8 @@ def test_rank0_on_another_mac_over_tcp_then_a_smaller_world_after_exclude(model,
         assert text_of(events) == text_of(world3)
         pieces = [p for e in world2 for p in (e["choices"][0].get("logprobs") or {}).get("tokens", [])]
         assert len(pieces) == body["max_tokens"] and "".join(pieces) == text_of(world2)
-        m = httpx.get(server.url + "/metrics", timeout=60, headers=server.headers).text
-        assert "mlx_kvshard_world_size 2.0" in m, m[:2000]
+        m = world2_metrics_then_orderly_stop(server)
         assert re.findall(r'mlx_kvshard_audited_batch_rows\{rank="(\d)"\} 0\.0', m) == ["0", "1"], m
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        assert server.proc.wait(timeout=120) == 128 + signal.SIGTERM  # an orderly stop, as without a front
-        assert "stopped on request (SIGTERM): all 2 rank(s) stopped in order" in server.stderr()
     finally:
         server.stop()
     assert not tagged(tag)
