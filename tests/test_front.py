@@ -212,3 +212,50 @@ def test_rank0_on_another_mac_over_tcp_then_a_smaller_world_after_exclude(model,
     finally:
         server.stop()
     assert not tagged(tag)
+
+
+def test_the_tcp_front_takes_one_bounded_hello_with_its_token():
+    """In process: the front rank 0 reaches over TCP drops a wrong token, a hello past its
+    bound and connections past the MAX_PENDING still silent ones (at once), and serves the
+    rank 0 whose hello carries its token until that connection goes (/health: recovering)."""
+    import socket
+    import time
+
+    from mlx_kvshard.front.messages import ENV_FRONT, ENV_FRONT_TOKEN, MAX_HELLO
+    from mlx_kvshard.front.server import MAX_PENDING, FrontServer
+    from mlx_kvshard.settings import ServerSettings
+
+    def dropped(sock: socket.socket) -> bool:
+        sock.settimeout(30)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def hello(token: str) -> bytes:
+        return json.dumps({"t": "hello", "token": token, "info": {"world": 2}}).encode() + b"\n"
+
+    front = FrontServer(ServerSettings(port=0), 3, 120.0, tcp=True)
+    env = front.env("127.0.0.1")
+    host, port = env[ENV_FRONT].removeprefix("tcp:").rsplit(":", 1)
+    conn = lambda: socket.create_connection((host, int(port)), timeout=30)  # noqa: E731
+    try:
+        wrong, long = conn(), conn()
+        wrong.sendall(hello("x" * len(env[ENV_FRONT_TOKEN])))
+        long.sendall(b"{" * (MAX_HELLO + 2))
+        assert dropped(wrong) and dropped(long)
+        silent = [conn() for _ in range(MAX_PENDING)]
+        time.sleep(0.5)  # each is accepted and waits for its hello
+        extra = conn()
+        assert dropped(extra)  # long before the hello deadline of the silent ones
+        for s in silent:
+            s.close()
+        time.sleep(0.5)
+        rank0 = conn()
+        rank0.sendall(hello(env[ENV_FRONT_TOKEN]))
+        wait_for(lambda: front.backend.state == "ready", None, 30, "rank 0 attached")
+        assert front.remote.info() == {"world": 2}
+        rank0.close()
+        wait_for(lambda: front.backend.state == "recovering", None, 30, "the loss noticed")
+    finally:
+        front.close("the test ends", lost=False)
