@@ -37,9 +37,14 @@ def split(envs: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def line(secrets: dict[str, str]) -> bytes:
+    """The line a rank reads (JSON escapes every control and non-ASCII character: a pty
+    passes it unchanged). Checked when the launch is built, before any rank starts."""
     data = json.dumps(secrets, separators=(",", ":")).encode() + b"\n"
     if len(data) > MAX_LINE:
-        raise ValueError(f"secrets line of {len(data)} bytes: at most {MAX_LINE} pass a pty in one line")
+        from ..errors import UserError
+
+        raise UserError(f"{', '.join(sorted(secrets))}: {len(data)} bytes together, at most {MAX_LINE} "
+                        f"(one line through a pty); use a shorter API key")
     return data
 
 

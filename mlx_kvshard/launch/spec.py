@@ -121,6 +121,7 @@ def build_spec(
     envs, hidden = secrets.split(list(envs))
     env = list(envs)
     if hidden:
+        secrets.line(hidden)  # too long for a pty's line: refused now
         env.append(f"{secrets.ENV_SECRETS}=stdin")
     files: dict[str, str] = {}
     addresses = None

@@ -7,9 +7,9 @@ that dies (its connection closes), stops answering (no heartbeat for `peer_timeo
 fails, or holds a token up past `step_timeout`. Then it tells every rank to stop, with
 one line naming the rank, its host and the token index, which every rank prints.
 
-Only our own ranks may join: each launch makes a random token, handed to the ranks in
-their environment (MLX_KVSHARD_TOKEN), which a `hello` must carry (compared in constant
-time). Anything else that connects (a port scan, a stale rank of another launch, a
+Only our own ranks may join: each launch makes a random token, handed to the ranks as
+MLX_KVSHARD_TOKEN (on their stdin, never on a command line: launch/secrets.py), which a
+`hello` must carry (compared in constant time). Anything else that connects (a port scan, a stale rank of another launch, a
 hostile process) is a stranger: it is dropped and counted, and cannot take a rank's slot.
 Every per-connection buffer is bounded, and a connection that says nothing useful within
 HELLO_TIMEOUT_S is dropped, so no peer can grow the launcher's memory.
