@@ -56,14 +56,34 @@ class RankShard:
     mlp_cols: tuple[int, int]
     kv_sharers: int = 1  # ranks holding a replica of these KV heads (>1 only when world > n_kv_heads)
     vocab_rows: tuple[int, int] | None = None  # lm_head rows, when vocab-parallel; None: all
-    # Sequence-sharded KV: this rank keeps positions p with p % seq_sharers == seq_index of its
-    # KV head, whose sharers are ranks seq_first_rank .. seq_first_rank + seq_sharers - 1.
+    # Sequence-sharded KV: the sharers of this rank's KV head are ranks seq_first_rank ..
+    # seq_first_rank + seq_sharers - 1; position p belongs to sharer seq_cycle[p % len(seq_cycle)]
+    # (even shares: (0, 1, ..., s-1), i.e. p mod s; --shares weights how often each appears).
     seq_sharers: int = 1
     seq_index: int = 0
+    seq_cycle: tuple[int, ...] = (0,)
 
     @property
     def seq_first_rank(self) -> int:
         return self.rank - self.seq_index
+
+    @property
+    def seq_slots(self) -> tuple[int, ...]:
+        """The offsets within one cycle whose positions this rank holds, in order."""
+        return tuple(k for k, owner in enumerate(self.seq_cycle) if owner == self.seq_index)
+
+    def seq_owns(self, p: int) -> bool:
+        return self.seq_cycle[p % len(self.seq_cycle)] == self.seq_index
+
+    def seq_held(self, n: int) -> int:
+        """How many of a sequence's first n positions this rank holds."""
+        period, slots = len(self.seq_cycle), self.seq_slots
+        return n // period * len(slots) + sum(1 for k in slots if k < n % period)
+
+    def seq_position(self, j: int) -> int:
+        """The absolute position of the j-th (from 0) position this rank holds."""
+        slots = self.seq_slots
+        return j // len(slots) * len(self.seq_cycle) + slots[j % len(slots)]
 
     @property
     def local_kv_heads(self) -> int:
@@ -144,11 +164,16 @@ class ShardPlan:
                              f"sequence has nothing to split; each rank holds whole heads")
             kv = replace(kv, shard="replicate")  # no head is shared: nothing to split by sequence
         elif kv.shard == "sequence":
-            shards = _sequence_kv_heads(config, world)
+            shards = _sequence_kv_heads(config, world, shares)
             notes.append(
                 f"world {world} > {n_kv} KV heads: each KV head's positions are interleaved across the "
                 f"ranks that share it; each sharer holds all {g} of its query heads (one extra small "
                 f"all_gather per layer merges the partial attentions)")
+            for s in shards:
+                if s.seq_index == 0 and len(s.seq_cycle) != s.seq_sharers:
+                    held = [s.seq_cycle.count(i) for i in range(s.seq_sharers)]
+                    notes.append(f"KV head {s.kv_heads[0]}: --shares split its positions "
+                                 f"{':'.join(map(str, held))} over ranks {s.rank}-{s.rank + s.seq_sharers - 1}")
         else:
             shards = _share_kv_heads(config, world, shares)
             notes.append(
@@ -287,8 +312,7 @@ class ShardPlan:
 
     def kv_positions(self, rank: int, context: int) -> int:
         """How many of a sequence's first `context` positions this rank holds."""
-        s = self.shards[rank]
-        return max(0, context - s.seq_index + s.seq_sharers - 1) // s.seq_sharers
+        return self.shards[rank].seq_held(max(0, context))
 
     def kv_bytes(self, rank: int, context: int, batch: int = 1) -> int:
         """KV bytes this rank holds for `batch` sequences of `context` tokens (before the
@@ -299,9 +323,18 @@ class ShardPlan:
         """The longest context whose KV fits in `free_bytes` on this rank."""
         if free_bytes <= 0:
             return 0
-        s = self.shards[rank]
         positions = free_bytes // (batch * self.kv_bytes_per_token(rank))
-        return positions * s.seq_sharers + (s.seq_index if positions else 0)
+        return self.shards[rank].seq_position(positions) if positions else 0
+
+    def admission_tokens(self, rank: int, positions: int, rows: int) -> int:
+        """Sequence tokens the serving engine may admit (rows x the longest reservation) so
+        that this rank, holding `positions` KV positions, never overflows: its share of each
+        of `rows` rows can exceed that row's exact fraction by up to one cycle's slots."""
+        s = self.shards[rank]
+        if s.seq_sharers == 1:
+            return positions
+        slots = len(s.seq_slots)
+        return max(0, positions - rows * slots) * len(s.seq_cycle) // slots
 
     def max_rank_bytes(self) -> int:
         """Weights + KV at the planned context on the fullest rank."""
@@ -402,17 +435,46 @@ def _share_kv_heads(config: ModelConfig, world: int, shares: list[float]) -> lis
     return shards
 
 
-def _sequence_kv_heads(config: ModelConfig, world: int) -> list[RankShard]:
-    """world > n_kv_heads, sequence: each sharer of a KV head holds every s-th position of its
-    cache and all its query heads (positions interleave, so the shares grow evenly)."""
+def _sequence_kv_heads(config: ModelConfig, world: int, shares: list[float]) -> list[RankShard]:
+    """world > n_kv_heads, sequence: each sharer of a KV head holds a share of its cache's
+    positions, interleaved (so the shares grow evenly), weighted by --shares, and all its
+    query heads."""
     g = config.group_size_q
     shards, rank = [], 0
     for head, s in enumerate(_sharers_per_head(config, world)):
+        cycle = sequence_cycle(shares[rank:rank + s])
         for i in range(s):
             shards.append(RankShard(rank=rank, kv_heads=(head, head + 1), q_heads=(head * g, head * g + g),
-                                    mlp_cols=(0, 0), seq_sharers=s, seq_index=i))
+                                    mlp_cols=(0, 0), seq_sharers=s, seq_index=i, seq_cycle=cycle))
             rank += 1
     return shards
+
+
+MAX_SEQ_CYCLE = 64  # positions in one ownership cycle: --shares are matched to 1% within it
+
+
+def sequence_cycle(weights: Sequence[float]) -> tuple[int, ...]:
+    """Which sharer holds each position of one cycle, for sharers weighted by `weights`: the
+    shortest cycle (at most MAX_SEQ_CYCLE) whose counts match the weights to 1%, in smooth
+    weighted round-robin order (the shares interleave, none runs ahead). Even weights give
+    (0, 1, ..., s-1): position p on sharer p mod s."""
+    s, total = len(weights), float(sum(weights))
+    best = None
+    for period in range(s, MAX_SEQ_CYCLE + 1):
+        counts = split_counts(period, weights)
+        err = max(abs(c / period - w / total) for c, w in zip(counts, weights))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, counts)
+        if err <= 0.01:
+            break
+    counts = best[1]
+    period, current, cycle = sum(counts), [0] * s, []
+    for _ in range(period):
+        current = [c + n for c, n in zip(current, counts)]
+        i = max(range(s), key=lambda j: (current[j], -j))
+        current[i] -= period
+        cycle.append(i)
+    return tuple(cycle)
 
 
 def kv_position_bytes(cfg: ModelConfig, kv_heads: int, bits: int | None, group_size: int, dtype: str) -> int:

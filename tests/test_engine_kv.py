@@ -94,7 +94,6 @@ def check_kv_bytes(rep: dict, model: Path, world: int) -> None:
 
 
 @pytest.mark.parametrize("flags, world, message", [
-    (["--kv-shard", "sequence"], 3, "--kv-shard sequence: sequence-sharded KV is not implemented in the serving engine"),
     ([*KV, "--kv-quant-start", "4"], 1, "--kv-quant-start 4: late KV quantization is not implemented in the serving engine"),
 ])
 def test_engine_refuses_sequence_kv_and_late_quantization(flags, world, message, ckpt_root, tmp_path):

@@ -194,6 +194,30 @@ def test_sequence_mode_gives_every_sharer_the_whole_group_and_a_share_of_positio
     assert plan.max_context(1, free) == 1001 and plan.kv_bytes(1, 1001) <= free < plan.kv_bytes(1, 1003)
 
 
+def test_sequence_shares_weight_each_sharers_positions():
+    """--shares 3,1 on the two sharers of a head: 3 of every 4 positions on the first,
+    interleaved; held counts, positions and admission all follow the same cycle."""
+    from mlx_kvshard.plan import sequence_cycle
+
+    assert sequence_cycle([1, 1, 1]) == (0, 1, 2)  # even: position p on sharer p mod s
+    assert sequence_cycle([3, 1]) == (0, 0, 1, 0) and sequence_cycle([64, 16]) == (0, 0, 1, 0, 0)
+    cycle = sequence_cycle([24, 16, 16])  # not a small integer ratio: within 1%
+    assert [cycle.count(i) / len(cycle) for i in range(3)] == pytest.approx([24 / 56, 16 / 56, 16 / 56], abs=0.01)
+    plan = ShardPlan.build(cfg(), 16, [3, 1] + [1] * 14, kv=KVSettings(shard="sequence"))
+    s0, s1 = plan.shards[:2]
+    assert s0.seq_cycle == s1.seq_cycle == (0, 0, 1, 0) and plan.shards[2].seq_cycle == (0, 1)
+    for s in (s0, s1):
+        held = [p for p in range(1001) if s.seq_owns(p)]
+        assert [s.seq_position(j) for j in range(len(held))] == held
+        assert all(s.seq_held(n) == sum(p < n for p in held) for n in range(0, 1001, 7))
+    assert (plan.kv_positions(0, 1000), plan.kv_positions(1, 1000)) == (750, 250)
+    assert any("split its positions 3:1" in n for n in plan.notes)
+    # admission: rank 1 holds a quarter of each row, rank 0 three quarters (less a cycle's slots per row)
+    assert plan.admission_tokens(1, 1000, rows=4) == (1000 - 4) * 4
+    assert plan.admission_tokens(0, 1000, rows=4) == (1000 - 12) * 4 // 3
+    assert plan.admission_tokens(0, 1000, rows=4) == 1317 and ShardPlan.build(cfg(), 4).admission_tokens(0, 1000, 4) == 1000
+
+
 def test_sequence_mode_at_twice_the_kv_heads_halves_kv_per_rank():
     rep = ShardPlan.build(cfg(), 16)
     seq = ShardPlan.build(cfg(), 16, kv=KVSettings(shard="sequence"))

@@ -38,7 +38,7 @@ def add_model_arguments(p) -> None:
 
 def add_kv_arguments(p) -> None:
     """How each rank stores its KV cache. The serving engine takes --kv-bits/--kv-group-size;
-    --kv-quant-start and --kv-shard sequence are one-prompt only (it refuses them at start)."""
+    --kv-quant-start is one-prompt only (it refuses it at start)."""
     p.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
                    help="store each rank's KV cache quantized to 8 or 4 bits (default: the compute dtype)")
     p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
@@ -49,7 +49,7 @@ def add_kv_arguments(p) -> None:
     p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
                    help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
                         "by sequence position (KV per rank = total / N), or auto (less memory per rank "
-                        "at --max-context); sequence is one-prompt generate only")
+                        "at --max-context)")
     p.add_argument("--kv-rotate", choices=tuple(KV_ROTATE_MODES), default="auto",
                    help="Hadamard-rotate each head's q, k, v before the cache and the output back: attention is "
                         "unchanged, outliers are spread before quantizing (auto: on where measured to win, "

@@ -28,8 +28,8 @@ def partial_attention(queries: mx.array, keys, values, scale: float, quantizatio
                       q_pos: mx.array | None = None, k_pos: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Attention of `queries` (B, Hq, L, D) over the stored `keys`/`values` (B, Hkv, n, D),
     or mlx-lm's quantized (packed, scales, biases) triples. With absolute positions `q_pos`
-    and `k_pos`, a query sees the keys at or before its position; without them it sees every
-    key (a decode step: all stored positions precede it). Returns (out, lse) with out
+    (L,), or per batch row (B, L), and `k_pos` (n,), a query sees the keys at or before its
+    position; without them it sees every key (a decode step: all stored positions precede it). Returns (out, lse) with out
     (B, Hq, L, D) normalised over these keys only and lse (B, Hq, L) in float32
     (-inf, with out 0, for a query that sees none of them)."""
     B, n_q, L, D = queries.shape
@@ -45,7 +45,10 @@ def partial_attention(queries: mx.array, keys, values, scale: float, quantizatio
         scores = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
     scores = scores.astype(mx.float32)
     if q_pos is not None:
-        scores = mx.where(k_pos[None, :] <= q_pos[:, None], scores, -mx.inf)
+        visible = k_pos <= q_pos[..., None]  # (L, n), or per row (B, L, n)
+        if visible.ndim == 3:
+            visible = visible[:, None, None]
+        scores = mx.where(visible, scores, -mx.inf)
     m = scores.max(axis=-1, keepdims=True)
     m = mx.where(m == -mx.inf, 0.0, m)  # a query with no visible key: exp(-inf) = 0 below
     p = mx.exp(scores - m)
@@ -71,22 +74,20 @@ def merge_weights(lse: mx.array, shard: RankShard, comm: Comm) -> mx.array:
 
 
 def sequence_sharded_attention(queries: mx.array, keys: mx.array, values: mx.array, cache, scale: float,
-                               shard: RankShard, comm: Comm) -> mx.array:
+                               shard: RankShard, comm: Comm, mask=None) -> mx.array:
     """This rank's weighted part of the attention output (B, Hq, L, D), for a plan where some KV
     head is sequence-sharded. `keys`/`values` are the new positions (already rotated); every
-    rank issues the same one all_gather per layer, sharer or not."""
+    rank issues the same one all_gather per layer, sharer or not. `mask` is the model's, for a
+    rank alone on its head (a batch cache's left padding)."""
     L = queries.shape[2]
-    start = cache.offset
     keys, values = cache.update_and_fetch(keys, values)
     if shard.seq_sharers == 1:  # whole head here: plain causal attention, but join the gather
         from mlx_lm.models.base import scaled_dot_product_attention
 
-        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale,
-                                           mask="causal" if L > 1 else None)
+        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
         w = merge_weights(mx.zeros(out.shape[:3], mx.float32), shard, comm)
         return out * w[..., None].astype(out.dtype)
-    # one decode position sees every stored one: the causal mask is for prefill chunks and verify steps
-    positions = (mx.arange(start, start + L), cache.positions()) if L > 1 else ()
-    out, lse = partial_attention(queries, keys, values, scale, cache.quantization, *positions)
+    # the cache says which stored positions each query sees (prefill chunks, verify steps, batch rows)
+    out, lse = partial_attention(queries, keys, values, scale, cache.quantization, *cache.attention_positions(L))
     w = merge_weights(lse, shard, comm)
     return out * w[..., None].astype(out.dtype)

@@ -30,7 +30,7 @@ def _layer_cache(shard: RankShard, kv: KVSettings):
     else:
         inner = QuantizedKVCache(group_size=kv.group_size, bits=kv.bits)
     if shard.seq_sharers > 1:
-        return SequenceShardedKVCache(shard.seq_sharers, shard.seq_index, inner)
+        return SequenceShardedKVCache(shard, inner)
     return inner
 
 
@@ -78,30 +78,43 @@ class LateQuantizedKVCache(_BaseCache):
 
 
 class SequenceShardedKVCache(_BaseCache):
-    """This rank's share of a KV head shared by `sharers` ranks: positions p with
-    p % sharers == index, stored in `inner` (any mlx-lm-style cache) in order. `offset` counts
-    every position of the sequence (RoPE and the causal mask need absolute positions)."""
+    """This rank's share of a KV head shared by `shard.seq_sharers` ranks: the positions the
+    shard's ownership cycle gives it (plan.py), stored in `inner` (any mlx-lm-style cache) in
+    order. `offset` counts every position of the sequence (RoPE and the causal mask need
+    absolute positions)."""
 
-    def __init__(self, sharers: int, index: int, inner):
-        self.sharers, self.index, self.inner = sharers, index, inner
+    def __init__(self, shard: RankShard, inner):
+        self.shard, self.inner = shard, inner
+        self.sharers, self.index = shard.seq_sharers, shard.seq_index
         self.offset = 0
         self._last = None  # the last update's keys, all positions: see `state`
 
     def update_and_fetch(self, keys, values):
         """Store the new positions this rank owns; return every stored (keys, values), or
         (None, None) while it owns none yet."""
-        first = (self.index - self.offset) % self.sharers
-        self.offset += keys.shape[2]
+        L = keys.shape[2]
+        if len(self.shard.seq_cycle) == self.sharers:  # even shares: every s-th position
+            first = (self.index - self.offset) % self.sharers
+            mine = slice(first, None, self.sharers) if first < L else None
+        else:
+            owned = [i for i in range(L) if self.shard.seq_owns(self.offset + i)]
+            mine = mx.array(owned) if owned else None
+        self.offset += L
         self._last = keys
-        if first < keys.shape[2]:
-            self.inner.update_and_fetch(keys[:, :, first::self.sharers], values[:, :, first::self.sharers])
+        if mine is not None:
+            self.inner.update_and_fetch(keys[:, :, mine], values[:, :, mine])
         if self.inner.empty():
             return None, None
         return self.inner.keys_and_values()
 
     def positions(self) -> mx.array:
         """Absolute position of every stored entry."""
-        return mx.arange(self.inner.offset) * self.sharers + self.index
+        return held_positions(self.shard, self.inner.offset)
+
+    def attention_positions(self, L: int) -> tuple:
+        """(query positions, key positions) masking the last update's L queries by absolute
+        position; () for one decode query, which sees every stored position."""
+        return (mx.arange(self.offset - L, self.offset), self.positions()) if L > 1 else ()
 
     @property
     def quantization(self) -> tuple[int, int] | None:
@@ -134,11 +147,21 @@ class SequenceShardedKVCache(_BaseCache):
         rank removes those of them it holds."""
         n = min(n, self.offset)
         start = self.offset - n
-        mine = sum(1 for p in range(start, self.offset) if p % self.sharers == self.index)
+        mine = self.shard.seq_held(self.offset) - self.shard.seq_held(start)
         if mine:
             self.inner.trim(mine)
         self.offset = start
         return n
+
+
+def held_positions(shard: RankShard, n: int) -> mx.array:
+    """Absolute positions of the first n positions `shard` holds of a sequence (its cycle's
+    slots, repeated every cycle)."""
+    slots, period = shard.seq_slots, len(shard.seq_cycle)
+    j = mx.arange(n)
+    if len(slots) == 1:
+        return j * period + slots[0]
+    return j // len(slots) * period + mx.array(slots)[j % len(slots)]
 
 
 def stored_positions(cache) -> int:
@@ -287,13 +310,14 @@ def _pad_positions(x: mx.array, left: int, right: int) -> mx.array:
 
 def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
     """The batched cache for this rank's heads: mlx-lm's BatchKVCache, or the quantized one
-    above (both build a batch with `merge` of single-stream rows from `make_cache`).
-    Sequence-sharded heads and late quantization are single-stream only."""
+    above (both build a batch with `merge` of single-stream rows from `make_cache`), or for a
+    sequence-sharded head seqkv.py's BatchSequenceKVCache. Late quantization is single-stream only."""
     from ..errors import UserError
 
     if shard.seq_sharers > 1:
-        raise UserError("the batched engine does not support --kv-shard sequence yet; "
-                        "use --kv-shard replicate (the default)")
+        from .seqkv import BatchSequenceKVCache
+
+        return BatchSequenceKVCache
     if kv.bits is not None and kv.quant_start:
         raise UserError("the batched engine quantizes the KV cache from the first token; "
                         "drop --kv-quant-start")
@@ -302,6 +326,7 @@ def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
 
 def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_padding: list[int]) -> list:
     """Per layer, an empty batched cache for this rank's heads (see batch_cache_class)."""
+    assert shard.seq_sharers == 1, "a sequence-sharded batch is built by merging prefilled rows"
     if batch_cache_class(shard, kv) is BatchKVCache:
         return [BatchKVCache(left_padding) for _ in range(n_layers)]
     return [BatchQuantizedKVCache(left_padding, kv.group_size, kv.bits) for _ in range(n_layers)]
@@ -318,6 +343,10 @@ def _empty_like(cache):
 def slice_copy(cache, start: int, end: int):
     """A new single-stream cache of the same kind holding copies of positions [start, end)
     (a prefix-cache block)."""
+    if isinstance(cache, SequenceShardedKVCache):
+        from .seqkv import slice_sequence_copy
+
+        return slice_sequence_copy(cache, start, end)
     out = _empty_like(cache)
     out.keys, out.values = tree_map(lambda x: mx.contiguous(x[..., start:end, :]), (cache.keys, cache.values))
     out.offset = end - start
@@ -327,6 +356,10 @@ def slice_copy(cache, start: int, end: int):
 def joined_copy(caches: list, n: int):
     """A new single-stream cache holding the first n positions of `caches` one after the
     other (a prompt starting from a chain of prefix-cache blocks)."""
+    if isinstance(caches[0], SequenceShardedKVCache):
+        from .seqkv import joined_sequence_copy
+
+        return joined_sequence_copy(caches, n)
     out = _empty_like(caches[0])
     parts = [tree_map(lambda x: x[..., :c.offset, :], (c.keys, c.values)) for c in caches]
     joined = tree_map(lambda *xs: mx.concatenate(xs, axis=2)[..., :n, :], *parts)

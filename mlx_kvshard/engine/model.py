@@ -82,7 +82,7 @@ class Attention(nn.Module):
         if self.rotate:
             queries, keys, values = rotate_heads(queries), rotate_heads(keys), rotate_heads(values)
         if self.sequence_merge:
-            out = sequence_sharded_attention(queries, keys, values, cache, self.scale, self.shard, self.comm)
+            out = sequence_sharded_attention(queries, keys, values, cache, self.scale, self.shard, self.comm, mask)
         else:
             if cache is not None:
                 # The cache holds only this rank's KV heads; it never leaves the rank.

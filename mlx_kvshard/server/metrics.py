@@ -87,10 +87,13 @@ class EngineCollector(Collector):
         yield _gauge("running_requests", "Sequences in the decode batch", m.get("running", 0))
         yield _gauge("prefilling_requests", "Sequences being prefilled", m.get("prefilling", 0))
         used = m.get("kv_tokens_used", 0)
-        yield _per_rank("kv_tokens_used", "KV positions held per rank (each for its own heads)",
-                        [used] * engine.comm.world)
-        yield _per_rank("kv_tokens_capacity", "KV tokens each rank measured it can hold",
+        yield _per_rank("kv_tokens_used", "KV positions held per rank (each for its own heads; sequence-sharded: "
+                        "its share of each sequence's)", m.get("kv_positions_used_per_rank", [used] * engine.comm.world))
+        yield _per_rank("kv_tokens_capacity", "KV tokens (of sequences) each rank measured it can hold",
                         [r["kv_tokens"] for r in engine.rank_capacity])
+        yield _per_rank("kv_positions_capacity", "KV positions each rank measured it can hold (sequence-sharded: "
+                        "a sequence's tokens need only its share of positions)",
+                        [r.get("kv_positions", r["kv_tokens"]) for r in engine.rank_capacity])
         yield _per_rank("kv_bytes_used", "KV cache bytes per rank (its heads)",
                         m.get("kv_bytes_used_per_rank", [0] * engine.comm.world))
         yield _gauge("kv_tokens_admission_capacity", "KV tokens admission plans with (the smallest rank's, "

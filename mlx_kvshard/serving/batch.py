@@ -8,6 +8,8 @@ the same 2·L all_sums as one sequence. A prompt is prefilled alone into its own
 single-stream cache (chunk by chunk, interleaved with decode steps), then merged into the
 batch. With --kv-bits these are mlx-lm's `QuantizedKVCache` and our `BatchQuantizedKVCache`
 (engine/kvcache.py picks them from the rank's KV settings); prefix-cache blocks (kv/store.py) keep that form.
+With sequence-sharded KV a rank's rows hold its share of each row's positions
+(engine/seqkv.py), and its blocks its positions of each block.
 
 Row slots. mlx-lm's `filter` and `extend` copy the whole batch cache, so a closed loop of
 clients paid two full copies per request (a quarter of the step time with a long shared
@@ -30,6 +32,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
+from ..engine.seqkv import row_tokens
 from ..kv.store import BlockStore
 from .wire import Step
 
@@ -60,7 +63,8 @@ class BatchState:
         self.needs_logits = needs_logits
         self.batch_class = batch_cache_class(model.shard, model.kv)  # BatchKVCache, or quantized with --kv-bits
         self.rows: list[int | None] = []  # uid of each batch row (slot), None for a hole
-        self.slots = self.batch_class is BatchKVCache  # holes and in-place joins (not with --kv-bits)
+        # holes and in-place joins (not with --kv-bits, nor sequence-sharded KV: the same on every rank)
+        self.slots = self.batch_class is BatchKVCache and model.kv.shard != "sequence"
         self.kv_capacity = kv_capacity
         self.audit_bytes = 1024 + 96 * max_batch  # the same on every rank: one all_gather of this size
         self.cache: list[BatchKVCache] | None = None
@@ -303,7 +307,7 @@ class BatchState:
         lens, allocated = [], 0
         if self.cache:
             c = self.cache[0]
-            lens = (mx.array(c._idx) - c.left_padding).tolist()  # each slot's real tokens
+            lens = row_tokens(c)  # each slot's real tokens
             lens = [n for n, u in zip(lens, self.rows) if u is not None]
             allocated = allocated_positions(c)
         return {"rank": self.comm.rank, "rows": self.live, "slots": len(self.rows), "row_tokens": lens,

@@ -57,12 +57,17 @@ class Engine:
         self.state = state
         self.kv_capacity = kv_capacity
         self.rank_capacity = rank_capacity
-        self.kv_bytes_per_token = [loaded.kv_bytes_per_token(r) for r in range(self.comm.world)]
+        self.kv_bytes_per_token = [loaded.kv_bytes_per_token(r) for r in range(self.comm.world)]  # per position held
+        self._sequence_plan = loaded.stages is None and loaded.plan.sequence_sharded
         prefix = None
         self._saved = 0  # the prefix index's disk-tier version in the last manifest written
         if settings.prefix_cache_bytes > 0:
             disk = state.disk
-            prefix = BlockIndex(settings.prefix_cache_bytes, max(self.kv_bytes_per_token), settings.prefix_block_tokens,
+            per_token = max(self.kv_bytes_per_token)
+            if self._sequence_plan:  # per token of a block: a sequence-sharded rank holds its share of them
+                per_token = max(-(-b * len(s.seq_slots) // len(s.seq_cycle))
+                                for b, s in zip(self.kv_bytes_per_token, loaded.plan.shards))
+            prefix = BlockIndex(settings.prefix_cache_bytes, per_token, settings.prefix_block_tokens,
                                 settings.min_prefix_tokens, settings.prefix_cache_disk_bytes if disk else 0)
             if disk is not None:  # the disk tier as the last run left it (kv/disk.py checked it is this layout's)
                 prefix.restore(disk.restored, disk.next_id)
@@ -487,20 +492,27 @@ class Engine:
             pass
 
     def _check_audit(self, reports: list[dict]) -> None:
-        first = {k: v for k, v in reports[0].items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
+        # each rank's own facts (sequence-sharded KV: allocated positions differ by rank too)
+        own = ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes", "allocated_tokens")
+        first = {k: v for k, v in reports[0].items() if k not in own}
         for r in reports[1:]:
-            mine = {k: v for k, v in r.items() if k not in ("rank", "kv_bytes", "entry_bytes", "batch_kv_bytes")}
+            mine = {k: v for k, v in r.items() if k not in own}
             if mine != first:
                 raise AssertionError(f"rank {r['rank']} holds {mine}, rank 0 holds {first}: ranks out of sync")
         self.audits.append({"step": self.scheduler.step_index - 1, "reports": reports})
 
     def _gauges(self) -> None:
         sched = self.scheduler
-        used = sum(s.prefilled + len(s.generated) for s in sched.admitted())
+        lens = [s.prefilled + len(s.generated) for s in sched.admitted()]
+        used = sum(lens)
+        plan = self.loaded.plan  # positions each rank holds of them (sequence-sharded: its share)
+        held = [sum(plan.kv_positions(r, n) for n in lens) for r in range(plan.world)] if self._sequence_plan \
+            else [used] * self.comm.world
         self.metrics.set(queue_depth=len(sched.waiting) + len(self._inbox), running=len(sched.running),
                          prefilling=len(sched.prefilling), kv_tokens_used=used,
                          kv_tokens_reserved=sched.kv_needed(sched.admitted()), kv_tokens_capacity=self.kv_capacity,
-                         kv_bytes_used_per_rank=[used * b for b in self.kv_bytes_per_token],
+                         kv_positions_used_per_rank=held,
+                         kv_bytes_used_per_rank=[h * b for h, b in zip(held, self.kv_bytes_per_token)],
                          prefix_cache=self._prefix_gauges() if sched.prefix else None)
 
     def _prefix_gauges(self) -> dict:

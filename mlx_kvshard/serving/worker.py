@@ -37,8 +37,12 @@ def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:
     free = free_memory_bytes()
     per_token = loaded.kv_bytes_per_token(rank)
     usable = int(free * settings.kv_memory_fraction) - settings.prefix_cache_bytes
-    mine = {"rank": rank, "free_bytes": free, "kv_bytes_per_token": per_token,
-            "kv_tokens": max(0, usable // max(1, per_token))}
+    positions = max(0, usable // max(1, per_token))
+    # tokens of sequences: with sequence-sharded KV this rank holds only its share of each
+    tokens = positions if loaded.stages is not None else loaded.plan.admission_tokens(rank, positions,
+                                                                                     settings.max_batch)
+    mine = {"rank": rank, "free_bytes": free, "kv_bytes_per_token": per_token, "kv_positions": positions,
+            "kv_tokens": tokens}
     ranks = gather_json(loaded.comm, mine)
     measured = min(r["kv_tokens"] for r in ranks)
     return (settings.max_kv_tokens or measured), ranks
@@ -55,15 +59,15 @@ def check_batchable(loaded) -> None:
                         f"batched engine needs ({type(e).__name__}: {e}); use the one-prompt generate") from None
 
 
-def check_kv(loaded, asked: str) -> None:
-    """Quantized KV from the first token is batched; sequence-sharded KV (`asked` is the
-    --kv-shard given: auto may resolve to it) and late quantization are one-prompt only.
-    Decided from the plan and settings every rank shares, so every rank refuses alike."""
-    kv, plan = loaded.plan.kv, loaded.plan
-    if kv.shard == "sequence" or plan.sequence_sharded:
-        chose = " (auto chose sequence at this --max-context)" if asked == "auto" else ""
-        raise UserError(f"--kv-shard {asked}{chose}: sequence-sharded KV is not implemented in the serving engine "
-                        f"(--prompts-file, serve) yet; use one-prompt generate, or --kv-shard replicate")
+def check_kv(loaded, engine: EngineSettings) -> None:
+    """Quantized KV from the first token and sequence-sharded KV are batched; late
+    quantization is one-prompt only, and the prefix cache's disk tier stores whole-head
+    blocks only. Decided from the plan and settings every rank shares, so every rank
+    refuses alike."""
+    kv = loaded.plan.kv
+    if loaded.stages is None and loaded.plan.sequence_sharded and engine.prefix_cache_dir is not None:
+        raise UserError(f"--prefix-cache-dir with sequence-sharded KV (--kv-shard {kv.shard}) is not implemented: "
+                        f"drop --prefix-cache-dir (the RAM prefix cache works), or use --kv-shard replicate")
     if kv.quant_start:
         raise UserError(f"--kv-quant-start {kv.quant_start}: late KV quantization is not implemented in the serving "
                         f"engine (--prompts-file, serve) yet; use one-prompt generate, or drop it")
@@ -83,7 +87,7 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
             raise UserError("the serving engine at world > 1 needs the liveness coordinator, to park idle ranks "
                             "off the ring: start it with --simulate N or `mlx-kvshard launch`, not plain mlx.launch")
         check_batchable(loaded)  # deterministic: every rank reaches the same verdict
-        check_kv(loaded, settings.kv.shard)
+        check_kv(loaded, engine_settings)
         capacity, ranks = kv_capacity(loaded, engine_settings)
         sizes = dict(kv_capacity=capacity, max_batch=engine_settings.max_batch,
                      block_tokens=engine_settings.prefix_block_tokens)
