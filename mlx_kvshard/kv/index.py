@@ -224,7 +224,7 @@ class BlockIndex:
             return None, evict
         persist = False
         if self.disk_bytes and (node is self.root or node.disk) and need * self.bytes_per_token <= self.disk_bytes:
-            self._make_disk_room(need, keep)
+            self._make_room(need, keep, "disk")
             persist = (self.disk_tokens + need) * self.bytes_per_token <= self.disk_bytes
         self._clock += 1
         first, parent = self._next_id, node
@@ -286,45 +286,36 @@ class BlockIndex:
         self.disk_bytes = 0
         self.unlinks = []
 
-    def _make_room(self, need: int, keep: set) -> None:
-        """Free the least recently used RAM leaves (none in `keep`) until `need` more tokens
-        fit; a block on disk stays as a disk block."""
+    def _make_room(self, need: int, keep: set, tier: str = "ram") -> None:
+        """Free the least recently used leaves of `tier` (none in `keep`) until `need` more
+        tokens fit there. A block also in the other tier stays in the tree (RAM: its copy on
+        the ranks freed; disk: its files deleted); else it leaves the tree."""
+        ram = tier == "ram"
+        heap, limit = ("_leaves", self.max_bytes) if ram else ("_disk_leaves", self.disk_bytes)
         skipped = []
-        while (self.tokens + need) * self.bytes_per_token > self.max_bytes and self._leaves:
-            used, i = heapq.heappop(self._leaves)
+        while ((self.tokens if ram else self.disk_tokens) + need) * self.bytes_per_token > limit and getattr(self, heap):
+            used, i = heapq.heappop(getattr(self, heap))
             block = self.blocks.get(i)
-            if block is None or block.used != used or not block.ram or block.ram_kids:
+            if block is None or block.used != used or not getattr(block, tier) or (block.ram_kids if ram
+                                                                                   else block.disk_kids):
                 continue  # stale: evicted, touched since (a newer entry exists), or no longer a leaf
             if id(block) in keep:
                 skipped.append((used, i))
                 continue
-            self.evictions += 1
-            if block.disk:
+            if ram:
+                self.evictions += 1
+            else:
+                self.disk_evictions += 1
+            if ram and block.disk:
                 self._dropped.append(i)
                 self._set_ram(block, False)
-            else:
-                self._remove_subtree(block)
-        for entry in skipped:
-            heapq.heappush(self._leaves, entry)
-
-    def _make_disk_room(self, need: int, keep: set) -> None:
-        skipped = []
-        while (self.disk_tokens + need) * self.bytes_per_token > self.disk_bytes and self._disk_leaves:
-            used, i = heapq.heappop(self._disk_leaves)
-            block = self.blocks.get(i)
-            if block is None or block.used != used or not block.disk or block.disk_kids:
-                continue
-            if id(block) in keep:
-                skipped.append((used, i))
-                continue
-            self.disk_evictions += 1
-            if block.ram:
+            elif not ram and block.ram:
                 self.unlinks.append(i)
                 self._set_disk(block, False)
             else:
                 self._remove_subtree(block)
         for entry in skipped:
-            heapq.heappush(self._disk_leaves, entry)
+            heapq.heappush(getattr(self, heap), entry)
 
     # ---- tree and tier bookkeeping ----------------------------------------------------
 
