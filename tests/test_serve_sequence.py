@@ -3,8 +3,8 @@ world 4 each head's positions are split over 2 ranks). `serve --kv-shard sequenc
 uneven --shares: concurrent requests of mixed lengths (one longer than --prefill-step), a
 prefix-cache hit and prompt-lookup verify steps each get the mlx-lm oracle's greedy tokens
 and log-probabilities; each rank's admission capacity is its positions over its share of
-the sequence. `generate --prompts-file` with --kv-bits 8 gives mlx-lm's quantized-cache
-tokens, batched."""
+the sequence. `generate --prompts-file` with --kv-bits 8 at world 3 (head 0 split over two
+ranks, head 1 whole on the third) gives mlx-lm's quantized-cache tokens, batched."""
 
 from __future__ import annotations
 
@@ -117,14 +117,15 @@ def test_serve_sequence_sharded_equals_the_oracle(server, model):
 
 
 def test_prompts_file_sequence_sharded_quantized_kv(model, tmp_path):
-    """--kv-bits 8 on sequence shards at world 4 (even shares), batched with a prompt longer than
-    --prefill-step: mlx-lm's own 8-bit QuantizedKVCache gives the same greedy tokens."""
+    """--kv-bits 8 on sequence shards at world 3 (even shares; the rank alone on its head keeps
+    a left-padded quantized batch beside the sharers' shares), batched with a prompt longer
+    than --prefill-step: mlx-lm's own 8-bit QuantizedKVCache gives the same greedy tokens."""
     f = tmp_path / "requests.jsonl"
     f.write_text("".join(json.dumps({"prompt": p, "max_tokens": n}) + "\n" for p, n in PROMPTS))
     tag = f"seq-q8-{os.getpid()}"
     try:
         proc = subprocess.run([sys.executable, "-m", "mlx_kvshard", "generate", "--model", str(model),
-                               "--prompts-file", str(f), "--simulate", "4", "--kv-shard", "sequence",
+                               "--prompts-file", str(f), "--simulate", "3", "--kv-shard", "sequence",
                                "--kv-bits", "8", "--kv-group-size", "32", "--no-chat-template", "--peer-timeout",
                                "10", *FLAGS],
                               capture_output=True, text=True, timeout=600, env=env_for(tag), cwd=REPO,
