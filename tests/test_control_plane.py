@@ -19,13 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from liveness_procs import rank_pids, tagged
+from liveness_procs import REPO, rank_pids, tagged
 from mlx_kvshard.liveness.client import ENV_COORDINATOR, ENV_TOKEN
 from server_procs import Server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads rank processes in /proc")
 
 BIG = 10 << 20  # bytes of the line with no newline
+HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
 def rank_env(pid: int) -> dict[str, str]:
@@ -62,12 +63,16 @@ def greedy(server: Server) -> str:
 
 def test_strangers_are_dropped_and_counted_and_sigterm_stops_in_order(tmp_path):
     tag = f"control-{os.getpid()}"
-    server = Server(tmp_path, ["serve", "--simulate", "2", "--model", "tiny", "--port", "0"], tag)
+    # The token reaches the ranks on stdin, not in their environment: a test hook keeps a copy.
+    server = Server(tmp_path, ["serve", "--simulate", "2", "--model", "tiny", "--port", "0"], tag,
+                    env={"PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO)]),
+                         "MLX_KVSHARD_TEST_SECRETS_TO": str(tmp_path)})
     try:
         server.wait_ready()
         before = greedy(server)
         env = rank_env(rank_pids(tag, 2)[1])
-        address, token = env[ENV_COORDINATOR], env[ENV_TOKEN]
+        assert ENV_TOKEN not in env  # not in /proc/PID/environ (nor on any command line)
+        address, token = env[ENV_COORDINATOR], json.loads((tmp_path / "rank1.json").read_text())[ENV_TOKEN]
         assert len(token) >= 24
         launcher_rss = rss_bytes(server.proc.pid)
 
