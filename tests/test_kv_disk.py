@@ -8,7 +8,8 @@ Through real HTTP at world 2 (one directory across phases): a server started aga
 the same directory reuses its blocks (cached_tokens >= 90% of the prompt, the mlx-lm
 oracle's tokens); a corrupted byte in one rank's block file is caught and recomputed (the
 oracle's tokens); the directory at another world size is ignored with one notice; an
-unwritable directory is one warning and serving goes on."""
+unwritable directory is one warning and serving goes on. In process: blocks pushed out of RAM come
+back from disk; a disk that fails under a running server turns the tier off with one warning."""
 
 from __future__ import annotations
 
@@ -184,3 +185,39 @@ def test_disk_tier_survives_restarts_and_refuses_what_it_cannot_trust(ckpt_root,
     off, usage, counters, err = serve(model, tmp_path, "disk-off", 1, blocked)
     assert off == cold and counters["prefix_cache_disk_enabled"] == 0
     assert err.count(WARNING) == 1 and "the disk tier is off" in err, err[-2000:]
+
+
+def test_evicted_blocks_come_back_from_disk_and_a_failing_disk_turns_the_tier_off(ckpt_root, tmp_path, capfd):
+    """In process at world 1 (the real engine and ranks' code): blocks pushed out of a small
+    RAM cache are read back from disk on the next hit (the same greedy tokens); then the
+    directory goes away under the running server: one warning, the tier turns off (rank 0's
+    own disk: DISKOFF in its next step), serving goes on from RAM."""
+    import shutil
+    import time
+
+    from mlx_kvshard.serving.requests import Request
+    from test_engine_api import greedy, with_engine
+
+    model = checkpoint(ckpt_root, "llama_kv8")
+    p, q, r = P[:100], Q[:100], [(3 * i + 2) % 180 + 5 for i in range(60)]
+
+    def body(engine):
+        prefix = engine.scheduler.prefix
+        first = engine.generate(Request(prompt_ids=p, params=greedy(4)))
+        engine.generate(Request(prompt_ids=q, params=greedy(4)))  # pushes p's blocks out of RAM
+        assert prefix.tier_blocks()["ram"] < prefix.tier_blocks()["disk"]
+        again = engine.generate(Request(prompt_ids=p, params=greedy(4)))
+        disk_hits = prefix.tier_hits["disk"]
+        shutil.rmtree(tmp_path / "kv" / "rank0" / "blocks")
+        engine.generate(Request(prompt_ids=r, params=greedy(2)))  # its blocks cannot be written
+        deadline = time.monotonic() + 60
+        while engine.state.disk.broken is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = engine.generate(Request(prompt_ids=p, params=greedy(4)))
+        return first, again, disk_hits, last, prefix.disk_bytes, engine.metrics.snapshot()["prefix_cache"]
+
+    first, again, disk_hits, last, disk_bytes, gauges = with_engine(
+        model, body, prefix_block_tokens=16, prefix_cache_bytes=1024 * 150, prefix_cache_dir=str(tmp_path / "kv"))
+    assert again.tokens == first.tokens and again.usage.cached_tokens >= 90 and disk_hits == 1
+    assert last.tokens == first.tokens and disk_bytes == 0 and not gauges["disk_on"]
+    assert capfd.readouterr().err.count("warning: the prefix cache's disk tier stops") == 1
