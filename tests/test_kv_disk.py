@@ -5,11 +5,12 @@ budgets, with both tiers closed under parents; a hit on disk blocks loads them b
 failed load drops them; the manifest rebuilds the tree.
 
 Through real HTTP at world 2 (one directory across phases): a server started again with
-the same directory reuses its blocks (cached_tokens >= 90% of the prompt, the mlx-lm
-oracle's tokens); a corrupted byte in one rank's block file is caught and recomputed (the
-oracle's tokens); the directory at another world size is ignored with one notice; an
+the same directory reuses its blocks (cached_tokens >= 90% of the prompt, the cold
+server's greedy text); a corrupted byte in one rank's block file is caught and recomputed
+(the cold text); the directory at another world size is ignored with one notice; an
 unwritable directory is one warning and serving goes on. In process: blocks pushed out of RAM come
-back from disk; a disk that fails under a running server turns the tier off with one warning."""
+back from disk (the mlx-lm oracle's tokens); a disk that fails under a running server turns
+the tier off with one warning."""
 
 from __future__ import annotations
 
@@ -218,6 +219,14 @@ def test_evicted_blocks_come_back_from_disk_and_a_failing_disk_turns_the_tier_of
 
     first, again, disk_hits, last, disk_bytes, gauges = with_engine(
         model, body, prefix_block_tokens=16, prefix_cache_bytes=1024 * 150, prefix_cache_dir=str(tmp_path / "kv"))
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from mlx_kvshard.models.architectures import load_oracle
+
+    lm = load_oracle(model, mx.float32)
+    want = [int(t) for t, _ in generate_step(mx.array(p), lm, max_tokens=4, sampler=lambda lp: mx.argmax(lp, -1))]
+    assert first.tokens == want[:len(first.tokens)] and first.tokens  # (an EOS ends it early)
     assert again.tokens == first.tokens and again.usage.cached_tokens >= 90 and disk_hits == 1
     assert last.tokens == first.tokens and disk_bytes == 0 and not gauges["disk_on"]
     assert capfd.readouterr().err.count("warning: the prefix cache's disk tier stops") == 1
