@@ -2,7 +2,8 @@
 request of a staggered batch (rows joining a running batch, a prompt longer than
 --prefill-step, a prefix-cache hit) gets the tokens one-prompt `generate --kv-bits 8` gives
 it alone at the same world; every rank's batch KV is the plan's quantized bytes per
-position. Sequence-sharded KV and late quantization are refused on every rank at start."""
+position. Late quantization (--kv-quant-start) likewise at world 2, rows crossing the start
+at different steps; with sequence-sharded KV it is refused on every rank at start."""
 
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def model(ckpt_root):
     return checkpoint(ckpt_root, "kvq")  # 4 KV heads: world 3 splits them 2,1,1
 
 
-def one_prompt(model: Path, req: dict, world: int) -> list[int]:
+def one_prompt(model: Path, req: dict, world: int, kv: list[str] = KV) -> list[int]:
     proc = run(f"ekv-one-{world}", ["--model", str(model), "--prompt", req["prompt"], "--max-tokens",
-                                    str(req["max_tokens"]), "--json", *COMMON, *KV], world)
+                                    str(req["max_tokens"]), "--json", *COMMON, *kv], world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)["tokens"]
 
@@ -75,6 +76,26 @@ def test_quantized_kv_batch_equals_one_prompt_generate(world, model, tmp_path):
     check_kv_bytes(rep, model, world)
 
 
+LATE = ["--kv-bits", "4", "--kv-group-size", "32", "--kv-quant-start", "8"]  # 4-bit: a row in the wrong form shows
+
+
+def test_late_quantization_batch_equals_one_prompt_generate(model, tmp_path):
+    """--kv-quant-start 8 at world 2: the rows cross 8 tokens at different steps (two in
+    prefill, two while decoding beside quantized rows, one of them after joining late), the
+    prefix hit starts from blocks of a quantized row; each row gets the tokens one-prompt
+    `generate` with the same setting gives it."""
+    f = tmp_path / "requests.jsonl"
+    requests = [r for i, r in enumerate(REQUESTS) if i != 1]  # (request 2 spans two prefill chunks too)
+    f.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    proc = run("ekv-late", ["--model", str(model), "--prompts-file", str(f), "--check-sync", *COMMON, *LATE], 2)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    results = {r["index"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert results[3]["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(SHARED.split())
+    for i, req in enumerate(requests):
+        assert "error" not in results[i], results[i]
+        assert results[i]["tokens"] == one_prompt(model, req, 2, LATE), f"request {i}"
+
+
 def check_kv_bytes(rep: dict, model: Path, world: int) -> None:
     """Measured on every rank: the batch KV buffer is rows x allocated positions x the plan's
     bytes per position, which at 8 bits is per layer and local KV head 2 x (head_dim packed
@@ -94,9 +115,10 @@ def check_kv_bytes(rep: dict, model: Path, world: int) -> None:
 
 
 @pytest.mark.parametrize("flags, world, message", [
-    ([*KV, "--kv-quant-start", "4"], 1, "--kv-quant-start 4: late KV quantization is not implemented in the serving engine"),
+    ([*KV, "--kv-quant-start", "4", "--kv-shard", "sequence"], 3,
+     "--kv-quant-start 4 with sequence-sharded KV (--kv-shard sequence) is not implemented in the serving engine"),
 ])
-def test_engine_refuses_sequence_kv_and_late_quantization(flags, world, message, ckpt_root, tmp_path):
+def test_engine_refuses_late_quantization_of_sequence_kv(flags, world, message, ckpt_root, tmp_path):
     """seq_kv2 at world 3: more ranks than its 2 KV heads, so sequence mode really splits one.
     Every rank refuses at start with the same line; exit 2, nothing runs."""
     f = tmp_path / "requests.jsonl"

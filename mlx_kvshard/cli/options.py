@@ -37,15 +37,15 @@ def add_model_arguments(p) -> None:
 
 
 def add_kv_arguments(p) -> None:
-    """How each rank stores its KV cache. The serving engine takes --kv-bits/--kv-group-size;
-    --kv-quant-start is one-prompt only (it refuses it at start)."""
+    """How each rank stores its KV cache. The serving engine takes them all (--kv-quant-start
+    not with sequence-sharded KV, which it refuses at start)."""
     p.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
                    help="store each rank's KV cache quantized to 8 or 4 bits (default: the compute dtype)")
     p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=64,
                    help="head_dim elements per KV quantization scale and bias (default 64)")
     p.add_argument("--kv-quant-start", type=int, default=0, metavar="T",
                    help="with --kv-bits: keep the cache in full precision until it holds T tokens, "
-                        "then quantize it (as mlx-lm's quantized_kv_start; one-prompt generate only)")
+                        "then quantize it (as mlx-lm's quantized_kv_start; per sequence in the serving engine)")
     p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
                    help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
                         "by sequence position (KV per rank = total / N), or auto (less memory per rank "

@@ -171,6 +171,8 @@ def stored_positions(cache) -> int:
 
 def allocated_positions(cache) -> int:
     """Positions this layer cache has room for (its nbytes = this x bytes per position)."""
+    if hasattr(cache, "allocated_positions"):  # a batch of two forms (engine/kvlate.py)
+        return cache.allocated_positions()
     while isinstance(cache, (SequenceShardedKVCache, LateQuantizedKVCache)):
         cache = cache.inner if isinstance(cache, SequenceShardedKVCache) else cache.cache
     if cache.empty():
@@ -310,8 +312,9 @@ def _pad_positions(x: mx.array, left: int, right: int) -> mx.array:
 
 def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
     """The batched cache for this rank's heads: mlx-lm's BatchKVCache, or the quantized one
-    above (both build a batch with `merge` of single-stream rows from `make_cache`), or for a
-    sequence-sharded head seqkv.py's BatchSequenceKVCache. Late quantization is single-stream only."""
+    above (both build a batch with `merge` of single-stream rows from `make_cache`), for a
+    sequence-sharded head seqkv.py's BatchSequenceKVCache, with --kv-quant-start kvlate.py's
+    batch of full-precision and quantized rows."""
     from ..errors import UserError
 
     if shard.seq_sharers > 1:
@@ -319,16 +322,20 @@ def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
 
         return BatchSequenceKVCache
     if kv.bits is not None and kv.quant_start:
-        raise UserError("the batched engine quantizes the KV cache from the first token; "
-                        "drop --kv-quant-start")
+        from .kvlate import BatchLateQuantizedKVCache
+
+        return BatchLateQuantizedKVCache
     return BatchKVCache if kv.bits is None else BatchQuantizedKVCache
 
 
 def make_batch_cache(shard: RankShard, kv: KVSettings, n_layers: int, left_padding: list[int]) -> list:
     """Per layer, an empty batched cache for this rank's heads (see batch_cache_class)."""
     assert shard.seq_sharers == 1, "a sequence-sharded batch is built by merging prefilled rows"
-    if batch_cache_class(shard, kv) is BatchKVCache:
+    kind = batch_cache_class(shard, kv)
+    if kind is BatchKVCache:
         return [BatchKVCache(left_padding) for _ in range(n_layers)]
+    if kind is not BatchQuantizedKVCache:
+        raise TypeError(f"no empty {kind.__name__}: it is built by merge")
     return [BatchQuantizedKVCache(left_padding, kv.group_size, kv.bits) for _ in range(n_layers)]
 
 
@@ -347,6 +354,8 @@ def slice_copy(cache, start: int, end: int):
         from .seqkv import slice_sequence_copy
 
         return slice_sequence_copy(cache, start, end)
+    if isinstance(cache, LateQuantizedKVCache):
+        cache = cache.cache  # the block keeps the form the positions are in now
     out = _empty_like(cache)
     out.keys, out.values = tree_map(lambda x: mx.contiguous(x[..., start:end, :]), (cache.keys, cache.values))
     out.offset = end - start
@@ -355,11 +364,16 @@ def slice_copy(cache, start: int, end: int):
 
 def joined_copy(caches: list, n: int):
     """A new single-stream cache holding the first n positions of `caches` one after the
-    other (a prompt starting from a chain of prefix-cache blocks)."""
+    other (a prompt starting from a chain of prefix-cache blocks). Under late quantization a
+    chain may hold blocks saved before and after their row was quantized: then all are."""
     if isinstance(caches[0], SequenceShardedKVCache):
         from .seqkv import joined_sequence_copy
 
         return joined_sequence_copy(caches, n)
+    quantized = next((c for c in caches if isinstance(c, QuantizedKVCache)), None)
+    if quantized is not None:
+        caches = [c if isinstance(c, QuantizedKVCache) else c.to_quantized(quantized.group_size, quantized.bits)
+                  for c in caches]
     out = _empty_like(caches[0])
     parts = [tree_map(lambda x: x[..., :c.offset, :], (c.keys, c.values)) for c in caches]
     joined = tree_map(lambda *xs: mx.concatenate(xs, axis=2)[..., :n, :], *parts)

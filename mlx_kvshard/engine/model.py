@@ -83,6 +83,8 @@ class Attention(nn.Module):
             queries, keys, values = rotate_heads(queries), rotate_heads(keys), rotate_heads(values)
         if self.sequence_merge:
             out = sequence_sharded_attention(queries, keys, values, cache, self.scale, self.shard, self.comm, mask)
+        elif hasattr(cache, "attend"):  # a batch of rows in two KV forms (engine/kvlate.py)
+            out = cache.attend(queries, keys, values, self.scale)
         else:
             if cache is not None:
                 # The cache holds only this rank's KV heads; it never leaves the rank.

@@ -33,6 +33,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
 from ..engine.seqkv import row_tokens
+from ..engine.kvlate import adopt
 from ..kv.store import BlockStore
 from .wire import Step
 
@@ -230,7 +231,10 @@ class BatchState:
 
     def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
         if entry >= 0:  # a prefix-cache hit: the first `hit` positions of a block chain are this prompt's too
-            return self.blocks.start(entry, hit)
+            caches, kv = self.blocks.start(entry, hit), self.model.kv
+            if kv.bits is not None and kv.quant_start:  # quantized at --kv-quant-start, as a fresh prompt is
+                caches = [adopt(c, kv.quant_start, kv.group_size, kv.bits) for c in caches]
+            return caches
         return self.model.make_cache()
 
     def _join(self, uid: int) -> None:

@@ -60,17 +60,18 @@ def check_batchable(loaded) -> None:
 
 
 def check_kv(loaded, engine: EngineSettings) -> None:
-    """Quantized KV from the first token and sequence-sharded KV are batched; late
-    quantization is one-prompt only, and the prefix cache's disk tier stores whole-head
-    blocks only. Decided from the plan and settings every rank shares, so every rank
-    refuses alike."""
+    """Quantized KV (from the first token or from --kv-quant-start) and sequence-sharded KV
+    are batched, but not late quantization of sequence-sharded heads; the prefix cache's disk
+    tier stores whole-head blocks only. Decided from the plan and settings every rank
+    shares, so every rank refuses alike."""
     kv = loaded.plan.kv
     if loaded.stages is None and loaded.plan.sequence_sharded and engine.prefix_cache_dir is not None:
         raise UserError(f"--prefix-cache-dir with sequence-sharded KV (--kv-shard {kv.shard}) is not implemented: "
                         f"drop --prefix-cache-dir (the RAM prefix cache works), or use --kv-shard replicate")
-    if kv.quant_start:
-        raise UserError(f"--kv-quant-start {kv.quant_start}: late KV quantization is not implemented in the serving "
-                        f"engine (--prompts-file, serve) yet; use one-prompt generate, or drop it")
+    if kv.quant_start and kv.bits is not None and loaded.stages is None and loaded.plan.sequence_sharded:
+        raise UserError(f"--kv-quant-start {kv.quant_start} with sequence-sharded KV (--kv-shard {kv.shard}) is not "
+                        f"implemented in the serving engine (--prompts-file, serve); use one-prompt generate, or "
+                        f"--kv-shard replicate")
 
 
 def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: Callable) -> int:
