@@ -100,3 +100,15 @@ def test_always_quantized_differs(model):
     cache = make_cache(plan.shards[0], KVSettings(bits=4, group_size=32), len(model.layers))
     first = model(mx.array(PROMPTS[0])[None], cache, last_only=True)[0, -1]
     assert close(first, late[0]) is False
+
+
+def test_conversion_point_follows_one_prompt_generate():
+    """generate prefills all but the last prompt token in chunks of --prefill-step, then the
+    last alone: the engine converts a row where that first update at or after T begins."""
+    from mlx_kvshard.engine.kvlate import generate_quantizes_at as at
+
+    assert at(8, 16, 13, last=True) == 12  # 12 tokens in one chunk, the 13th alone after them
+    assert at(8, 16, 9, last=True) == 8
+    assert at(8, 16, 40, last=True) == 16  # chunk [16, 32) is the first to begin at or after 8
+    assert at(30, 16, 20, last=True) == 30  # decoding: one update per token
+    assert at(8, 16, 24, last=False) == 16

@@ -177,6 +177,19 @@ class BatchLateQuantizedKVCache(_BaseCache):
                     for p in self.parts if p is not None and p.keys is not None), default=0)
 
 
+def generate_quantizes_at(start: int, step: int, end: int, last: bool) -> int:
+    """The position at which one-prompt generate quantizes a prompt's cache under
+    --kv-quant-start `start`: its first cache update beginning at or after `start` tokens.
+    generate prefills all but the last prompt token in chunks of `step` (updates begin at
+    multiples of step), then the last token alone, then one token per step. Asked for an
+    engine chunk ending at `end`: when `last`, the prompt has `end` tokens; otherwise more,
+    and the answer only matters if it falls inside the chunk."""
+    aligned = -(-start // step) * step  # the first prefill chunk beginning at or after start
+    if not last:
+        return aligned
+    return min(aligned, end - 1) if start <= end - 1 else start
+
+
 def adopt(cache, start: int, group_size: int, bits: int):
     """A plain single-stream cache (a prefix-cache hit's blocks) under late quantization:
     it quantizes at `start` tokens as a fresh one does (already quantized blocks stay so)."""

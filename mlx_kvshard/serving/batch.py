@@ -32,8 +32,8 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
+from ..engine.kvlate import adopt, generate_quantizes_at
 from ..engine.seqkv import row_tokens
-from ..engine.kvlate import adopt
 from ..kv.store import BlockStore
 from .wire import Step
 
@@ -53,12 +53,14 @@ class StepOutput:
 
 class BatchState:
     def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None, max_batch: int = 16,
-                 block_tokens: int = 64):
+                 block_tokens: int = 64, prefill_step: int = 512):
         """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
         gather is a collective every rank must run). `kv_capacity`: the KV tokens per rank
         the engine admits by (the same on every rank); holes are not kept past it.
         `max_batch` sizes the audit report's buffer (its lists are per admitted row);
-        `block_tokens` is the prefix cache's block size (rank 0's index decides the blocks)."""
+        `block_tokens` is the prefix cache's block size (rank 0's index decides the blocks);
+        `prefill_step` is --prefill-step (where one-prompt generate's chunks start)."""
+        self.prefill_step = prefill_step
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
@@ -211,7 +213,18 @@ class BatchState:
         cache = self.pending[p.uid]
         if cache[0].offset != p.start:
             raise AssertionError(f"prefill of {p.uid} at {p.start}, but its cache holds {cache[0].offset}")
-        logits = self._forward(mx.array(p.tokens, dtype=mx.uint32)[None], cache, last=p.last)
+        tokens, kv = list(p.tokens), self.model.kv
+        if kv.bits is not None and kv.quant_start:  # convert where one-prompt generate does, whatever our chunks
+            at = generate_quantizes_at(kv.quant_start, self.prefill_step, p.start + len(tokens), p.last)
+            for c in cache:
+                c.start = at
+            if p.start < at < p.start + len(tokens):
+                self._forward(mx.array(tokens[:at - p.start], dtype=mx.uint32)[None], cache, last=False)
+                tokens = tokens[at - p.start:]
+        logits = self._forward(mx.array(tokens, dtype=mx.uint32)[None], cache, last=p.last)
+        if kv.bits is not None and kv.quant_start and p.last:
+            for c in cache:
+                c.start = kv.quant_start  # a row joining in full precision converts at T in the batch
         return logits[0] if logits is not None else None
 
     def _prefill_together(self, prompts: list) -> dict[int, mx.array]:

@@ -91,7 +91,7 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
         check_kv(loaded, engine_settings)
         capacity, ranks = kv_capacity(loaded, engine_settings)
         sizes = dict(kv_capacity=capacity, max_batch=engine_settings.max_batch,
-                     block_tokens=engine_settings.prefix_block_tokens)
+                     block_tokens=engine_settings.prefix_block_tokens, prefill_step=engine_settings.prefill_step)
         if loaded.stages is not None:  # --pp: this rank is one pipeline stage
             from ..pipeline.batch import PipelineBatchState
 
