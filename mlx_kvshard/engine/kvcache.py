@@ -315,8 +315,6 @@ def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
     above (both build a batch with `merge` of single-stream rows from `make_cache`), for a
     sequence-sharded head seqkv.py's BatchSequenceKVCache, with --kv-quant-start kvlate.py's
     batch of full-precision and quantized rows."""
-    from ..errors import UserError
-
     if shard.seq_sharers > 1:
         from .seqkv import BatchSequenceKVCache
 
