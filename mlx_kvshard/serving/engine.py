@@ -91,6 +91,8 @@ class Engine:
         # loss itself: callable(message) instead of an error event to every open request.
         self.on_lost = None
         live.before_exit = self._lost
+        if loaded.stages is not None:  # --pp: a micro-batched step samples inside the step (pipeline/batch.py)
+            state.on_logits = self._sample_group
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -179,7 +181,9 @@ class Engine:
     def info(self) -> dict:
         return {"model": str(self.loaded.model_dir), "world": self.comm.world, "max_context": self.max_context,
                 "dtype": self.loaded.dtype_name, "max_batch": self.settings.max_batch,
-                "kv_capacity_tokens": self.kv_capacity, "ranks": self.rank_capacity}
+                "kv_capacity_tokens": self.kv_capacity, "ranks": self.rank_capacity,
+                **({"pp": {"stages": self.loaded.stages.stages, "micro_steps": self.state.micro_steps}}
+                   if self.loaded.stages is not None else {})}
 
     # ---- request preparation (caller's thread) -------------------------------------------
 
@@ -256,6 +260,7 @@ class Engine:
                         continue
                     step = sched.next_step()
                     self._speculate(step)
+                    self._micro_batch(step)
                     self._disk_ids(step)
                 self._run_step(step)
         except BaseException as e:
@@ -394,6 +399,36 @@ class Engine:
             except Exception as e:
                 out.append(e)
         return out
+
+    def _micro_batch(self, step: wire.Step) -> None:
+        """--pp: let a decode-only step run several tokens per row, the rows micro-batched
+        over the stages (pipeline/batch.py decides when)."""
+        if self.loaded.stages is not None:
+            from ..pipeline.batch import micro_rounds
+
+            step.micro = micro_rounds(step, self.scheduler, self.state, bool(self._inbox or self._cancels))
+
+    def _sample_group(self, uids: list, logits: mx.array) -> list[int]:
+        """Inside a micro-batched step: sample a group's rows (None: a hole) as `_sample`
+        does; the tokens to feed next (0 for a hole or a row that has ended)."""
+        live = [i for i, u in enumerate(uids) if u in self._open and self._open[u].phase == "running"]
+        tokens = [0] * len(uids)
+        if not live:
+            return tokens
+        rows = [self._open[uids[i]] for i in live]
+        results = self._sample_contained(logits[mx.array(live)] if len(live) < len(uids) else logits, rows)
+        now = time.perf_counter()
+        with self._cond, self._tokenizer_lock:
+            for i, seq, got in zip(live, rows, results):
+                if isinstance(got, Exception):
+                    self._fail(seq, "sampling", got)
+                    continue
+                try:
+                    self._accept(seq, *got, now)
+                    tokens[i] = got[0]
+                except Exception as e:
+                    self._fail(seq, "processing its token", e)
+        return tokens
 
     def _speculate(self, step: wire.Step) -> None:
         """Rank 0: send the last verify step's trim, and make this step a verify step when

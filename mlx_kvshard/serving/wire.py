@@ -36,6 +36,8 @@ Each op is its code followed by a fixed or counted list of int32 arguments:
     PUT     uid, start, end, first, parent, persist
                                           as SAVE, from uid's prefill cache
     AUDIT                                 every rank reports its rows and KV (a gather)
+    MICRO   k                             with DECODE, --pp only: k tokens per row, the rows in S
+                                          micro-batches in flight (pipeline/batch.py)
 
 Every list is bounded by construction, so `capacity` words always suffice: SAVE, REMOVE,
 JOIN, PUT and the PREFILL headers are at most one per admitted sequence (max_batch), the
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE, TRIM, DRAFT, LOAD, UNLINK, DISKOFF = range(1, 16)
+MICRO = 16
 HEADER = 2
 MAX_DROPS = 256  # evictions (and disk deletions) one step message carries
 MAX_LOADS = 64  # disk blocks one step loads back
@@ -88,6 +91,7 @@ class Step:
     prefill: list[Prefill] = field(default_factory=list)
     put: list[tuple[int, ...]] = field(default_factory=list)  # (uid, start, end, first, parent, persist)
     audit: bool = False
+    micro: int = 0  # --pp: the decode runs this many tokens per row, micro-batched over the stages
 
 
 
@@ -103,7 +107,7 @@ def capacity(max_batch: int, prefill_step: int, max_drops: int = MAX_DROPS, max_
     per_seq = 7 + 2 + 2 + 2 + 7 + 7  # SAVE, REMOVE, JOIN, DECODE row, PREFILL header, PUT
     spec = 3 + 2 + max_drafts if max_drafts else 0  # TRIM, DRAFT
     tier = 2 + max_drops + 1 + 3 + MAX_LOADS if disk else 0  # UNLINK, DISKOFF, LOAD
-    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 + max_drops + spec + tier
+    return HEADER + 4 + 2 * max_batch * per_seq + prefill_step + 2 + max_drops + spec + tier + 2  # + MICRO
 
 
 def encode(step: Step, size: int) -> np.ndarray:
@@ -146,6 +150,8 @@ def encode(step: Step, size: int) -> np.ndarray:
         words += [PUT, *put]
     if step.audit:
         words.append(AUDIT)
+    if step.micro:
+        words += [MICRO, step.micro]
     if len(words) > size:
         raise AssertionError(f"step message of {len(words)} words exceeds its buffer of {size}: a list the "
                              f"scheduler should have bounded (see the module docstring)")
@@ -204,6 +210,8 @@ def decode(buf: np.ndarray) -> Step:
             step.save.append(tuple(w[i:i + 6])); i += 6
         elif op == AUDIT:
             step.audit = True
+        elif op == MICRO:
+            step.micro = w[i]; i += 1
         else:
             raise AssertionError(f"unknown op {op} at word {i - 1} of step {step.index}: ranks out of sync")
     return step
