@@ -1,7 +1,8 @@
 """The serving engine on pipeline stages (`generate --prompts-file --pp 3`, `serve --pp 2`),
 real ranks (float32, greedy) against the mlx-lm oracle: concurrent requests of mixed
-lengths (one over --prefill-step), a prefix-cache hit, and each stage holding only its
-layers' KV (admission by the smallest stage's capacity)."""
+lengths (one over --prefill-step), a prefix-cache hit, micro-batched decode steps beside
+steps that run the stages in turn, and each stage holding only its layers' KV (admission
+by the smallest stage's capacity)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from test_engine import PREFILL_STEP, SHARED, prompt, run_engine
 # 4 requests of mixed lengths (one spans several --prefill-step chunks), then a prefix hit
 MIXED = [(prompt(3), 7), (prompt(12, 2), 5), (prompt(30, 5), 6), (SHARED + " first", 4)]
 HIT = (SHARED + " second question", 4)
+BURST = [(prompt(2, 3), 12), (prompt(1, 8), 12), (prompt(2, 11), 11)]
 
 
 class Oracle:
@@ -47,10 +49,13 @@ def test_prompts_file_on_three_uneven_stages_equals_the_oracle(pp7, tmp_path):
     lines = [json.dumps({"prompt": p, "max_tokens": n}) for p, n in MIXED]
     # later, usually after the fourth's prefill (a hit then; the serve test below makes sure of one)
     lines.append(json.dumps({"prompt": HIT[0], "max_tokens": HIT[1], "arrival_s": 2.5}))
+    # with it, a burst of short prompts: prefilled in a step or two, they decode together with
+    # nothing else prefilling (micro-batched steps); the rest prefill one by one (stages in turn)
+    lines += [json.dumps({"prompt": p, "max_tokens": n, "arrival_s": 2.5}) for p, n in BURST]
     results, report, _ = run_engine(tmp_path, lines, 3, "--pp", "3", "--check-sync", name="pp3", model=pp7)
     oracle = Oracle(pp7)
     assert len(oracle.tokenizer.encode(MIXED[2][0])) > 3 * PREFILL_STEP
-    for i, (text, n) in enumerate(MIXED + [HIT]):
+    for i, (text, n) in enumerate(MIXED + [HIT] + BURST):
         assert results[i]["tokens"] == oracle(text, n)[0], f"request {i}: {results[i]}"
 
     # Each stage holds only its layers' KV; the engine admits by the smallest stage's capacity.
@@ -58,6 +63,7 @@ def test_prompts_file_on_three_uneven_stages_equals_the_oracle(pp7, tmp_path):
     ranks = report["info"]["ranks"]
     assert [r["kv_bytes_per_token"] for r in ranks] == [stages.kv_bytes_per_token(s) for s in range(3)]
     assert report["info"]["kv_capacity_tokens"] == min(r["kv_tokens"] for r in ranks)
+    assert report["info"]["pp"]["micro_steps"] > 0  # some steps ran the rows as 3 micro-batches in flight
     held = [a["reports"] for a in report["audits"] if any(r["kv_bytes"] for r in a["reports"])]
     assert held  # --check-sync: every rank reported the same rows after each join and removal
     for reports in held:
@@ -106,7 +112,9 @@ def test_serve_on_two_stages_answers_concurrent_requests_as_the_oracle(pp7, tmp_
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(ask, MIXED))
         got.append(ask(HIT))
-        for i, (case, r) in enumerate(zip(MIXED + [HIT], got)):
+        with ThreadPoolExecutor(3) as pool:  # short prompts decoding together: micro-batched steps
+            got += list(pool.map(ask, BURST))
+        for i, (case, r) in enumerate(zip(MIXED + [HIT] + BURST, got)):
             want, want_lps = oracle(*case)
             lp = r.choices[0].logprobs
             assert lp.tokens == [oracle.tokenizer.decode([t]) for t in want], f"request {i}"
