@@ -4,7 +4,7 @@ At each world size and link profile (`--link`, which makes every collective and 
 stage hop cost the link's time, hardware/links.py): one-stream decode tok/s of
 `generate` with TP and with `--pp N`, and aggregate tok/s of 8 concurrent requests
 through the serving engine (`generate --prompts-file`) with TP and with `--pp N` (the
-engine runs the stages in turn: micro-batching is not implemented). `--serving-only` runs
+engine micro-batches decode-only steps: pipeline/batch.py). `--serving-only` runs
 just the 8-concurrent pair (its own section, pp-serve-<machine>). The model is one whose collectives
 dominate on a slow link: many thin layers (preset `tiny` with 16 layers, qwen2 layout so
 mlx-lm's `--pipeline` split runs on the same weights).
@@ -181,7 +181,7 @@ def table(r: dict, a) -> str:
              f"({B.timestamp()}; {m['cpu']}, {m['cores']} cores shared with other work: load average "
              f"{m['load_avg_at_start'][0]:.1f} at start, {r['load_avg_at_end'][0]:.1f} at end)", "",
              "| world | link | TP 1 stream tok/s (predicted) | PP 1 stream tok/s (predicted) | PP / TP | "
-             "TP 8 concurrent tok/s | PP 8 concurrent tok/s (stages in turn) |", "|---|---|---|---|---|---|---|"]
+             "TP 8 concurrent tok/s | PP 8 concurrent tok/s |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         tp, pp = row["tp"], row["pp"]
         lines.append(f"| {row['world']} | {row['link']} | {B.fmt(tp['tok_s'])} ({B.fmt(tp['predicted_tok_s'])}) | "
@@ -200,8 +200,9 @@ def serving_table(r: dict, a) -> str:
     m = r["machine"]
     lines = [f"{r['concurrent']} concurrent requests through the serving engine (`generate --prompts-file`), TP vs "
              f"`--pp N` under `--link` emulation, preset `{a.preset}` with 16 layers (qwen2 layout), "
-             f"{a.prompt_tokens}-token prompt, {a.max_tokens} greedy tokens each, prefix cache off; PP runs the "
-             f"stages in turn (micro-batching not implemented) ({B.timestamp()}; {m['cpu']}, {m['cores']} cores "
+             f"{a.prompt_tokens}-token prompt, {a.max_tokens} greedy tokens each, prefix cache off; PP micro-batches "
+             f"its decode-only steps (S groups in flight, up to 8 tokens per row a step; steps with prefills run "
+             f"the stages in turn) ({B.timestamp()}; {m['cpu']}, {m['cores']} cores "
              f"shared with other work: load average {m['load_avg_at_start'][0]:.1f} at start, "
              f"{r['load_avg_at_end'][0]:.1f} at end)", "",
              "| world | link | TP tok/s (steps, link s) | PP tok/s (steps, link s) | PP / TP | same tokens | load |",

@@ -38,7 +38,7 @@ def test_the_link_decides_between_head_sharding_and_stages(llama8b, tmp_path, ca
     assert c["recommend"] == choice, c
     assert c["pp"]["layers"] == [[0, 8], [8, 16], [16, 24], [24, 32]]
     assert c["hybrid"]["runs"] is False and "Group split not supported" in c["hybrid"]["why"]
-    assert c["pp"]["concurrent_implemented"] is False
+    assert c["pp"]["concurrent_implemented"] is True
     # what serve --pp runs (the stages in turn) is predicted beside it; micro-batches read the KV concurrently
     assert 0 < c["pp"]["concurrent_in_turn_tok_s"] < c["pp"]["concurrent_tok_s"]
     for m in ("tp", "pp"):

@@ -32,7 +32,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--pp", type=int, default=1, metavar="S",
                    help="pipeline: split the layers into S contiguous stages, one rank each (world = S), "
                         "weighted by --shares; one activation per stage boundary per token (serve, --prompts-file: "
-                        "the stages take turns on the batch; micro-batching is not implemented)")
+                        "decode-only steps micro-batched, S groups of rows in flight)")
     add_kv_arguments(p.add_argument_group("KV cache"))
 
 

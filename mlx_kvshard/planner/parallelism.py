@@ -6,11 +6,11 @@ TP, per token: every rank reads its 1/N of the weights and KV, and 2·L all_sums
 link. PP, one stream: the stages run one after another (each reads its layers' weights and
 KV), S−1 activations cross one hop each and one 4-byte all_sum hands the last stage's token
 to every rank. PP serving keeps S micro-batches in flight so every stage works every step:
-a round of S micro-steps gives each row one token; `serve --pp` runs the stages in turn
-(no micro-batches yet), so that figure says what micro-batching would give, labelled as such,
-beside the in-turn figure (`concurrent_in_turn_tok_s`: the whole batch through every stage in
-turn, what serve --pp runs). Micro-batching gains on what scales with rows (each stage's KV
-reads, compute), not on the weights, which every stage reads once per micro-step. Hybrid TP x PP
+a round of S micro-steps gives each row one token, as `serve --pp` runs decode-only steps
+(pipeline/batch.py), beside the in-turn figure (`concurrent_in_turn_tok_s`: the whole batch
+through every stage in turn, as serve --pp runs steps with prefills, or --kv-bits).
+Micro-batching gains on what scales with rows (each stage's KV reads, compute), not on the
+weights, which every stage reads once per micro-step. Hybrid TP x PP
 cannot run on MLX's ring (no Group.split): it is reported as not runnable."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def predict_pipeline_microbatched(stages: StagePlan, context: int, batch: int, l
     round_s = max(S * (max(micro) + hop), trip) + t_fixed
     return {"seconds_per_round": round_s, "rows_per_micro_batch": rows, "micro_batches": S,
             "tokens_per_second": 1 / round_s, "aggregate_tokens_per_second": batch / round_s,
-            "implemented": False}
+            "implemented": True}
 
 
 def _stage_fits(stages: StagePlan, hosts: Sequence[Host], opts: Options) -> bool | None:
@@ -109,8 +109,8 @@ def compare(cfg: ModelConfig, hosts: Sequence[Host], link: LinkProfile | None, o
         pp8_turn = predict_pipeline(stages, opts.context, CONCURRENT, link, chips, opts.eta, opts.t_fixed_s)
         out["pp"] = {"flag": f"--pp {S}", "layers": [list(r) for r in stages.layers],
                      "one_stream_tok_s": pp1["tokens_per_second"], "concurrent_tok_s": pp8["aggregate_tokens_per_second"],
-                     "concurrent_implemented": False,
-                     "concurrent_in_turn_tok_s": pp8_turn["aggregate_tokens_per_second"],  # what serve --pp runs
+                     "concurrent_implemented": True,  # serve --pp micro-batches decode-only steps
+                     "concurrent_in_turn_tok_s": pp8_turn["aggregate_tokens_per_second"],  # prefills, --kv-bits
                      "link_ms_per_token": pp1["link_seconds"] * 1e3,
                      "fits": _stage_fits(stages, hosts, opts)}
     except UserError as e:
@@ -150,8 +150,8 @@ def lines(c: dict | None) -> list[str]:
         if "error" in d:
             out.append(f"  {_name(m)}: cannot run ({d['error']})")
             continue
-        note = (f" (micro-batched: predicted, not implemented; serve --pp runs the stages in turn: "
-                f"{d['concurrent_in_turn_tok_s']:.1f} tok/s)" if m == "pp" else "")
+        note = (f" (micro-batched, as serve --pp decodes; stages in turn: {d['concurrent_in_turn_tok_s']:.1f} tok/s)"
+                if m == "pp" else "")
         fits = {True: "", False: "; does NOT fit", None: ""}[d["fits"]]
         flag = f" [{d['flag']}]" if d["flag"] else ""
         out.append(f"  {_name(m)}{flag}: one stream {d['one_stream_tok_s']:.1f} tok/s, "

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IDLE, STOP, REMOVE, DROP, JOIN, DECODE, PREFILL, PUT, AUDIT, SAVE, TRIM, DRAFT, LOAD, UNLINK, DISKOFF = range(1, 16)
-MICRO = 16
+MICRO = 64  # apart from the numbered ops above, so one added beside it cannot take its code
 HEADER = 2
 MAX_DROPS = 256  # evictions (and disk deletions) one step message carries
 MAX_LOADS = 64  # disk blocks one step loads back
