@@ -195,15 +195,27 @@ def test_a_resumed_request_continues_exactly(model, params):
     assert rest.finish_reason == events[-1].finish_reason
 
 
-def test_resume_is_refused_without_prompt_ids_or_room(model):
+def test_resume_refusals_and_a_resume_that_had_already_stopped(model):
+    """Refused without prompt ids or room. A request whose group was lost after its last
+    token but before its "done" (it met a stop string) ends at once with the "done" the
+    undisturbed run sent: same text tail, reason and usage, no token generated past it."""
     def refusals(engine):
         out = []
         for req in (Request(prompt="hi", resume=(1, 2)), Request(prompt_ids=PROMPT, params=greedy(2), resume=(1, 2))):
             with pytest.raises(RequestError) as e:
                 engine.submit(req)
             out.append(str(e.value))
-        return out
+        text = engine.generate(Request(prompt_ids=PROMPT, params=greedy(14))).text
+        params = SamplingParams(max_tokens=14, stop=(text[len(text) // 2:len(text) // 2 + 2],))
+        stopped = list(engine.submit(Request(prompt_ids=PROMPT, params=params)))
+        tokens = [ev.token for ev in stopped if ev.kind == "token"]
+        again = list(engine.submit(Request(prompt_ids=PROMPT, params=params, resume=tuple(tokens))))
+        return out, stopped, again
 
-    no_ids, no_room = with_engine(model, refusals)
+    (no_ids, no_room), stopped, again = with_engine(model, refusals)
     assert "resume continues a request given by prompt_ids" in no_ids
     assert "resume holds 2 tokens, max_tokens is 2" in no_room
+    assert stopped[-1].finish_reason == "stop" and len(stopped) - 1 < 14
+    u = stopped[-1].usage
+    assert [(e.kind, e.text, e.finish_reason, e.usage.prompt_tokens, e.usage.completion_tokens) for e in again] == [
+        ("done", stopped[-1].text, "stop", u.prompt_tokens, u.completion_tokens)]

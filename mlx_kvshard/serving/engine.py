@@ -134,13 +134,20 @@ class Engine:
             chat = request.messages is not None or (request.chat_template and bool(self.tokenizer.chat_template))
             asked = prompt[:len(prompt) - len(request.resume)]  # a resumed request's prompt ends with its tokens
             stopper = StopChecker(self.tokenizer, request.params.stop, asked, chat)
+            ended = False
             for token in request.resume:  # the text and stop-string state the client already has
-                stopper.add(token)
-            state = _Live(request, handle, None, stopper, time.perf_counter(), len(request.resume))
-            seq = Seq(uid, prompt, budget, state)
-            self._open[uid] = seq
-            self._inbox.append(seq)
-            self._cond.notify()
+                ended = stopper.add(token)[1]
+                if ended:
+                    break
+            if not ended:
+                state = _Live(request, handle, None, stopper, time.perf_counter(), len(request.resume))
+                seq = Seq(uid, prompt, budget, state)
+                self._open[uid] = seq
+                self._inbox.append(seq)
+                self._cond.notify()
+        if ended:  # it had stopped (EOS, a stop string): only its "done" was lost with the group
+            handle._emit(Event(uid, "done", text=stopper.flush(), finish_reason=stopper.finish_reason,
+                               usage=Usage(len(asked), len(request.resume)), tag=request.tag))
         return handle
 
     def submit_async(self, request: Request) -> AsyncRequestHandle:
