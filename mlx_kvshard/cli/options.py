@@ -68,7 +68,8 @@ def add_liveness_arguments(p) -> None:
 
 def add_restart_arguments(p) -> None:
     p.add_argument("--restart", type=int, default=0, metavar="N",
-                   help="after a rank is lost, relaunch up to N times (generate resumes from its last checkpoint)")
+                   help="after a rank is lost, relaunch up to N times (generate resumes from its last checkpoint; "
+                        "serve moves the requests in flight to the new group)")
     p.add_argument("--exclude", action="append", default=[], metavar="HOST",
                    help=f"leave HOST out of relaunches ('{restart.FAILED}': the lost rank's host); repeatable")
 
