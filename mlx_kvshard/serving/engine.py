@@ -32,6 +32,9 @@ from .requests import Completion, EngineStopped, Event, QueueFull, Request, Requ
 from .sampling import RowSampler, injected_fault, sample_rows
 from .scheduler import Scheduler, Seq
 
+MANIFEST_S = 30.0  # while busy, rank 0 rewrites the disk tier's manifest at most this often
+
+
 @dataclass
 class _Live:
     """Rank 0's per-request state beside the scheduler's `Seq`."""
@@ -61,6 +64,7 @@ class Engine:
         self._sequence_plan = loaded.stages is None and loaded.plan.sequence_sharded
         prefix = None
         self._saved = 0  # the prefix index's disk-tier version in the last manifest written
+        self._saved_at = time.monotonic()
         if settings.prefix_cache_bytes > 0:
             disk = state.disk
             per_token = max(self.kv_bytes_per_token)
@@ -292,11 +296,17 @@ class Engine:
             step.put = [(*p[:5], 0) for p in step.put]
             step.save = [(*p[:5], 0) for p in step.save]
 
-    def _save_manifest(self) -> None:
+    def _save_manifest(self, every_s: float = 0.0) -> None:
+        """Rank 0's manifest of the disk tier, when it changed (and, with `every_s`, at most
+        that often): at idle, at shutdown, and every MANIFEST_S while busy, so a crash loses
+        at most that much of the index."""
         disk, prefix = self.state.disk, self.scheduler.prefix
-        if disk is not None and prefix is not None and prefix.disk_bytes and prefix.changed != self._saved:
-            disk.save_manifest(prefix.manifest(), prefix.next_id)
-            self._saved = prefix.changed
+        if disk is None or prefix is None or not prefix.disk_bytes or prefix.changed == self._saved:
+            return
+        if every_s and time.monotonic() - self._saved_at < every_s:
+            return
+        disk.save_manifest(prefix.manifest(), prefix.next_id)
+        self._saved, self._saved_at = prefix.changed, time.monotonic()
 
     def _close_disk(self) -> None:
         if self.state.disk is not None:
@@ -350,6 +360,7 @@ class Engine:
         if out.loaded is not None:
             with self._cond:
                 self.scheduler.loaded(*out.loaded)
+        self._save_manifest(every_s=MANIFEST_S)
         self.live.progress(step.index + 1)
         wall = time.perf_counter() - t0
         with self._cond:
