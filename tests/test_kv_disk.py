@@ -230,3 +230,50 @@ def test_evicted_blocks_come_back_from_disk_and_a_failing_disk_turns_the_tier_of
     assert again.tokens == first.tokens and again.usage.cached_tokens >= 90 and disk_hits == 1
     assert last.tokens == first.tokens and disk_bytes == 0 and not gauges["disk_on"]
     assert capfd.readouterr().err.count("warning: the prefix cache's disk tier stops") == 1
+
+
+def test_block_files_round_trip_exactly_and_refuse_what_they_cannot_vouch_for(tmp_path):
+    """A block written by one tier reads back bit-exact in another (full precision in
+    bfloat16, and --kv-bits 8's packed triples); another epoch, another parent, a cut file
+    or a flipped byte reads as nothing."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    from mlx_kvshard.kv.disk import DiskTier
+    from mlx_kvshard.settings import KVSettings
+
+    def layer(kv, seed):
+        k, v = (mx.random.normal((1, 2, 5, 64), key=mx.random.key(seed + i)).astype(mx.bfloat16) for i in (0, 1))
+        if kv.bits is None:
+            c = KVCache()
+            c.keys, c.values = k, v
+        else:
+            c = QuantizedKVCache(group_size=kv.group_size, bits=kv.bits)
+            c.keys, c.values = list(mx.quantize(k, kv.group_size, kv.bits)), list(mx.quantize(v, kv.group_size, kv.bits))
+        c.offset = 5
+        mx.eval(c.state)
+        return c
+
+    def arrays(cache):
+        return [cache.keys, cache.values] if kv.bits is None else [*cache.keys, *cache.values]
+
+    for kv in (KVSettings(), KVSettings(bits=8, group_size=32)):
+        root = tmp_path / f"bits{kv.bits}"
+        (root / "blocks").mkdir(parents=True)
+        writer = DiskTier(root, "epoch-a", kv)
+        layers = [layer(kv, 10 * j) for j in range(2)]
+        writer.write(7, -1, layers)
+        writer.close()
+        reader = DiskTier(root, "epoch-a", kv)
+        (got,) = reader.read(-1, [7])
+        for want_layer, got_layer in zip(layers, got):
+            assert got_layer.offset == 5
+            for a, b in zip(arrays(want_layer), arrays(got_layer)):
+                assert a.dtype == b.dtype and a.shape == b.shape and mx.array_equal(a, b).item()
+        assert DiskTier(root, "epoch-b", kv).read(-1, [7]) == [] and reader.read(3, [7]) == []
+        path = root / "blocks" / "7.kv"
+        data = path.read_bytes()
+        path.write_bytes(data[:-1])
+        assert reader.read(-1, [7]) == []
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
+        assert reader.read(-1, [7]) == [] and reader.stats["read_failures"] == 3

@@ -195,7 +195,7 @@ class DiskTier:
                 c.keys, c.values = a
             else:
                 c = QuantizedKVCache(group_size=self.kv.group_size, bits=self.kv.bits)
-                c.keys, c.values = tuple(a[:3]), tuple(a[3:])
+                c.keys, c.values = list(a[:3]), list(a[3:])
             c.offset = a[0].shape[2]
             out.append(c)
         return out
@@ -256,7 +256,7 @@ class DiskTier:
 def _flat(cache) -> list:
     """A single-stream cache's arrays: keys then values (each a triple when quantized)."""
     keys, values = cache.keys, cache.values
-    if isinstance(keys, tuple):
+    if isinstance(keys, (tuple, list)):
         return [*keys, *values]
     return [keys, values]
 
