@@ -59,7 +59,7 @@ def test_index_tiers_load_back_fail_and_restore():
     assert idx.lookup(a + [1]) == idx.lookup(a[:24] + [1]) and idx.lookup(a + [1]).load == []
     check_invariants(idx)
     again = BlockIndex(max_bytes=64, bytes_per_token=1, block_tokens=8, min_tokens=4, disk_bytes=200)
-    again.restore(idx.manifest(), idx._next_id)
+    again.restore(idx.manifest() + [["x"], [99, 0], None], idx._next_id)  # damaged entries are skipped
     assert again.tier_blocks() == {"ram": 0, "disk": len(idx.manifest())} and again._next_id == idx._next_id
     assert again.lookup(b + [1]).load == [5, 6, 7, 8, 9]
     check_invariants(again)

@@ -281,18 +281,16 @@ def open_tier(loaded, settings) -> DiskTier | None:
         probe = mine / f".probe-{os.getpid()}"
         probe.write_bytes(b"x")
         probe.unlink()
-        saved = None
         try:
             saved = json.loads((mine / "layout.json").read_text())
+            report.update(found=_differs(saved.get("layout"), layout)[:200], epoch=_epoch(saved.get("epoch")),
+                          next_id=int(saved.get("next_id", 0)))
         except FileNotFoundError:
             pass
-        except ValueError:
-            saved = {}
-        if saved is not None:
-            report.update(found=_differs(saved.get("layout"), layout), epoch=saved.get("epoch"),
-                          next_id=int(saved.get("next_id", 0)))
+        except (ValueError, TypeError, AttributeError):  # anything unreadable: not this layout
+            report.update(found="an unreadable layout.json", epoch=None)
     except OSError as e:
-        report["error"] = f"{mine}: {e.strerror or e}"
+        report["error"] = f"{mine}: {e.strerror or e}"[-300:]  # (the gather below has a fixed size on every rank)
     if comm.rank == 0:
         report["fresh"] = secrets.token_hex(8)
     reports = gather_json(comm, report, max_bytes=1024)
@@ -331,6 +329,10 @@ def open_tier(loaded, settings) -> DiskTier | None:
     return tier
 
 
+def _epoch(value) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
+
+
 def _differs(saved, layout: dict) -> str:
     """'' when `saved` is this layout, else what differs (for the notice)."""
     if not isinstance(saved, dict):
@@ -347,6 +349,6 @@ def _manifest(root: Path, epoch: str, next_id: int) -> tuple[list, int]:
         m = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return [], next_id
-    if m.get("epoch") != epoch or not isinstance(m.get("blocks"), list):
+    if not isinstance(m, dict) or m.get("epoch") != epoch or not isinstance(m.get("blocks"), list):
         return [], next_id
     return m["blocks"], next_id

@@ -416,7 +416,11 @@ class BlockIndex:
         """Rebuild the disk tier from a manifest (an empty index; parents listed first).
         Blocks past the disk budget, or whose parent is missing, are left out (and deleted)."""
         self._next_id = max(self._next_id, next_id)
-        for i, parent_id, tokens in entries:
+        for entry in entries:
+            try:
+                i, parent_id, tokens = int(entry[0]), int(entry[1]), tuple(int(t) for t in entry[2])
+            except (TypeError, ValueError, IndexError, KeyError):  # a damaged manifest: skip the entry
+                continue
             parent = self.root if parent_id < 0 else self.blocks.get(parent_id)
             if parent is None or not tokens or tuple(tokens) in parent.children or i in self.blocks:
                 self.unlinks.append(i)
@@ -424,7 +428,7 @@ class BlockIndex:
             if (self.disk_tokens + len(tokens)) * self.bytes_per_token > self.disk_bytes:
                 self.unlinks.append(i)
                 continue
-            block = Block(i, parent, tuple(tokens))
+            block = Block(i, parent, tokens)
             self._link(block)
             self._set_disk(block, True)
         self.changed = 0
