@@ -274,9 +274,9 @@ def open_tier(loaded, settings) -> DiskTier | None:
     comm = loaded.comm
     base = Path(os.path.expanduser(settings.prefix_cache_dir))
     mine = base / f"rank{comm.rank}"
-    layout = layout_of(loaded, settings.prefix_block_tokens)
     report: dict = {"error": None, "found": None, "epoch": None, "next_id": 0}
     try:
+        layout = layout_of(loaded, settings.prefix_block_tokens)
         (mine / "blocks").mkdir(parents=True, exist_ok=True)
         probe = mine / f".probe-{os.getpid()}"
         probe.write_bytes(b"x")
