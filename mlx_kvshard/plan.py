@@ -139,6 +139,8 @@ class ShardPlan:
         if world <= config.num_key_value_heads or kv.shard != "auto":
             return cls._build_mode(*args, kv)
         # auto: whichever mode needs less memory on its fullest rank at the planned context
+        if kv.fp_window:  # only replicated heads take a full-precision window
+            return cls._build_mode(*args, replace(kv, shard="replicate"))
         plans = {m: cls._build_mode(*args, replace(kv, shard=m)) for m in ("replicate", "sequence")}
         need = {m: p.max_rank_bytes() for m, p in plans.items()}
         choice = "sequence" if need["sequence"] < need["replicate"] else "replicate"
@@ -164,6 +166,10 @@ class ShardPlan:
                              f"sequence has nothing to split; each rank holds whole heads")
             kv = replace(kv, shard="replicate")  # no head is shared: nothing to split by sequence
         elif kv.shard == "sequence":
+            if kv.fp_window:
+                raise UserError(f"--kv-fp-window {kv.fp_window} with sequence-sharded KV heads (world {world} > "
+                                f"{n_kv} KV heads): not implemented; use --kv-shard replicate or --kv-fp-window 0")
+            kv = replace(kv, fp_window=0)  # the default window yields: sequence-sharded heads take none
             shards = _sequence_kv_heads(config, world, shares)
             notes.append(
                 f"world {world} > {n_kv} KV heads: each KV head's positions are interleaved across the "
@@ -310,6 +316,11 @@ class ShardPlan:
         return kv_position_bytes(self.config, self.shards[rank].local_kv_heads, self.kv.bits,
                                  self.kv.group_size, self.compute_dtype)
 
+    def kv_window_bytes(self, rank: int) -> int:
+        """Bytes one sequence holds beyond positions x kv_bytes_per_token: its --kv-fp-window
+        positions in the compute dtype instead of quantized (0 without a window)."""
+        return kv_window_extra_bytes(self.kv, self.kv_bytes_per_token(rank), self.compute_dtype)
+
     def kv_positions(self, rank: int, context: int) -> int:
         """How many of a sequence's first `context` positions this rank holds."""
         return self.shards[rank].seq_held(max(0, context))
@@ -317,7 +328,9 @@ class ShardPlan:
     def kv_bytes(self, rank: int, context: int, batch: int = 1) -> int:
         """KV bytes this rank holds for `batch` sequences of `context` tokens (before the
         cache's allocation granularity: mlx-lm caches grow 256 positions at a time)."""
-        return batch * self.kv_positions(rank, context) * self.kv_bytes_per_token(rank)
+        positions = self.kv_positions(rank, context)
+        extra = self.kv_window_bytes(rank) * min(positions, self.kv.window) // max(1, self.kv.window)
+        return batch * (positions * self.kv_bytes_per_token(rank) + extra)
 
     def max_context(self, rank: int, free_bytes: int, batch: int = 1) -> int:
         """The longest context whose KV fits in `free_bytes` on this rank."""
@@ -489,6 +502,17 @@ def kv_position_bytes(cfg: ModelConfig, kv_heads: int, bits: int | None, group_s
         raise UserError(f"--kv-bits {bits}: head_dim {cfg.head_dim} is not a multiple of the KV "
                         f"quantization group {group_size}; use another --kv-group-size or full precision")
     return elements * bits // 8 + elements // group_size * 2 * per
+
+
+def kv_window_extra_bytes(kv, per_token: int, dtype: str) -> int:
+    """What a full window of kv.window positions costs beyond those positions quantized, given
+    the quantized bytes per position `per_token` (any heads and layers: the ratio is fixed by
+    the bit width, group size and compute dtype)."""
+    if not kv.window or kv.bits is None:
+        return 0
+    per = DTYPE_BYTES.get(dtype, 2)
+    elements = per_token * 8 * kv.group_size // (kv.bits * kv.group_size + 16 * per)  # K and V elements per position
+    return kv.window * (elements * per - per_token)
 
 
 def human_bytes(n: float) -> str:

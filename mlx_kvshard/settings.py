@@ -88,6 +88,9 @@ KV_SHARD_MODES = ("replicate", "sequence", "auto")
 KV_ROTATE_MODES = {"auto": None, "on": True, "off": False}
 # KV bit widths rotated unless --kv-rotate off: measured on real text, docs/kv-quality.md
 DEFAULT_ROTATE_BITS: tuple[int, ...] = (4,)
+# --kv-fp-window default per bit width (the last W positions of each sequence kept in full
+# precision, older ones quantized): measured on real text, docs/kv-quality.md
+DEFAULT_FP_WINDOW: dict[int, int] = {4: 16}
 
 
 def hadamard_size_ok(n: int) -> bool:
@@ -110,14 +113,27 @@ class KVSettings:
     # Hadamard-rotate q, k, v per head before the cache, the attention output back (engine/attention.py):
     # True, False, or None = the default for the bit width (DEFAULT_ROTATE_BITS)
     rotate: bool | None = None
+    # with bits: each sequence's last W positions stay in the compute dtype, older ones are
+    # quantized (engine/kvwindow.py); None = the default for the bit width (DEFAULT_FP_WINDOW)
+    fp_window: int | None = None
 
     @property
     def rotated(self) -> bool:
         return self.bits in DEFAULT_ROTATE_BITS if self.rotate is None else self.rotate
 
+    @property
+    def window(self) -> int:
+        """The full-precision window in use (0: none). The default yields to --kv-quant-start
+        and to sequence-sharded heads (ShardPlan resolves that), which take no window."""
+        if self.bits is None:
+            return 0
+        if self.fp_window is None:
+            return 0 if self.quant_start or self.shard == "sequence" else DEFAULT_FP_WINDOW.get(self.bits, 0)
+        return self.fp_window
+
     def full_precision(self) -> "KVSettings":
         """The same layout (shard mode) storing K and V in the compute dtype."""
-        return replace(self, bits=None, quant_start=0)
+        return replace(self, bits=None, quant_start=0, fp_window=None)
 
     def check(self, head_dim: int | None = None) -> None:
         from .errors import UserError
@@ -128,6 +144,13 @@ class KVSettings:
             raise UserError(f"--kv-group-size {self.group_size}: must be 32, 64 or 128")
         if self.quant_start < 0:
             raise UserError(f"--kv-quant-start {self.quant_start}: must not be negative")
+        if self.fp_window is not None and self.fp_window < 0:
+            raise UserError(f"--kv-fp-window {self.fp_window}: must not be negative (0: no window)")
+        if self.fp_window and self.bits is None:
+            raise UserError(f"--kv-fp-window {self.fp_window}: a full-precision window needs --kv-bits 8 or 4")
+        if self.fp_window and self.quant_start:
+            raise UserError(f"--kv-fp-window {self.fp_window} with --kv-quant-start {self.quant_start}: choose one "
+                            f"(late quantization keeps everything in full precision until T tokens)")
         if self.shard not in KV_SHARD_MODES:
             raise UserError(f"--kv-shard {self.shard}: must be one of {', '.join(KV_SHARD_MODES)}")
         if self.rotated and head_dim is not None and not hadamard_size_ok(head_dim):

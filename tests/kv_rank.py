@@ -32,7 +32,8 @@ def run(comm, out: Path, r: dict) -> None:
     d = Path(r["model"])
     kv = KVSettings(bits=r.get("bits"), group_size=r.get("group_size", 64),
                     quant_start=r.get("quant_start", 0), shard=r.get("shard", "replicate"),
-                    rotate=r.get("rotate", False))  # mlx-lm, the oracle, stores K/V unrotated
+                    rotate=r.get("rotate", False),  # mlx-lm, the oracle, stores K/V unrotated
+                    fp_window=r.get("fp_window", 0))  # ... and every position quantized
     plan = ShardPlan.build(ModelConfig.from_file(d), comm.world, compute_dtype="float32", kv=kv, context=4096)
     model = load_rank_model(d, plan, comm, mx.float32)
     step = r.get("prefill_step", 512)

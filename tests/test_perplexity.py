@@ -31,16 +31,16 @@ def perplexity(*argv) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def oracle(model_dir: Path, text: Path, make_cache) -> tuple[float, int]:
-    """Perplexity from mlx-lm's model and caches: windows of CONTEXT, chunks of STEP."""
+def oracle(model_dir: Path, text: Path, make_cache, step: int = STEP) -> tuple[float, int]:
+    """Perplexity from mlx-lm's model and caches: windows of CONTEXT, chunks of `step`."""
     model = load_oracle(model_dir, mx.float32)
     ids = load_tokenizer(model_dir).encode(text.read_text())
     nll, n = 0.0, 0
     for w in range(0, len(ids), CONTEXT):
         window = ids[w:w + CONTEXT]
         cache = [make_cache() for _ in model.layers]
-        for s in range(0, len(window) - 1, STEP):
-            x = mx.array(window[s:s + STEP + 1])
+        for s in range(0, len(window) - 1, step):
+            x = mx.array(window[s:s + step + 1])
             logits = model(x[None, :-1], cache=cache)[0].astype(mx.float32)
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             nll -= mx.take_along_axis(lp, x[1:, None], axis=-1).sum().item()
@@ -69,6 +69,23 @@ class RotatedQuantizedCache:
         return tuple(rot(mx.dequantize(*t, group_size=q.group_size, bits=q.bits)) for t in (k, v))
 
 
+class RotatedWindowCache(RotatedQuantizedCache):
+    """For one token at a time: the last `window` positions in full precision, older ones
+    through the rotated quantized store (each position quantized once, as stored)."""
+
+    def __init__(self, group_size: int, bits: int, window: int):
+        super().__init__(group_size, bits)
+        self.window, self.keys, self.values = window, None, None
+
+    def update_and_fetch(self, keys, values):
+        qk, qv = super().update_and_fetch(keys, values)  # every position, through the quantized store
+        cat = lambda a, b: b if a is None else mx.concatenate([a, b], axis=2)  # noqa: E731
+        self.keys, self.values = cat(self.keys, keys), cat(self.values, values)
+        old = max(0, self.keys.shape[2] - self.window)
+        return (mx.concatenate([qk[..., :old, :], self.keys[..., old:, :]], axis=2),
+                mx.concatenate([qv[..., :old, :], self.values[..., old:, :]], axis=2))
+
+
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "prose.txt"
@@ -81,7 +98,7 @@ def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
     give mlx-lm's unrotated full-precision perplexity (the rotation is exact)."""
     model = checkpoint(ckpt_root, "kvq")  # 4 KV heads: world 3 holds 2, 1, 1
     args = ["--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step", str(STEP),
-            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--compare-fp"]
+            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--kv-fp-window", "0", "--compare-fp"]
     one, three = perplexity(*args, "--simulate", "1"), perplexity(*args, "--simulate", "3")
     assert one["tokens_scored"] == three["tokens_scored"] > 2 * CONTEXT and one["windows"] >= 3
     for key in ("perplexity", "fp_perplexity", "kl_divergence_mean"):
@@ -95,6 +112,25 @@ def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
     assert math.isclose(one["fp_perplexity"], want_fp, rel_tol=1e-4), (one["fp_perplexity"], want_fp)
     # KV per rank follows the heads it holds
     assert [r["kv_bytes"] for r in three["ranks"]] == [2 * three["ranks"][1]["kv_bytes"]] + [three["ranks"][1]["kv_bytes"]] * 2
+
+
+def test_fp_window_world3_equals_world1_and_mlx_lm(ckpt_root, text, tmp_path):
+    """--kv-fp-window 8 (rotated 4-bit): world 3 = world 1 = mlx-lm's model fed one token at a
+    time through a cache returning the last 8 positions in full precision and older ones
+    quantized; our chunks of 8 give the same value (every query sees its own window)."""
+    model = checkpoint(ckpt_root, "kvq")
+    text = tmp_path / "short.txt"
+    text.write_text(PROSE.read_text()[:200])  # five windows: the oracle goes one token at a time
+    args = ["--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step", str(STEP),
+            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--kv-fp-window", "8"]
+    one, three = perplexity(*args, "--simulate", "1"), perplexity(*args, "--simulate", "3")
+    assert one["kv"]["fp_window"] == three["kv"]["fp_window"] == 8
+    assert math.isclose(three["perplexity"], one["perplexity"], rel_tol=1e-4), (one["perplexity"], three["perplexity"])
+    want, n = oracle(model, text, lambda: RotatedWindowCache(32, 4, 8), step=1)
+    assert n == one["tokens_scored"]
+    assert math.isclose(one["perplexity"], want, rel_tol=1e-4), (one["perplexity"], want)
+    plain, _ = oracle(model, text, lambda: RotatedQuantizedCache(group_size=32, bits=4))
+    assert abs(want / plain - 1) > 5e-4  # the window changes the value: the check above can tell
 
 
 def test_sequence_sharded_kv_equals_mlx_lm(ckpt_root, text):

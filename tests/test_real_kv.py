@@ -1,7 +1,8 @@
 """The `real` tier for KV quantization: SmolLM2-135M-Instruct scoring tests/data/prose.txt
 through `mlx-kvshard perplexity --compare-fp` (docs/kv-quality.md has the full table).
-8-bit KV stays within 0.5% of full-precision KV; 4-bit KV, Hadamard-rotated by default,
-diverges from it (mean KL) less than half as much as mlx-lm's plain 4-bit cache."""
+8-bit KV stays within 0.5% of full-precision KV; 4-bit KV as shipped by default (Hadamard-
+rotated, the last 32 positions in full precision) within 3%, diverging from it (mean KL) less
+than half as much as rotation alone at the same bytes per quantized position."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def test_kv_quantization_quality_on_real_text(smollm2):
     q8 = perplexity(gguf, "--kv-bits", "8")
     assert q8["tokens_scored"] > 400 and not q8["kv"]["rotated"]
     assert abs(q8["perplexity_change"]) <= 0.005, q8
-    rotated, plain = perplexity(gguf, "--kv-bits", "4"), perplexity(gguf, "--kv-bits", "4", "--kv-rotate", "off")
-    assert rotated["kv"]["rotated"] and not plain["kv"]["rotated"]
-    assert rotated["kl_divergence_mean"] < plain["kl_divergence_mean"] / 2, (rotated, plain)
-    assert rotated["perplexity_change"] < plain["perplexity_change"]
-    assert rotated["ranks"][0]["plan_kv_bytes_per_token"] == plain["ranks"][0]["plan_kv_bytes_per_token"]
+    shipped, rotated = perplexity(gguf, "--kv-bits", "4"), perplexity(gguf, "--kv-bits", "4", "--kv-fp-window", "0")
+    assert shipped["kv"]["rotated"] and shipped["kv"]["fp_window"] == 32 and rotated["kv"]["fp_window"] == 0
+    assert abs(shipped["perplexity_change"]) <= 0.03, shipped
+    assert shipped["kl_divergence_mean"] < rotated["kl_divergence_mean"] / 2, (shipped, rotated)
+    assert shipped["ranks"][0]["plan_kv_bytes_per_token"] == rotated["ranks"][0]["plan_kv_bytes_per_token"]
+    assert shipped["ranks"][0]["kv_bytes"] > rotated["ranks"][0]["kv_bytes"]  # the window's full-precision positions

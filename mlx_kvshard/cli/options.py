@@ -46,6 +46,9 @@ def add_kv_arguments(p) -> None:
     p.add_argument("--kv-quant-start", type=int, default=0, metavar="T",
                    help="with --kv-bits: keep the cache in full precision until it holds T tokens, "
                         "then quantize it (as mlx-lm's quantized_kv_start; per sequence in the serving engine)")
+    p.add_argument("--kv-fp-window", type=int, default=None, metavar="W",
+                   help="with --kv-bits: keep each sequence's last W positions in full precision, quantize "
+                        "older ones (0: none; default: per bit width, see docs/kv-quality.md)")
     p.add_argument("--kv-shard", choices=KV_SHARD_MODES, default="replicate",
                    help="more ranks than KV heads: replicate a shared head's cache on its ranks, split it "
                         "by sequence position (KV per rank = total / N), or auto (less memory per rank "
@@ -116,7 +119,7 @@ def rank_settings(args: argparse.Namespace) -> RankSettings:
 
 def kv_settings(args) -> KVSettings:
     kv = KVSettings(bits=args.kv_bits, group_size=args.kv_group_size, quant_start=args.kv_quant_start,
-                    shard=args.kv_shard, rotate=KV_ROTATE_MODES[args.kv_rotate])
+                    shard=args.kv_shard, rotate=KV_ROTATE_MODES[args.kv_rotate], fp_window=args.kv_fp_window)
     kv.check()
     return kv
 

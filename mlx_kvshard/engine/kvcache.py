@@ -25,6 +25,10 @@ def make_cache(shard: RankShard, kv: KVSettings, n_layers: int) -> list:
 def _layer_cache(shard: RankShard, kv: KVSettings):
     if kv.bits is None:
         inner = KVCache()
+    elif kv.window:
+        from .kvwindow import WindowQuantizedKVCache
+
+        return WindowQuantizedKVCache(kv.window, kv.group_size, kv.bits)  # never sequence-sharded (ShardPlan)
     elif kv.quant_start > 0:
         inner = LateQuantizedKVCache(kv.quant_start, kv.group_size, kv.bits)
     else:
@@ -319,6 +323,10 @@ def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
         from .seqkv import BatchSequenceKVCache
 
         return BatchSequenceKVCache
+    if kv.window:
+        from .kvwindow import WindowQuantizedKVCache
+
+        return WindowQuantizedKVCache
     if kv.bits is not None and kv.quant_start:
         from .kvlate import BatchLateQuantizedKVCache
 
@@ -352,6 +360,8 @@ def slice_copy(cache, start: int, end: int):
         from .seqkv import slice_sequence_copy
 
         return slice_sequence_copy(cache, start, end)
+    if hasattr(cache, "slice_copy"):  # a full-precision window (engine/kvwindow.py)
+        return cache.slice_copy(start, end)
     if isinstance(cache, LateQuantizedKVCache):
         cache = cache.cache  # the block keeps the form the positions are in now
     out = _empty_like(cache)
@@ -368,6 +378,8 @@ def joined_copy(caches: list, n: int):
         from .seqkv import joined_sequence_copy
 
         return joined_sequence_copy(caches, n)
+    if hasattr(caches[0], "join"):  # a full-precision window (engine/kvwindow.py)
+        return type(caches[0]).join(caches, n)
     quantized = next((c for c in caches if isinstance(c, QuantizedKVCache)), None)
     if quantized is not None:
         caches = [c if isinstance(c, QuantizedKVCache) else c.to_quantized(quantized.group_size, quantized.bits)

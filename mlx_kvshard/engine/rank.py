@@ -251,6 +251,7 @@ def _rank_facts(rank: LoadedRank, run: _Run) -> dict:
         "kv_bits": rank.plan.kv.bits,
         "kv_shard": rank.plan.kv.shard,
         "kv_rotated": rank.plan.kv.rotated,
+        "kv_fp_window": rank.plan.kv.window,
         "seq_sharers": shard.seq_sharers,
         "peak_memory_bytes": mx.get_peak_memory(),
         "layers": list(rank.stages.layers[comm.rank]) if rank.stages else [0, rank.cfg.num_hidden_layers],

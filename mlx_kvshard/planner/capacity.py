@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..config import DTYPE_BYTES, ModelConfig
 from ..errors import UserError
-from ..plan import ShardPlan, human_bytes, kv_position_bytes
+from ..plan import ShardPlan, human_bytes, kv_position_bytes, kv_window_extra_bytes
 from ..settings import KVSettings
 from ..hardware.links import allgather_seconds, allreduce_seconds
 from ..hardware.profiles import ChipProfile, LinkProfile
@@ -125,7 +125,14 @@ def kv_bytes_per_token(plan: ShardPlan, rank: int, kv_bits: int | None = None) -
 
 
 def kv_bytes(plan: ShardPlan, rank: int, context: int, batch: int = 1, kv_bits: int | None = None) -> int:
-    return batch * plan.kv_positions(rank, context) * kv_bytes_per_token(plan, rank, kv_bits)
+    """KV of `batch` sequences of `context` tokens, a full-precision window (--kv-fp-window, or
+    the bit width's default) included."""
+    if kv_bits is None:
+        return plan.kv_bytes(rank, context, batch)
+    kv = replace(plan.kv, bits=None if kv_bits == 16 else kv_bits)
+    per_token, positions = kv_bytes_per_token(plan, rank, kv_bits), plan.kv_positions(rank, context)
+    window = kv_window_extra_bytes(kv, per_token, plan.compute_dtype) * min(positions, kv.window) // max(1, kv.window)
+    return batch * (positions * per_token + window)
 
 
 def weight_bytes_read_per_token(plan: ShardPlan, rank: int) -> int:

@@ -77,7 +77,7 @@ def _score_on_rank(settings: RankSettings, ppl: PerplexitySettings, live) -> int
                   "text_tokens": len(tokens), "world": comm.world, "model": str(rank.model_dir),
                   "dtype": rank.dtype_name,
                   "kv": {"bits": kv.bits, "group_size": kv.group_size, "quant_start": kv.quant_start,
-                         "shard": rank.plan.kv.shard, "rotated": kv.rotated},
+                         "shard": rank.plan.kv.shard, "rotated": kv.rotated, "fp_window": rank.plan.kv.window},
                   "ranks": per_rank}
         print(json.dumps(report) if ppl.json else format_report(report))
         sys.stdout.flush()
@@ -91,6 +91,8 @@ def kv_label(kv: dict) -> str:
         label = f"{kv['bits']}-bit KV (group {kv['group_size']})"
         if kv["quant_start"]:
             label += f" from token {kv['quant_start']}"
+        if kv.get("fp_window"):
+            label += f", last {kv['fp_window']} positions full precision"
     label += ", Hadamard-rotated" if kv["rotated"] else ""
     return label + (", sequence-sharded" if kv["shard"] == "sequence" else "")
 
