@@ -134,8 +134,10 @@ class DraftProposer:
 def check_trimmable(cache: list) -> None:
     if not can_trim_prompt_cache(cache):
         kinds = sorted({type(c).__name__ for c in cache if not c.is_trimmable()})
+        hint = (" (4-bit KV keeps a full-precision window by default: --kv-fp-window 0 turns it off)"
+                if "WindowQuantizedKVCache" in kinds else "")
         raise UserError(f"speculative decoding trims rejected tokens from the KV cache, and this cache "
-                        f"({', '.join(kinds)}) cannot be trimmed; run without --draft-model/--prompt-lookup")
+                        f"({', '.join(kinds)}) cannot be trimmed; run without --draft-model/--prompt-lookup{hint}")
 
 
 def speculative_decoder(proposer, num_draft: int, context: list[int], stats: SpecStats) -> Callable[..., Iterator[int]]:
