@@ -178,16 +178,20 @@ def test_kv_shard_modes_side_by_side_and_auto_choice(model, capsys):
 
 def test_users_times_context_per_kv_mode_and_recommendation(model, capsys):
     """16 Macs of 64 GB on 8 KV heads: every precision in both shard modes; sequence halves the
-    fullest rank's KV per user (2 sharers), 8 and 4 bits shrink it; the most precise mode that
+    fullest rank's KV per user (2 sharers; replicated 4-bit adds its full-precision window),
+    8 and 4 bits shrink it; the most precise mode that
     holds --batch users is recommended."""
     args = ("--model", str(model), "--world", "16", "--memory", "64", "--context", "32768")
     plan(*args, "--batch", "8", "--json")
     d = json.loads(capsys.readouterr().out)["kv_capacity"]
     modes = {(m["kv_bits"], m["kv_shard"]): m for m in d["modes"]}
     assert sorted(modes) == [(b, s) for b in (4, 8, 16) for s in ("replicate", "sequence")]
+    elements = 80 * 128 * 2  # one KV head's K and V per position, all layers
     for bits in (16, 8, 4):
         rep, seq = modes[bits, "replicate"], modes[bits, "sequence"]
-        assert rep["kv_bytes_per_user"] == 2 * seq["kv_bytes_per_user"]
+        # replicated 4-bit keeps its last 16 positions in bf16 (--kv-fp-window's default); sequence none
+        window = 16 * (elements * 2 - elements * 9 // 16) if bits == 4 else 0
+        assert rep["kv_bytes_per_user"] == 2 * seq["kv_bytes_per_user"] + window
         assert seq["users"] > rep["users"] and seq["max_context"] > rep["max_context"]
     assert modes[16, "replicate"]["kv_bytes_per_user"] == 32768 * 80 * 2 * 128 * 2  # one KV head, bf16
     assert modes[4, "sequence"]["users"] > modes[8, "sequence"]["users"] > modes[16, "sequence"]["users"]

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from ..plan import kv_window_extra_bytes
 from ..settings import EngineSettings, RankSettings
 from . import wire
 from .batch import BatchState
@@ -37,6 +38,8 @@ def kv_capacity(loaded, settings: EngineSettings) -> tuple[int, list[dict]]:
     free = free_memory_bytes()
     per_token = loaded.kv_bytes_per_token(rank)
     usable = int(free * settings.kv_memory_fraction) - settings.prefix_cache_bytes
+    # --kv-fp-window: each row's window positions cost full precision; reserve that for every row
+    usable -= settings.max_batch * kv_window_extra_bytes(loaded.plan.kv, per_token, loaded.plan.compute_dtype)
     positions = max(0, usable // max(1, per_token))
     # tokens of sequences: with sequence-sharded KV this rank holds only its share of each
     tokens = positions if loaded.stages is not None else loaded.plan.admission_tokens(rank, positions,
@@ -62,12 +65,17 @@ def check_batchable(loaded) -> None:
 def check_kv(loaded, engine: EngineSettings) -> None:
     """Quantized KV (from the first token or from --kv-quant-start) and sequence-sharded KV
     are batched, but not late quantization of sequence-sharded heads; the prefix cache's disk
-    tier stores whole-head blocks only. Decided from the plan and settings every rank
+    tier stores whole-head blocks of one form only (not late-quantized or windowed ones). Decided from the plan and settings every rank
     shares, so every rank refuses alike."""
     kv = loaded.plan.kv
     if loaded.stages is None and loaded.plan.sequence_sharded and engine.prefix_cache_dir is not None:
         raise UserError(f"--prefix-cache-dir with sequence-sharded KV (--kv-shard {kv.shard}) is not implemented: "
                         f"drop --prefix-cache-dir (the RAM prefix cache works), or use --kv-shard replicate")
+    if engine.prefix_cache_dir is not None and kv.bits is not None and (kv.quant_start or kv.window):
+        what = (f"--kv-quant-start {kv.quant_start}" if kv.quant_start else
+                f"the full-precision window of {kv.bits}-bit KV (--kv-fp-window {kv.window})")
+        raise UserError(f"--prefix-cache-dir with {what} is not implemented (a block file holds one KV form): drop "
+                        f"--prefix-cache-dir (the RAM prefix cache works)" + (", or add --kv-fp-window 0" if kv.window else ""))
     if kv.quant_start and kv.bits is not None and loaded.stages is None and loaded.plan.sequence_sharded:
         raise UserError(f"--kv-quant-start {kv.quant_start} with sequence-sharded KV (--kv-shard {kv.shard}) is not "
                         f"implemented in the serving engine (--prompts-file, serve); use one-prompt generate, or "
