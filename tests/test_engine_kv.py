@@ -76,16 +76,17 @@ def test_quantized_kv_batch_equals_one_prompt_generate(world, model, tmp_path):
     check_kv_bytes(rep, model, world)
 
 
-LATE = ["--kv-bits", "4", "--kv-group-size", "32", "--kv-quant-start", "8"]  # 4-bit: a row in the wrong form shows
+LATE = ["--kv-bits", "4", "--kv-group-size", "32", "--kv-quant-start", "20"]  # 4-bit: a row in the wrong form shows
 
 
 def test_late_quantization_batch_equals_one_prompt_generate(model, tmp_path):
-    """--kv-quant-start 8 at world 2: the rows cross 8 tokens at different steps (two in
-    prefill, two while decoding beside quantized rows, one of them after joining late), the
-    prefix hit starts from blocks of a quantized row; each row gets the tokens one-prompt
-    `generate` with the same setting gives it."""
+    """--kv-quant-start 20 at world 2: the rows cross 20 tokens at different steps (two long
+    prompts in prefill, two short ones while decoding beside quantized rows, one of them after
+    joining late), the prefix hit starts from blocks of a quantized row; each row gets the
+    tokens one-prompt `generate` with the same setting gives it (wherever the engine's chunks
+    fall: see kvlate.generate_quantizes_at)."""
     f = tmp_path / "requests.jsonl"
-    requests = [r for i, r in enumerate(REQUESTS) if i != 1]  # (request 2 spans two prefill chunks too)
+    requests = [REQUESTS[0], *REQUESTS[2:]]  # prompts of 13, 74, 16 (joins late) and 77 (the hit) tokens
     f.write_text("".join(json.dumps(r) + "\n" for r in requests))
     proc = run("ekv-late", ["--model", str(model), "--prompts-file", str(f), "--check-sync", *COMMON, *LATE], 2)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]

@@ -114,23 +114,23 @@ def test_world3_equals_world1_and_mlx_lm(ckpt_root, text):
     assert [r["kv_bytes"] for r in three["ranks"]] == [2 * three["ranks"][1]["kv_bytes"]] + [three["ranks"][1]["kv_bytes"]] * 2
 
 
-def test_fp_window_world3_equals_world1_and_mlx_lm(ckpt_root, text, tmp_path):
-    """--kv-fp-window 8 (rotated 4-bit): world 3 = world 1 = mlx-lm's model fed one token at a
-    time through a cache returning the last 8 positions in full precision and older ones
-    quantized; our chunks of 8 give the same value (every query sees its own window)."""
+def test_fp_window_equals_mlx_lm_one_token_at_a_time(ckpt_root, text, tmp_path):
+    """--kv-fp-window 24 (rotated 4-bit, windows of 40) = mlx-lm's model fed one token at a time
+    through a cache returning the last 24 positions in full precision and older ones quantized:
+    our chunks of 8 give the same value (every query sees its own window). World 3 = world 1
+    with a window: tests/test_kv_rotate.py (the serving engine against one-prompt generate)."""
     model = checkpoint(ckpt_root, "kvq")
     text = tmp_path / "short.txt"
     text.write_text(PROSE.read_text()[:200])  # five windows: the oracle goes one token at a time
     args = ["--model", str(model), "--file", str(text), "--context", str(CONTEXT), "--prefill-step", str(STEP),
-            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--kv-fp-window", "8"]
-    one, three = perplexity(*args, "--simulate", "1"), perplexity(*args, "--simulate", "3")
-    assert one["kv"]["fp_window"] == three["kv"]["fp_window"] == 8
-    assert math.isclose(three["perplexity"], one["perplexity"], rel_tol=1e-4), (one["perplexity"], three["perplexity"])
-    want, n = oracle(model, text, lambda: RotatedWindowCache(32, 4, 8), step=1)
+            "--kv-bits", "4", "--kv-group-size", "32", "--kv-rotate", "on", "--kv-fp-window", "24"]
+    one = perplexity(*args, "--simulate", "1")
+    assert one["kv"]["fp_window"] == 24
+    want, n = oracle(model, text, lambda: RotatedWindowCache(32, 4, 24), step=1)
     assert n == one["tokens_scored"]
     assert math.isclose(one["perplexity"], want, rel_tol=1e-4), (one["perplexity"], want)
     plain, _ = oracle(model, text, lambda: RotatedQuantizedCache(group_size=32, bits=4))
-    assert abs(want / plain - 1) > 5e-4  # the window changes the value: the check above can tell
+    assert abs(want / plain - 1) > 1e-3  # the window changes the value: the check above can tell (1.4e-3)
 
 
 def test_sequence_sharded_kv_equals_mlx_lm(ckpt_root, text):

@@ -229,7 +229,7 @@ class WindowQuantizedKVCache(_BaseCache):
         if ref is None:
             return batch
         parts = [c._columns(idx - c._idx, idx, ref) for c in caches]
-        batch._set(idx, *_stack(parts))
+        batch._set(idx, *_concat(parts, 0))
         return batch
 
     def extend(self, other: "WindowQuantizedKVCache") -> None:
@@ -237,7 +237,7 @@ class WindowQuantizedKVCache(_BaseCache):
         idx = max(self._idx, other._idx)
         pads = [c.left_padding + (idx - c._idx) for c in (self, other)]
         if ref is not None:
-            self._set(idx, *_stack([c._columns(idx - c._idx, idx, ref) for c in (self, other)]))
+            self._set(idx, *_concat([c._columns(idx - c._idx, idx, ref) for c in (self, other)], 0))
         self.left_padding = mx.concatenate(pads)
 
     def filter(self, batch_indices) -> None:
@@ -299,7 +299,7 @@ class WindowQuantizedKVCache(_BaseCache):
             f = b._fp_columns(min(take, max(nq - at, 0)), take, ref)
             parts.append((*(q or (None, None)), *(f or (None, None))))
             at += take
-        out._set(at, *_concat_columns(parts))
+        out._set(at, *_concat(parts, 2))
         return out
 
     # ---- facts ------------------------------------------------------------------------
@@ -323,29 +323,16 @@ class WindowQuantizedKVCache(_BaseCache):
         raise TypeError("WindowQuantizedKVCache cannot trim")
 
 
-def _stack(parts: list[tuple]) -> tuple:
-    """Rows of several caches, each (quantized K, V, fp K, V) with the same columns, as one batch."""
-    out = []
-    for i in range(4):
-        xs = [p[i] for p in parts]
-        if xs[0] is None:
-            out.append(None)
-        elif isinstance(xs[0], list):
-            out.append([mx.concatenate(col, axis=0) for col in zip(*xs)])
-        else:
-            out.append(mx.concatenate(xs, axis=0))
-    return tuple(out)
-
-
-def _concat_columns(parts: list[tuple]) -> tuple:
-    """Blocks of one sequence, each (quantized K, V, fp K, V), one after the other along positions."""
+def _concat(parts: list[tuple], axis: int) -> tuple:
+    """Parts, each (quantized K, V, fp K, V) with None for an empty one, joined along `axis`:
+    0 stacks rows of caches with the same columns, 2 puts a sequence's blocks one after the other."""
     out = []
     for i in range(4):
         xs = [p[i] for p in parts if p[i] is not None]
         if not xs:
             out.append(None)
         elif isinstance(xs[0], list):
-            out.append([mx.concatenate(col, axis=2) for col in zip(*xs)])
+            out.append([mx.concatenate(col, axis=axis) for col in zip(*xs)])
         else:
-            out.append(mx.concatenate(xs, axis=2))
+            out.append(mx.concatenate(xs, axis=axis))
     return tuple(out)
