@@ -12,9 +12,8 @@ from mlx_lm.models.cache import QuantizedKVCache
 from checkpoints import checkpoint
 from mlx_kvshard.config import ModelConfig
 from mlx_kvshard.engine.dist import Comm
-from mlx_kvshard.engine.kvcache import BatchQuantizedKVCache, make_batch_cache
+from mlx_kvshard.engine.kvcache import BatchQuantizedKVCache, batch_cache_class, make_batch_cache
 from mlx_kvshard.engine.loader import load_rank_model
-from mlx_kvshard.errors import UserError
 from mlx_kvshard.plan import ShardPlan
 from mlx_kvshard.settings import KVSettings
 
@@ -89,8 +88,14 @@ def test_batch_matches_each_sequence_alone(model):
     assert sum(c.nbytes for c in cache) > 0
 
 
-def test_batched_engine_refuses_sequence_sharding(model):
+def test_a_sequence_sharded_head_gets_the_unpadded_batch_cache(model):
+    """Left padding cannot hold a shared head's positions (ownership follows each row's own
+    token index): its batch is seqkv's, whose rows never join a padded batch."""
+    from mlx_kvshard.engine.seqkv import BatchSequenceKVCache
+
     _, plan = model
     seq = ShardPlan.build(plan.config, 8, kv=KVSettings(shard="sequence")).shards[0]
-    with pytest.raises(UserError, match="does not support --kv-shard sequence"):
+    assert seq.seq_sharers > 1
+    assert batch_cache_class(seq, KVSettings(shard="sequence")) is BatchSequenceKVCache
+    with pytest.raises(AssertionError):
         make_batch_cache(seq, KVSettings(shard="sequence"), 2, [0])
