@@ -54,6 +54,7 @@ class Settings:
     max_context: int = 512
     peer_timeout: float = 10.0
     rss_every: float = 2.0
+    prefix_cache_bytes: int | None = None  # serve's own default (256 MiB a rank) when None
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Report:
     tpot_s: dict = field(default_factory=dict)
     kills: list = field(default_factory=list)
     rss_mb: dict = field(default_factory=dict)  # rank -> [[t, pid, MiB], ...]
+    prefix_mb: list = field(default_factory=list)  # [[t, MiB]]: the prefix cache on the largest rank (/metrics)
     kv_used_idle: float | None = None
     kv_reserved_idle: float | None = None
     migrated: int = 0  # requests the front moved to a relaunched group (its own log lines)
@@ -131,6 +133,8 @@ class Server:
         argv = [sys.executable, "-m", "mlx_kvshard", "serve", "--simulate", str(s.world), "--restart", str(s.restart),
                 "--model", s.model, "--port", "0", "--max-context", str(s.max_context),
                 "--peer-timeout", str(s.peer_timeout)]
+        if s.prefix_cache_bytes is not None:
+            argv += ["--prefix-cache-bytes", str(s.prefix_cache_bytes)]
         env = {**os.environ, TAG: tag, "TMPDIR": str(tmp),
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(argv, stdout=open(tmp / "serve.out", "wb"), stderr=open(self.err, "wb"),
@@ -250,6 +254,19 @@ def quantiles(xs: list[float]) -> dict:
     return {"n": len(xs), "p50": round(q(0.50), 4), "p95": round(q(0.95), 4), "mean": round(statistics.mean(xs), 4)}
 
 
+def prefix_mib(url: str) -> float | None:
+    """The prefix cache's bytes on its largest rank, from /metrics (RSS grows with it, by design)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "mlx_kvshard_prefix_cache_bytes":
+                return smp.value / (1 << 20)
+    return None
+
+
 def kv_idle(url: str, timeout: float = 60) -> tuple[float | None, float | None]:
     """The largest kv_tokens_used over ranks and kv_tokens_reserved, once both are 0 (or at the timeout)."""
     deadline, used, reserved = time.monotonic() + timeout, None, None
@@ -317,6 +334,9 @@ def soak(s: Settings, workdir: Path | None = None, log=print) -> Report:
                     mib = rss_mib(pid)
                     if mib is not None:
                         report.rss_mb.setdefault(str(rank), []).append([t, pid, round(mib, 1)])
+                pc = prefix_mib(url)
+                if pc is not None:
+                    report.prefix_mb.append([t, round(pc, 1)])
                 stop.wait(s.rss_every)
 
         def killer() -> None:
@@ -393,6 +413,8 @@ def table(r: Report) -> str:
             lives.setdefault(pid, []).append(mib)
         rows.append((f"rank {rank} RSS MiB (first-last per process)",
                      ", ".join(f"{m[0]}-{m[-1]}" for m in lives.values())))
+    if r.prefix_mb:
+        rows.append(("prefix cache MiB (first-last, largest rank)", f"{r.prefix_mb[0][1]}-{r.prefix_mb[-1][1]}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
@@ -408,13 +430,15 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=d.clients, help="concurrent clients")
     p.add_argument("--disconnect", type=float, default=d.disconnect_p, help="share of streams the client leaves")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="serve's --prefix-cache-bytes (default: serve's own, 256 MiB a rank); RSS grows with it")
     p.add_argument("--json", type=Path, help="write the report here")
     a = p.parse_args()
     if a.duration <= 0 or a.world < 1 or a.clients < 1 or a.kill_every < 0 or not 0 <= a.disconnect <= 1:
         p.error(f"need --duration > 0, --world >= 1, --clients >= 1, --kill-every >= 0, 0 <= --disconnect <= 1 "
                 f"(got {a.duration}, {a.world}, {a.clients}, {a.kill_every}, {a.disconnect})")
     s = Settings(duration=a.duration, world=a.world, model=a.model, restart=a.restart, kill_every=a.kill_every,
-                 clients=a.clients, disconnect_p=a.disconnect, seed=a.seed)
+                 clients=a.clients, disconnect_p=a.disconnect, seed=a.seed, prefix_cache_bytes=a.prefix_cache_bytes)
     r = soak(s)
     if a.json:
         a.json.write_text(json.dumps(asdict(r), indent=1))
