@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, _BaseCache
 
-from .kvcache import BatchQuantizedKVCache, LateQuantizedKVCache
+from .kvbase import BatchQuantizedKVCache, LateQuantizedKVCache
 
 FP, QUANT = 0, 1  # which sub-batch a row is in
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
 
 from ..plan import RankShard
-from .kvcache import SequenceShardedKVCache, held_positions, joined_copy, slice_copy
+from .kvbase import SequenceShardedKVCache, held_positions, join_plain, slice_plain
 
 
 class BatchSequenceKVCache(_BaseCache):
@@ -206,7 +206,7 @@ def _empty_inner(inner):
 def slice_sequence_copy(cache: SequenceShardedKVCache, start: int, end: int) -> SequenceShardedKVCache:
     """A prefix-cache block of positions [start, end): the ones of them this rank holds."""
     a, b = cache.shard.seq_held(start), cache.shard.seq_held(end)
-    inner = slice_copy(cache.inner, a, b) if b > a else _empty_inner(cache.inner)
+    inner = slice_plain(cache.inner, a, b) if b > a else _empty_inner(cache.inner)
     out = SequenceShardedKVCache(cache.shard, inner)
     out.offset = end - start
     return out
@@ -216,7 +216,7 @@ def joined_sequence_copy(caches: list[SequenceShardedKVCache], n: int) -> Sequen
     """The first n positions of a chain of blocks: this rank's of them, in order."""
     held = caches[0].shard.seq_held(n)
     parts = [c.inner for c in caches if c.inner.offset]
-    inner = joined_copy(parts, held) if held else _empty_inner(caches[0].inner)
+    inner = join_plain(parts, held) if held else _empty_inner(caches[0].inner)
     out = SequenceShardedKVCache(caches[0].shard, inner)
     out.offset = n
     return out
