@@ -47,3 +47,17 @@ def converted(gguf: Path, cache: Path, dtype: str = "float32") -> Path:
 
     return write_atomically(cache / f"smollm2-mlx-{dtype}",
                             lambda tmp: convert(gguf, tmp, dtype, progress=lambda line: None))
+
+
+def dequantized(mlx_dir: Path, cache: Path) -> Path:
+    """The same weights with every Q4_1/Q8 matrix expanded to float32 (mlx-lm's own
+    `convert --dequantize`, built once): the same values, but MLX's CPU quantized matmul is
+    ~6x slower than OpenBLAS's float32 one, and KV-quality runs score hundreds of positions."""
+    from mlx_kvshard.models.synth import write_atomically
+
+    def build(tmp: Path) -> None:
+        tmp.rmdir()  # mlx-lm's convert refuses an existing output directory
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(mlx_dir), "--mlx-path", str(tmp),
+                        "--dequantize"], check=True, capture_output=True, text=True, timeout=900)
+
+    return write_atomically(cache / f"{mlx_dir.name}-dequantized", build)
