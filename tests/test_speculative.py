@@ -59,7 +59,7 @@ def models(ckpt_root):
     return {"target": target, "draft": draft, "oracle": oracle(target, REPEATING)}
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [1, 3])  # 3: uneven heads (3,3,2); world 2 added nothing but ~35 s
 def test_speculative_tokens_are_the_plain_tokens(world, models):
     target = models["target"]
     plain_sampled = run(world, target, *SAMPLED)
