@@ -56,40 +56,41 @@ def _whole(path: Path) -> bool:
     return 0 < shoff and shoff + shentsize * shnum <= size
 
 
-def seed(tmp: Path) -> int:
-    """Link every shared kernel into the run's $TMPDIR; return how many. Never fails a run."""
-    src = shared_dir()
-    n = 0
+def _link(src: Path, dst: Path) -> None:
     try:
-        for rel in _libraries(src):
-            dst = tmp / rel
-            if dst.exists():
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src / rel, dst)
-            except OSError:
-                shutil.copy2(src / rel, dst)
-            n += 1
+        os.link(src, dst)
     except OSError:
-        pass  # a cache is a speed-up only: a run without it compiles as MLX always did
-    return n
+        shutil.copy2(src, dst)
 
 
-def keep(tmp: Path) -> int:
-    """Publish the kernels a run compiled into the shared directory; return how many."""
-    dst_root = shared_dir()
+def _publish(src: Path, dst: Path) -> None:
+    part = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    shutil.copy2(src, part)
+    os.replace(part, dst)  # atomic: another run sees the whole library or none
+
+
+def _copy_missing(src_root: Path, dst_root: Path, place, accept=lambda path: True) -> int:
+    """Place every library under src_root that dst_root lacks; return how many. A cache is a
+    speed-up only: any OSError ends the copying, never the run (MLX then compiles as always)."""
     n = 0
     try:
-        for rel in _libraries(tmp):
+        for rel in _libraries(src_root):
             dst = dst_root / rel
-            if dst.exists() or not _whole(tmp / rel):
+            if dst.exists() or not accept(src_root / rel):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            part = dst.with_name(f".{dst.name}.{os.getpid()}.part")
-            shutil.copy2(tmp / rel, part)
-            os.replace(part, dst)
+            place(src_root / rel, dst)
             n += 1
     except OSError:
         pass
     return n
+
+
+def seed(tmp: Path) -> int:
+    """Link every shared kernel into the run's $TMPDIR; return how many. Never fails a run."""
+    return _copy_missing(shared_dir(), tmp, _link)
+
+
+def keep(tmp: Path) -> int:
+    """Publish the whole kernels a run compiled into the shared directory; return how many."""
+    return _copy_missing(tmp, shared_dir(), _publish, accept=_whole)
