@@ -122,6 +122,11 @@ class KVSettings:
         return self.bits in DEFAULT_ROTATE_BITS if self.rotate is None else self.rotate
 
     @property
+    def late(self) -> bool:
+        """Late quantization in use: full precision until --kv-quant-start tokens, then quantized."""
+        return self.bits is not None and self.quant_start > 0
+
+    @property
     def window(self) -> int:
         """The full-precision window in use (0: none). The default yields to --kv-quant-start
         and to sequence-sharded heads (ShardPlan resolves that), which take no window."""

@@ -50,7 +50,7 @@ def batch_cache_class(shard: RankShard, kv: KVSettings) -> type:
         from .kvwindow import WindowQuantizedKVCache
 
         return WindowQuantizedKVCache
-    if kv.bits is not None and kv.quant_start:
+    if kv.late:
         from .kvlate import BatchLateQuantizedKVCache
 
         return BatchLateQuantizedKVCache

@@ -214,7 +214,7 @@ class BatchState:
         if cache[0].offset != p.start:
             raise AssertionError(f"prefill of {p.uid} at {p.start}, but its cache holds {cache[0].offset}")
         tokens, kv = list(p.tokens), self.model.kv
-        if kv.bits is not None and kv.quant_start:  # convert where one-prompt generate does, whatever our chunks
+        if kv.late:  # convert where one-prompt generate does, whatever our chunks
             at = generate_quantizes_at(kv.quant_start, self.prefill_step, p.start + len(tokens), p.last)
             for c in cache:
                 c.start = at
@@ -222,7 +222,7 @@ class BatchState:
                 self._forward(mx.array(tokens[:at - p.start], dtype=mx.uint32)[None], cache, last=False)
                 tokens = tokens[at - p.start:]
         logits = self._forward(mx.array(tokens, dtype=mx.uint32)[None], cache, last=p.last)
-        if kv.bits is not None and kv.quant_start and p.last:
+        if kv.late and p.last:
             for c in cache:
                 c.start = kv.quant_start  # a row joining in full precision converts at T in the batch
         return logits[0] if logits is not None else None
@@ -245,7 +245,7 @@ class BatchState:
     def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
         if entry >= 0:  # a prefix-cache hit: the first `hit` positions of a block chain are this prompt's too
             caches, kv = self.blocks.start(entry, hit), self.model.kv
-            if kv.bits is not None and kv.quant_start:  # quantized at --kv-quant-start, as a fresh prompt is
+            if kv.late:  # quantized at --kv-quant-start, as a fresh prompt is
                 caches = [adopt(c, kv.quant_start, kv.group_size, kv.bits) for c in caches]
             return caches
         return self.model.make_cache()

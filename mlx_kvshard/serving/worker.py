@@ -71,12 +71,12 @@ def check_kv(loaded, engine: EngineSettings) -> None:
     if loaded.stages is None and loaded.plan.sequence_sharded and engine.prefix_cache_dir is not None:
         raise UserError(f"--prefix-cache-dir with sequence-sharded KV (--kv-shard {kv.shard}) is not implemented: "
                         f"drop --prefix-cache-dir (the RAM prefix cache works), or use --kv-shard replicate")
-    if engine.prefix_cache_dir is not None and kv.bits is not None and (kv.quant_start or kv.window):
+    if engine.prefix_cache_dir is not None and (kv.late or kv.window):
         what = (f"--kv-quant-start {kv.quant_start}" if kv.quant_start else
                 f"the full-precision window of {kv.bits}-bit KV (--kv-fp-window {kv.window})")
         raise UserError(f"--prefix-cache-dir with {what} is not implemented (a block file holds one KV form): drop "
                         f"--prefix-cache-dir (the RAM prefix cache works)" + (", or add --kv-fp-window 0" if kv.window else ""))
-    if kv.quant_start and kv.bits is not None and loaded.stages is None and loaded.plan.sequence_sharded:
+    if kv.late and loaded.stages is None and loaded.plan.sequence_sharded:
         raise UserError(f"--kv-quant-start {kv.quant_start} with sequence-sharded KV (--kv-shard {kv.shard}) is not "
                         f"implemented in the serving engine (--prompts-file, serve); use one-prompt generate, or "
                         f"--kv-shard replicate")
