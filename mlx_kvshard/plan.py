@@ -38,7 +38,7 @@ def split_counts(total: int, weights: Sequence[float], minimum: int = 1) -> list
     return counts
 
 
-def _ranges(counts: Sequence[int], start: int = 0) -> list[tuple[int, int]]:
+def contiguous_ranges(counts: Sequence[int], start: int = 0) -> list[tuple[int, int]]:
     out = []
     for c in counts:
         out.append((start, start + c))
@@ -156,7 +156,7 @@ class ShardPlan:
         notes: list[str] = []
         if world <= n_kv:
             kv_counts = split_counts(n_kv, shares)
-            kv_ranges = _ranges(kv_counts)
+            kv_ranges = contiguous_ranges(kv_counts)
             shards = [RankShard(rank=r, kv_heads=(a, b), q_heads=(a * g, b * g), mlp_cols=(0, 0))
                       for r, (a, b) in enumerate(kv_ranges)]
             if n_kv % world:
@@ -190,7 +190,7 @@ class ShardPlan:
                    vocab_parallel=vocab_parallel, kv=kv, context=context)
         plan._check_quant_alignment()
         mlp = plan._split_mlp()
-        vocab = _ranges(split_counts(config.vocab_size, shares)) if vocab_parallel else [None] * world
+        vocab = contiguous_ranges(split_counts(config.vocab_size, shares)) if vocab_parallel else [None] * world
         plan.shards = [replace(s, mlp_cols=mlp[s.rank], vocab_rows=vocab[s.rank]) for s in shards]
         return plan
 
@@ -238,7 +238,7 @@ class ShardPlan:
         if sum(want) <= 0:
             want = list(self.shares)
         counts = split_counts(units, want)
-        return [(a * align, b * align) for a, b in _ranges(counts)]
+        return [(a * align, b * align) for a, b in contiguous_ranges(counts)]
 
     # ---- byte accounting ------------------------------------------------------------
     @property
@@ -441,7 +441,7 @@ def _share_kv_heads(config: ModelConfig, world: int, shares: list[float]) -> lis
     shards, rank = [], 0
     for head, s in enumerate(sharers_per_head):
         q_counts = split_counts(g, shares[rank:rank + s])
-        for a, b in _ranges(q_counts, start=head * g):
+        for a, b in contiguous_ranges(q_counts, start=head * g):
             shards.append(RankShard(rank=rank, kv_heads=(head, head + 1), q_heads=(a, b), mlp_cols=(0, 0),
                                     kv_sharers=s))
             rank += 1

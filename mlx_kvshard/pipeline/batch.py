@@ -26,6 +26,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from ..plan import contiguous_ranges, split_counts
 from ..serving.batch import BatchState, StepOutput
 from ..serving.wire import Step
 
@@ -114,14 +115,9 @@ def micro_rounds(step: Step, scheduler, state: PipelineBatchState, pending: bool
 
 
 def split_rows(n: int, groups: int) -> list[tuple[int, int]]:
-    """[start, stop) of `groups` contiguous row ranges of `n` rows, the first ones a row longer."""
-    q, r = divmod(n, groups)
-    out, start = [], 0
-    for g in range(groups):
-        stop = start + q + (g < r)
-        out.append((start, stop))
-        start = stop
-    return out
+    """[start, stop) of `groups` contiguous row ranges of `n` rows, the first ones a row longer
+    (the plan's even split, as it splits heads)."""
+    return contiguous_ranges(split_counts(n, [1] * groups))
 
 
 def rows_of(c: BatchKVCache, a: int, b: int) -> BatchKVCache:
