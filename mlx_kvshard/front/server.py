@@ -11,7 +11,6 @@ wait to say it; the token reaches rank 0 on its stdin (launch/secrets.py)."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import secrets
@@ -20,6 +19,7 @@ import socket
 import tempfile
 import threading
 
+from ..liveness.client import is_hello
 from .messages import ENV_FRONT, ENV_FRONT_TOKEN, MAX_HELLO, MAX_LINE, TCP_PREFIX, Lines
 from .remote import RemoteEngine
 
@@ -81,9 +81,7 @@ class FrontServer:
             msg = lines.next()
         finally:
             self._pending.release()
-        token = msg.get("token") if msg else None
-        if (msg is None or msg.get("t") != "hello" or not isinstance(token, str)
-                or not hmac.compare_digest(token.encode(), self.token.encode())):
+        if not is_hello(msg, self.token):
             conn.close()
             return
         conn.settimeout(None)

@@ -21,6 +21,7 @@ ranks meet at the coordinator first and a C-level `faulthandler` timer guards in
 from __future__ import annotations
 
 import faulthandler
+import hmac
 import json
 import os
 import select
@@ -38,6 +39,14 @@ ENV_TOKEN = "MLX_KVSHARD_TOKEN"  # the launch's secret, which the hello must car
 MAX_LINE = 64 << 10  # bytes of one line from the coordinator; a longer one means it is not ours
 GRACE_S = 2.0  # after MLX reports a lost peer, how long to wait for the coordinator to name it
 JOIN_TIMEOUT_S = 120.0  # every rank said hello, and mx.distributed.init returned, within this
+
+
+def is_hello(msg: dict | None, token: str) -> bool:
+    """A parsed first line that is a hello carrying this launch's token (compared in constant
+    time): what the coordinator and the front accept before anything else."""
+    given = msg.get("token") if isinstance(msg, dict) else None
+    return (isinstance(given, str) and msg.get("t") == "hello"
+            and hmac.compare_digest(given.encode(), token.encode()))
 
 
 def where(n: int, phase: str) -> str:

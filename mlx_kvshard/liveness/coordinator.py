@@ -20,7 +20,6 @@ every rank is told to stop in order, and connections closing after it are expect
 
 from __future__ import annotations
 
-import hmac
 import json
 import secrets
 import selectors
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from .client import (DEFAULT_PEER_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ENV_COORDINATOR, ENV_TOKEN, EXIT_PEER_LOST,
-                     JOIN_TIMEOUT_S, where)
+                     JOIN_TIMEOUT_S, is_hello, where)
 
 TICK_S = 0.2
 # Bounds on what one connection can make us hold. A rank's lines are a few dozen bytes
@@ -245,9 +244,7 @@ class Coordinator:
                 self._bufs[conn] = rest
             return
         msg = _parse(lines[0])
-        token = msg.get("token") if msg is not None else None
-        if (msg is None or msg.get("t") != "hello" or not isinstance(token, str)
-                or not hmac.compare_digest(token.encode(), self.token.encode())):
+        if not is_hello(msg, self.token):
             self._drop(conn)
             self._stranger(ip, "no hello with this launch's token" if msg is None or msg.get("t") != "hello"
                            else "a hello without this launch's token")
