@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 
-
 from mlx_kvshard.launch import kernels
 
 
