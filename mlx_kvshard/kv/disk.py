@@ -36,6 +36,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from ..liveness.checkpoint import model_identity as checkpoint_identity
+
 FORMAT = 1
 RESERVE = 1 << 20  # block ids rank 0 reserves ahead (written before any of them can reach a disk)
 MAX_ID = 1 << 30  # past it, the tier starts a new epoch (ids travel as int32)
@@ -47,17 +49,9 @@ def say(line: str) -> None:
 
 
 def model_identity(model_dir: Path) -> str:
-    """The model's config and weight files (names, sizes, modification times), hashed."""
-    h = hashlib.blake2b(digest_size=12)
-    model_dir = Path(model_dir)
-    config = model_dir / "config.json"
-    if config.exists():
-        h.update(config.read_bytes())
-    for f in sorted(model_dir.iterdir()):
-        if f.suffix in (".safetensors", ".gguf", ".npz") and f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
+    """The model's identity as a generation checkpoint records it (config, tokenizer, weight
+    files' sizes and edges, path: liveness/checkpoint.py), as one short hash."""
+    return hashlib.blake2b(json.dumps(checkpoint_identity(model_dir), sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
 def layout_of(loaded, block_tokens: int) -> dict:
