@@ -268,6 +268,9 @@ class EngineSettings:
     prefix_cache_bytes: int = 256 << 20  # per rank, for cached prompt prefixes; 0 = off
     min_prefix_tokens: int = 16  # shorter shared prefixes are recomputed, not looked up
     prefix_block_tokens: int = 64  # tokens per prefix-cache block (see docs/engine.md for why 64)
+    # the running rows' KV layout (kv/layout.py): length groups (each row about its own tokens), one padded
+    # batch (rows x the longest), or auto (groups where the batch's layout is not another room's)
+    kv_layout: str = "auto"
     prefix_cache_dir: str | None = None  # the disk tier: each rank keeps its blocks in DIR/rank<r> (None = off)
     prefix_cache_disk_bytes: int = 16 << 30  # the disk tier's size, counted at the largest rank's bytes
     # While rows decode, a step's prefill is cut to about this many decode steps' time (0 = always
@@ -297,6 +300,8 @@ class EngineSettings:
                                  ("--prefix-cache-disk-bytes", self.prefix_cache_disk_bytes, 0)):
             if value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
+        if self.kv_layout not in ("auto", "groups", "padded"):
+            raise UserError(f"--kv-layout {self.kv_layout}: choose auto, groups or padded")
         if self.prefill_decode_ratio < 0 or self.min_prefill_chunk < 1:
             raise UserError("prefill_decode_ratio must be >= 0 and min_prefill_chunk >= 1")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 2:

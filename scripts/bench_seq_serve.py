@@ -110,7 +110,7 @@ def main() -> int:
             out["modes"][mode] = {**cap, **held}
             print(f"{mode}: admission capacity {cap['admission_capacity']:.0f} tokens, positions per rank "
                   f"{cap['positions_capacity']}, measured KV bytes per rank {held['batch_kv_bytes']} "
-                  f"({held['allocated_positions']} columns allocated, {held['held_positions']} positions held, "
+                  f"({held['allocated_positions']} positions allocated over all rows, {held['held_positions']} positions held, "
                   f"rows of {held['row_tokens']} tokens)", flush=True)
     out["load_avg_end"] = benchlib.load_avg()
     rep, seq = out["modes"]["replicate"], out["modes"]["sequence"]

@@ -110,26 +110,33 @@ def test_queue_full(model):
     assert "--max-waiting 0" in with_engine(model, body, max_batch=1, max_waiting=0)
 
 
-def test_row_slots_reuse_a_hole_and_cut_unused_columns(model, monkeypatch):
-    """A finished row leaves a hole (no copy of the batch cache); a waiting prompt is written
-    into it in place, and the columns every live row leaves unused are cut: each request's
-    tokens still equal what it produces alone."""
-    from mlx_kvshard.serving import batch
+@pytest.mark.parametrize("layout", ["padded", "groups"])
+def test_row_slots_and_length_groups(model, monkeypatch, layout):
+    """Padded: a finished row leaves a hole (no copy of the batch cache); a waiting prompt is
+    written into it in place, and the columns every live row leaves unused are cut. Groups:
+    the long prompt runs in a group of its own beside the short ones (kv/layout.py). Either
+    way each request's tokens equal what it produces alone."""
+    from mlx_kvshard.kv import layout as kvlayout
 
-    events = {"placed": 0, "cut": 0}
-    place, trim_left = batch.place, batch.BatchState._trim_left
+    events = {"placed": 0, "cut": 0, "groups": 0}
+    place, cut_left, attend = kvlayout.place, kvlayout.cut_left, kvlayout.LengthGroups.attend
 
     def counting_place(*a):
         events["placed"] += 1
         place(*a)
 
-    def counting_trim(self):
-        before = self.cache[0]._idx
-        trim_left(self)
-        events["cut"] += before - self.cache[0]._idx
+    def counting_cut(*a):
+        cut = cut_left(*a)
+        events["cut"] += cut
+        return cut
 
-    monkeypatch.setattr(batch, "place", counting_place)
-    monkeypatch.setattr(batch.BatchState, "_trim_left", counting_trim)
+    def counting_attend(self, *a):
+        events["groups"] = max(events["groups"], len(self.parts))
+        return attend(self, *a)
+
+    monkeypatch.setattr(kvlayout, "place", counting_place)
+    monkeypatch.setattr(kvlayout, "cut_left", counting_cut)
+    monkeypatch.setattr(kvlayout.LengthGroups, "attend", counting_attend)
     long = Request(prompt_ids=[(5 * i + 1) % 200 + 10 for i in range(180)], params=greedy(3))
     shorts = [Request(prompt_ids=PROMPT[k:k + 12], params=greedy(30)) for k in range(3)]
     requests = [long, *shorts]  # 3 rows at most: the third short waits for the long one's slot
@@ -138,8 +145,11 @@ def test_row_slots_reuse_a_hole_and_cut_unused_columns(model, monkeypatch):
         handles = [engine.submit(r) for r in requests]
         return [h.result().tokens for h in handles]
 
-    got = with_engine(model, together, max_batch=3, prefix_cache_bytes=0)
-    assert events["placed"] >= 1 and events["cut"] >= batch.TRIM_COLUMNS, events
+    got = with_engine(model, together, max_batch=3, prefix_cache_bytes=0, kv_layout=layout)
+    if layout == "padded":
+        assert events["placed"] >= 1 and events["cut"] >= kvlayout.TRIM_COLUMNS, events
+    else:
+        assert events["groups"] >= 2, events
     alone = with_engine(model, lambda e: [e.generate(r).tokens for r in requests], max_batch=1, prefix_cache_bytes=0)
     assert got == alone
 

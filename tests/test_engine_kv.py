@@ -111,7 +111,7 @@ def check_kv_bytes(rep: dict, model: Path, world: int) -> None:
     held = [r for a in audits for r in a["reports"] if r["rows"]]
     assert held
     for r in held:
-        assert r["batch_kv_bytes"] == r["slots"] * r["allocated_tokens"] * per_token[r["rank"]], r
+        assert r["batch_kv_bytes"] == r["allocated_tokens"] * per_token[r["rank"]], r
     assert all(r["rows"] == [] and r["kv_bytes"] == 0 for r in audits[-1]["reports"])
 
 

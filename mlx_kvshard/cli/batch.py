@@ -38,6 +38,10 @@ def add_engine_arguments(g) -> None:
     g.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch (default 64)")
     g.add_argument("--max-kv-tokens", type=int, default=None,
                    help="KV tokens a rank may hold (default: measured from each rank's free memory)")
+    g.add_argument("--kv-layout", choices=("auto", "groups", "padded"), default="auto",
+                   help="the running rows' KV: groups (rows in length groups, each holding about its own tokens; "
+                        "admission counts each row's own prompt + max_tokens), padded (one left-padded batch: every "
+                        "row as long as the longest), auto (groups, except with --pp or sequence-sharded KV: padded)")
     g.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
                    help="per-rank bytes for cached prompt prefixes (0 = off; default 256 MiB)")
     g.add_argument("--prefix-block-tokens", type=int, default=64, metavar="N",
@@ -127,7 +131,7 @@ def engine_settings(args):
         raise UserError(f"not implemented: the prefix cache's disk tier (--prefix-cache-dir) with --pp {args.pp}; "
                         f"drop one of them")
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
-                          max_kv_tokens=args.max_kv_tokens, prefix_cache_bytes=args.prefix_cache_bytes,
+                          max_kv_tokens=args.max_kv_tokens, kv_layout=args.kv_layout, prefix_cache_bytes=args.prefix_cache_bytes,
                           prefix_block_tokens=args.prefix_block_tokens, prefix_cache_dir=args.prefix_cache_dir,
                           prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
                           prefill_decode_ratio=args.prefill_decode_ratio, check_sync=args.check_sync,

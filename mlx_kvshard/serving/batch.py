@@ -11,15 +11,8 @@ batch. With --kv-bits these are mlx-lm's `QuantizedKVCache` and our `BatchQuanti
 With sequence-sharded KV a rank's rows hold its share of each row's positions
 (engine/seqkv.py), and its blocks its positions of each block.
 
-Row slots. mlx-lm's `filter` and `extend` copy the whole batch cache, so a closed loop of
-clients paid two full copies per request (a quarter of the step time with a long shared
-prefix). A finished row's slot is therefore kept as a hole (its KV freed for reuse, its
-row decoded and ignored) while holes are few, and a joining prompt is written into a hole
-in place. Holes are compacted away with one `filter` when they outnumber half the live
-rows or would hold the batch past the admitted KV capacity, and the columns every live
-row leaves unused on the left are cut once they reach
-`TRIM_COLUMNS`. Every rank runs this policy on the same messages, so every rank holds the
-same slots. Quantized batch caches (--kv-bits) keep the copying path.
+Which rows the batch holds, in which slots and layout (length groups or one padded batch),
+is kv/layout.py's `RunningKV`; this module runs the steps.
 """
 
 from __future__ import annotations
@@ -31,13 +24,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ..engine.kvcache import allocated_positions, batch_cache_class, make_batch_cache
+from ..engine.kvcache import batch_cache_class, make_batch_cache
 from ..engine.kvlate import adopt, generate_quantizes_at
-from ..engine.seqkv import row_tokens
+from ..kv.layout import RunningKV
 from ..kv.store import BlockStore
 from .wire import Step
-
-TRIM_COLUMNS = 128  # cut the unused left columns of the batch cache once every live row leaves this many
 
 
 @dataclass
@@ -53,24 +44,23 @@ class StepOutput:
 
 class BatchState:
     def __init__(self, model, comm, needs_logits: bool, kv_capacity: int | None = None, max_batch: int = 16,
-                 block_tokens: int = 64, prefill_step: int = 512):
+                 block_tokens: int = 64, prefill_step: int = 512, layout: str = "padded"):
         """`needs_logits`: rank 0, or every rank when the lm_head is vocab-parallel (its
         gather is a collective every rank must run). `kv_capacity`: the KV tokens per rank
         the engine admits by (the same on every rank); holes are not kept past it.
         `max_batch` sizes the audit report's buffer (its lists are per admitted row);
         `block_tokens` is the prefix cache's block size (rank 0's index decides the blocks);
-        `prefill_step` is --prefill-step (where one-prompt generate's chunks start)."""
+        `prefill_step` is --prefill-step (where one-prompt generate's chunks start); `layout`
+        the running rows' (kv/layout.py, resolved: groups or padded)."""
         self.prefill_step = prefill_step
         self.model = model
         self.comm = comm
         self.needs_logits = needs_logits
         self.batch_class = batch_cache_class(model.shard, model.kv)  # BatchKVCache, or quantized with --kv-bits
-        self.rows: list[int | None] = []  # uid of each batch row (slot), None for a hole
         # holes and in-place joins (not with --kv-bits, nor sequence-sharded KV: the same on every rank)
-        self.slots = self.batch_class is BatchKVCache and model.kv.shard != "sequence"
-        self.kv_capacity = kv_capacity
+        slots = self.batch_class is BatchKVCache and model.kv.shard != "sequence"
+        self.kv = RunningKV(self.batch_class, layout, slots, kv_capacity)
         self.audit_bytes = 1024 + 96 * max_batch  # the same on every rank: one all_gather of this size
-        self.cache: list[BatchKVCache] | None = None
         self.pending: dict[int, list[KVCache]] = {}  # uid -> its prefill cache (model.make_cache()), until it joins
         self.blocks = BlockStore(block_tokens)  # prefix-cache blocks: this rank's heads of each
         self.disk = None  # kv.disk.DiskTier with --prefix-cache-dir (set by the worker on every rank alike)
@@ -78,10 +68,9 @@ class BatchState:
     def apply(self, step: Step) -> StepOutput:
         out = StepOutput()
         for uid, n in step.trim:
-            self._trim(uid, n)
+            self.kv.trim(uid, n)
         for uid, start, end, first, parent, persist in step.save:
-            i = self.rows.index(uid)  # its slot
-            self._keep(persist, [b.extract(i) for b in self.cache], start, end, first, parent)
+            self._keep(persist, self.kv.extract(uid), start, end, first, parent)
         if step.remove:
             self._remove(step.remove)
         if step.unlink and self.disk is not None:
@@ -91,13 +80,13 @@ class BatchState:
         if step.load is not None:
             out.loaded = self._load(*step.load)
         for uid in step.join:
-            self._join(uid)
+            self.kv.join(uid, self.pending.pop(uid))
         t0 = time.perf_counter()
         if step.decode:
             out.decode_logits = self._verify(step) if step.drafts else self._decode(step.decode)
             self.comm.pay_link_time()  # --link: what the step message and the decode's collectives cost
         t1 = time.perf_counter()
-        whole = [p for p in step.prefill if self.slots and p.start == 0 and p.entry < 0 and p.last]
+        whole = [p for p in step.prefill if self.kv.slots and p.start == 0 and p.entry < 0 and p.last]
         together = {p.uid for p in whole} if len(whole) > 1 else set()
         if together:  # several whole prompts: one left-padded forward for all of them
             out.first_logits.update(self._prefill_together(whole))
@@ -162,22 +151,28 @@ class BatchState:
         mx.eval(self.model.model(tokens, cache), [c.state for c in cache])
         return None
 
+    # the running rows (kv/layout.py), as the pipeline's micro-batches and the report read them
+    @property
+    def rows(self) -> list[int | None]:
+        return self.kv.rows
+
+    @property
+    def cache(self) -> list | None:
+        return self.kv.cache
+
+    @property
+    def slots(self) -> bool:
+        return self.kv.slots
+
     @property
     def live(self) -> list[int]:
-        return [u for u in self.rows if u is not None]
+        return self.kv.live
 
     def _decode(self, rows: list[tuple[int, int]]) -> mx.array | None:
         """One decode step for every slot (a hole decodes token 0, its output unused);
         the logits come back in `rows` order."""
-        slot = {u: j for j, u in enumerate(self.rows) if u is not None}
-        if len(rows) != len(slot) or any(u not in slot for u, _ in rows):
-            raise AssertionError(f"decode rows {[u for u, _ in rows]} but this rank holds {self.live}: "
-                                 f"ranks out of sync")
-        tokens = [0] * len(self.rows)
-        for u, t in rows:
-            tokens[slot[u]] = t
+        tokens, order = self.kv.decode_slots(rows)
         logits = self._forward(mx.array(tokens, dtype=mx.uint32)[:, None], self.cache, last=True)
-        order = [slot[u] for u, _ in rows]
         if logits is None or order == list(range(len(self.rows))):
             return logits
         return logits[mx.array(order)]
@@ -197,19 +192,12 @@ class BatchState:
         return None
 
     def can_trim(self) -> bool:
-        """Speculation trims every row alike: only a batch of one row and no holes."""
-        return self.cache is not None and None not in self.rows and all(c.is_trimmable() for c in self.cache)
-
-    def _trim(self, uid: int, n: int) -> None:
-        """Drop a verify step's rejected drafts from the one row's KV (this rank's heads)."""
-        if self.rows != [uid] or not self.can_trim():
-            raise AssertionError(f"trim of row {uid} but this rank holds {self.rows} (trimmable: {self.can_trim()})")
-        for c in self.cache:
-            c.trim(n)
+        return self.kv.can_trim()
 
     def _prefill(self, p) -> mx.array | None:
         if p.start == p.hit:  # its first chunk (after the positions a prefix hit reuses)
             self.pending[p.uid] = self._start_cache(p.entry, p.hit)
+            self.kv.size_pending(self.pending[p.uid])
         cache = self.pending[p.uid]
         if cache[0].offset != p.start:
             raise AssertionError(f"prefill of {p.uid} at {p.start}, but its cache holds {cache[0].offset}")
@@ -240,6 +228,7 @@ class BatchState:
         logits = self._forward(tokens, cache, last=True)
         for i, p in enumerate(prompts):
             self.pending[p.uid] = [c.extract(i) for c in cache]
+            self.kv.size_pending(self.pending[p.uid])
         return {} if logits is None else {p.uid: logits[i] for i, p in enumerate(prompts)}
 
     def _start_cache(self, entry: int, hit: int) -> list[KVCache]:
@@ -250,96 +239,26 @@ class BatchState:
             return caches
         return self.model.make_cache()
 
-    def _join(self, uid: int) -> None:
-        pending = self.pending.pop(uid)
-        if self.cache is None:
-            self.cache = [self.batch_class.merge([c]) for c in pending]
-            self.rows = [uid]
-            return
-        if None in self.rows and pending[0].offset > self.cache[0]._idx:
-            self._compact()  # longer than the batch's columns: it joins by extend, which pads the left
-        if None in self.rows:
-            j = self.rows.index(None)
-            for mine, c in zip(self.cache, pending):
-                place(mine, j, c)
-            self.rows[j] = uid
-            return
-        for mine, c in zip(self.cache, pending):
-            mine.extend(self.batch_class.merge([c]))
-        self.rows.append(uid)
-
     def _remove(self, uids) -> None:
-        """Drop finished sequences: pending ones by key; batch rows leave a hole each (no
-        copy), compacted by one `filter` for all holes once they outnumber half the live
-        rows (each filter copies the whole batch cache)."""
-        gone = False
+        """Drop finished sequences: pending ones by key, batch rows through the layout."""
+        rows = []
         for uid in uids:
             if uid in self.pending:
                 del self.pending[uid]
             else:
-                self.rows[self.rows.index(uid)] = None
-                gone = True
-        if not gone:
-            return
-        live = len(self.live)
-        if not live:
-            self.rows, self.cache = [], None
-        elif not self.slots or 2 * (len(self.rows) - live) > live or self._over_capacity():
-            self._compact()
-        else:
-            self._trim_left()
-
-    def _over_capacity(self) -> bool:
-        """Admission counts live rows only: holes must not hold the batch past the capacity."""
-        return self.kv_capacity is not None and len(self.rows) * self.cache[0]._idx > self.kv_capacity
-
-    def _compact(self) -> None:
-        keep = [j for j, u in enumerate(self.rows) if u is not None]
-        self.rows = [self.rows[j] for j in keep]
-        for c in self.cache:
-            c.filter(mx.array(keep))  # also trims the left padding the rows no longer need
-        mx.eval([c.state for c in self.cache])
-
-    def _trim_left(self) -> None:
-        """Cut the columns every live row leaves unused (holes included: their rows are unused)."""
-        c0 = self.cache[0]
-        pad = c0.left_padding.tolist()
-        cut = min(p for p, u in zip(pad, self.rows) if u is not None)
-        if cut < TRIM_COLUMNS:
-            return
-        for c in self.cache:
-            c.keys, c.values = c.keys[..., cut:, :], c.values[..., cut:, :]
-            c._idx -= cut
-            c.left_padding = mx.maximum(c.left_padding - cut, 0)
-        mx.eval([c.state for c in self.cache])
+                rows.append(uid)
+        if rows:
+            self.kv.remove(rows)
 
     # ---- facts ------------------------------------------------------------------------
 
     def kv_bytes(self) -> int:
-        n = sum(c.nbytes for c in self.cache) if self.cache else 0
-        n += sum(c.nbytes for cache in self.pending.values() for c in cache)
-        return n
+        return self.kv.nbytes() + sum(c.nbytes for cache in self.pending.values() for c in cache)
 
     def report(self) -> dict:
-        lens, allocated = [], 0
-        if self.cache:
-            c = self.cache[0]
-            lens = row_tokens(c)  # each slot's real tokens
-            lens = [n for n, u in zip(lens, self.rows) if u is not None]
-            allocated = allocated_positions(c)
-        return {"rank": self.comm.rank, "rows": self.live, "slots": len(self.rows), "row_tokens": lens,
+        return {"rank": self.comm.rank, "rows": self.live, "slots": len(self.rows), "row_tokens": self.kv.row_tokens(),
                 "pending": {str(u): c[0].offset for u, c in self.pending.items()},
-                "kv_bytes": self.kv_bytes(), "allocated_tokens": allocated,
-                "batch_kv_bytes": sum(c.nbytes for c in self.cache) if self.cache else 0,
+                "kv_bytes": self.kv_bytes(), "allocated_tokens": self.kv.allocated_tokens(),
+                "batch_kv_bytes": self.kv.nbytes(), "groups": self.kv.groups(),
                 "entries": self.blocks.summary(),  # thousands of blocks: a count and checksum, not the list
                 "entry_bytes": self.blocks.nbytes}
-
-
-def place(batch: BatchKVCache, j: int, cache: KVCache) -> None:
-    """Write a prefilled single-stream cache into slot j of `batch`, right-aligned with the
-    batch's current column, in place (the slot's old contents are a finished row's)."""
-    n, end = cache.offset, batch._idx
-    batch.keys[j:j + 1, :, end - n:end, :] = cache.keys[..., :n, :]
-    batch.values[j:j + 1, :, end - n:end, :] = cache.values[..., :n, :]
-    batch.left_padding[j] = end - n
-    batch.offset[j] = n

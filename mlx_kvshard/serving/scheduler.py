@@ -16,6 +16,7 @@ from typing import Any
 
 from ..settings import EngineSettings
 from ..kv.index import BlockIndex, Insert
+from ..kv.admission import admission_tokens
 from .wire import MAX_DROPS, MAX_LOADS, Prefill, Step
 
 
@@ -64,12 +65,13 @@ class Scheduler:
         return self.prefilling + self.ready + self.running
 
     def kv_needed(self, seqs: list[Seq]) -> int:
-        """KV tokens these sequences can come to hold per rank: the batch cache is left-padded,
-        so every row is as long as the longest (an upper bound; rows leave as they finish)."""
-        return len(seqs) * max((s.reserve for s in seqs), default=0)
+        """KV tokens these sequences can come to hold per rank in the running layout
+        (kv/layout.py: each row its own tokens in length groups; rows x the longest when
+        padded). An upper bound: rows leave as they finish."""
+        return admission_tokens(self.settings.kv_layout, [s.reserve for s in seqs])
 
     def never_fits(self, prompt_tokens: int, budget: int) -> str | None:
-        if prompt_tokens + budget > self.kv_capacity:
+        if admission_tokens(self.settings.kv_layout, [prompt_tokens + budget]) > self.kv_capacity:
             return (f"the request needs {prompt_tokens} prompt + {budget} new tokens = {prompt_tokens + budget} KV "
                     f"tokens, but a rank holds at most {self.kv_capacity}; shorten the prompt or lower max_tokens")
         return None

@@ -4,6 +4,7 @@ server) while every other rank follows the step messages until told to stop."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -11,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from ..kv.admission import resolve_layout
 from ..plan import kv_window_extra_bytes
 from ..settings import EngineSettings, RankSettings
 from . import wire
@@ -97,9 +99,12 @@ def serve_rank(settings: RankSettings, engine_settings: EngineSettings, front: C
                             "off the ring: start it with --simulate N or `mlx-kvshard launch`, not plain mlx.launch")
         check_batchable(loaded)  # deterministic: every rank reaches the same verdict
         check_kv(loaded, engine_settings)
+        layout = resolve_layout(engine_settings.kv_layout, loaded.stages is not None, loaded.plan.sequence_sharded)
+        engine_settings = dataclasses.replace(engine_settings, kv_layout=layout)  # rank 0's scheduler admits by it
         capacity, ranks = kv_capacity(loaded, engine_settings)
         sizes = dict(kv_capacity=capacity, max_batch=engine_settings.max_batch,
-                     block_tokens=engine_settings.prefix_block_tokens, prefill_step=engine_settings.prefill_step)
+                     block_tokens=engine_settings.prefix_block_tokens, prefill_step=engine_settings.prefill_step,
+                     layout=layout)
         if loaded.stages is not None:  # --pp: this rank is one pipeline stage
             from ..pipeline.batch import PipelineBatchState
 
