@@ -142,3 +142,26 @@ def test_block_index_random_workload_keeps_its_invariants():
                 held[new.first + k] = new.parent if k == 0 else new.first + k - 1
         assert set(held) == set(idx.blocks) and all(p == -1 or p in held for p in held.values())
         assert idx.bytes <= 400 and idx.tokens == sum(len(b.tokens) for b in idx.blocks.values())
+
+
+def test_a_long_request_never_keeps_short_ones_waiting_when_their_kv_fits():
+    """kv/layout.py's length groups: admission counts each row's own prompt + max_tokens
+    (plus its group's bounded padding), so short requests join beside a long one; the
+    padded layout reserves rows x the longest and makes them wait. Either way a request
+    that fits alone is never refused."""
+    from mlx_kvshard.kv.admission import admission_tokens
+
+    long, shorts = seq(1, 1000, 24), [seq(2 + i, 40, 24) for i in range(6)]
+    capacity = 1024 + 6 * 64 + 200
+    assert admission_tokens("groups", [1024] + [64] * 6) == 1549  # (1024 + 6 x 64) x 1.1, rounded up
+    assert admission_tokens("groups", [1024]) == 1024 and admission_tokens("padded", [1024, 64]) == 2048
+    admitted = {}
+    for layout in ("groups", "padded"):
+        sched = Scheduler(EngineSettings(max_batch=8, prefill_step=2048, prefix_cache_bytes=0, kv_layout=layout),
+                          kv_capacity=capacity, prefix=None)
+        assert sched.never_fits(1000, 24) is None and sched.never_fits(1000, capacity) is not None
+        sched.waiting.extend([seq(1, 1000, 24), *(seq(2 + i, 40, 24) for i in range(6))])
+        sched.next_step()
+        admitted[layout] = [s.uid for s in sched.prefilling]
+    assert admitted["groups"] == [1, *(s.uid for s in shorts)]  # all seven run together
+    assert admitted["padded"] == [long.uid]  # 2 x 1024 > capacity: the short ones wait for the long one
