@@ -35,13 +35,15 @@ import benchlib  # noqa: E402
 REAL = Path(os.path.expanduser("~/.cache/mlx-kvshard/real/smollm2-mlx-float32-dequantized"))
 
 
-def run_engine(model: str, layout: str, body, context: int, **engine):
+def run_engine(model: str, layout: str, body, context: int, prefill_step: int = 256, **engine):
     """Run `body(engine)` against an in-process world-1 engine; returns (its result, the
     per-step samples, bytes per token)."""
     from mlx_kvshard.engine.generate import SamplingParams  # noqa: F401 (warm import before timing)
     from mlx_kvshard.serving import batch as batchmod
     from mlx_kvshard.serving.worker import serve_rank
     from mlx_kvshard.settings import EngineSettings, ModelSettings, RankSettings
+
+    import mlx.core as mx
 
     samples, out = [], {}
     apply = batchmod.BatchState.apply
@@ -51,12 +53,14 @@ def run_engine(model: str, layout: str, body, context: int, **engine):
         samples.append({"t": time.perf_counter(), "decode_only": bool(step.decode) and not step.prefill
                         and not step.join and not step.remove, "decode_s": o.decode_s, "rows": len(self.live),
                         "slots": len(self.rows), "batch_bytes": self.kv.nbytes(), "all_bytes": self.kv_bytes(),
-                        "tokens": sum(self.kv.row_tokens()), "groups": self.kv.groups()})
+                        "tokens": sum(self.kv.row_tokens()), "groups": self.kv.groups(),
+                        "active": mx.get_active_memory()})  # buffers alive: a view's hidden columns count
         return o
 
     def front(eng):
         def drive():
             try:
+                out["idle_active"] = mx.get_active_memory()  # weights, before any request
                 out["result"] = body(eng)
                 out["per_token"] = eng.rank_capacity[0]["kv_bytes_per_token"]
             except BaseException as e:
@@ -70,16 +74,19 @@ def run_engine(model: str, layout: str, body, context: int, **engine):
     batchmod.BatchState.apply = sampled
     try:
         settings = RankSettings(model=ModelSettings(model, "float32", context, 256))
-        serve_rank(settings, EngineSettings(kv_layout=layout, prefix_cache_bytes=0, prefill_step=256, **engine), front)
+        serve_rank(settings, EngineSettings(kv_layout=layout, prefix_cache_bytes=0, prefill_step=prefill_step,
+                                                     prefill_decode_ratio=0, **engine), front)
     finally:
         batchmod.BatchState.apply = apply
     if "error" in out:
         raise out["error"]
+    for x in samples:
+        x["physical"] = x["active"] - out["idle_active"]
     return out["result"], samples, out["per_token"]
 
 
 def ids(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(10, 2000) for _ in range(n)]
+    return [rng.randrange(10, 500) for _ in range(n)]
 
 
 def mixed_workload(rng: random.Random, long_prompt: int, long_new: int, shorts: int) -> list[tuple[list[int], int]]:
@@ -131,14 +138,17 @@ def ratios(samples, per_token: int) -> dict:
     rows = []
     for a, b in zip(samples, samples[1:]):
         if a["rows"] and a["tokens"]:
-            rows.append((b["t"] - a["t"], a["batch_bytes"] / (a["tokens"] * per_token),
-                         a["all_bytes"] / (a["tokens"] * per_token), a["groups"]))
-    total = sum(w for w, *_ in rows)
-    batch = sorted(r for _, r, _, _ in rows)
-    return {"steps": len(rows), "mean": sum(w * r for w, r, _, _ in rows) / total,
-            "p95": batch[int(0.95 * (len(batch) - 1))], "max": batch[-1],
-            "mean_with_pending": sum(w * r for w, _, r, _ in rows) / total,
-            "max_groups": max(g for *_, g in rows)}
+            live = a["tokens"] * per_token
+            rows.append((b["t"] - a["t"], a["batch_bytes"] / live, a["all_bytes"] / live, a["physical"] / live,
+                         a["groups"]))
+    total = sum(r[0] for r in rows)
+
+    def stats(k):
+        vals = sorted(r[k] for r in rows)
+        return {"mean": sum(r[0] * r[k] for r in rows) / total, "p95": vals[int(0.95 * (len(vals) - 1))],
+                "max": vals[-1]}
+    return {"steps": len(rows), "batch": stats(1), "with_pending": stats(2), "physical": stats(3),
+            "max_groups": max(r[4] for r in rows)}
 
 
 def admission(times, samples) -> dict:
@@ -161,7 +171,8 @@ def decode_steps(model: str, layout: str, lengths: list[int], new: int, context:
         handles = [engine.submit(Request(prompt_ids=p, params=SamplingParams(max_tokens=new))) for p in work]
         return [h.result().tokens for h in handles]
 
-    tokens, samples, _ = run_engine(model, layout, body, context, max_batch=len(lengths))
+    # every prompt prefilled in the first step, so all rows decode together from the next
+    tokens, samples, _ = run_engine(model, layout, body, context, prefill_step=sum(lengths), max_batch=len(lengths))
     full = [s["decode_s"] for s in samples if s["decode_only"] and s["rows"] == len(lengths)]
     return {"median_s": statistics.median(full), "steps": len(full), "tokens": tokens}
 
@@ -178,6 +189,7 @@ def main() -> int:
     quick = a.quick
     long_prompt, long_new, shorts, clients = (512, 64, 12, 6) if quick else (1536, 192, 40, 8)
     context = 2048
+    new = 16 if quick else 32
     work = mixed_workload(random.Random(1), long_prompt, long_new, shorts)
     long_reserve = long_prompt + long_new
     capacity = long_reserve + 4 * 160  # the long request and ~4 short ones, each row its own tokens
@@ -192,7 +204,7 @@ def main() -> int:
         print(layout, json.dumps({k: v for k, v in res.items() if k.endswith(layout)}), flush=True)
     equal, varied = [256] * 8, [32, 64, 128, 256, 384, 512, 768, 1024]
     for name, lengths in (("equal", equal), ("varied", varied)):
-        got = {layout: decode_steps(a.model, layout, lengths, 12 if quick else 24, context)
+        got = {layout: decode_steps(a.model, layout, lengths, new, context)
                for layout in ("groups", "padded")}
         res[f"decode_{name}"] = {"lengths": lengths, "groups_s": got["groups"]["median_s"],
                                  "padded_s": got["padded"]["median_s"],

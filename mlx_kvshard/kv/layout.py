@@ -44,15 +44,17 @@ from ..engine.kvcache import allocated_positions
 from ..engine.seqkv import row_tokens
 from .admission import GROUP_SLACK
 
-GROW_SHARE = 8  # a group's columns grow by 1/8 of what it holds...
-MIN_GROW = 16  # ...and at least this many positions (a prompt's pending cache grows by this too)
+GROW_SHARE = 16  # a group's columns grow by 1/16 of what it holds...
+MIN_GROW = 4  # ...and at least this many positions (a prompt's pending cache grows by 16)
+PENDING_GROW = 16
 TRIM_COLUMNS = 128  # padded: cut the left columns every live row leaves unused once they are this many
 
 
 def size_growth(cache) -> None:
     """Grow this cache (or its parts) by 1/GROW_SHARE of what it holds, at least MIN_GROW
-    positions: bounded unused room, and amortised copies (mlx-lm's caches add 256 columns
-    per row at a time, 16x a 16-token request)."""
+    positions: bounded unused room (mlx-lm's caches add 256 columns per row at a time, 16x a
+    16-token request), and amortised copies (a group is copied every max(MIN_GROW, 1/16 of
+    its columns) decode steps)."""
     for c in getattr(cache, "parts", None) or [cache]:
         if c is not None and hasattr(c, "step"):
             held = c._idx if hasattr(c, "_idx") else c.offset
@@ -239,11 +241,11 @@ class RunningKV:
         return LengthGroups.of(self.batch_class, [cache]) if self.grouped else self.batch_class.merge([cache])
 
     def size_pending(self, caches: list) -> None:
-        """A prompt's own cache (prefilled before it joins) grows by MIN_GROW, not 256, under groups."""
+        """A prompt's own cache (prefilled before it joins) grows by PENDING_GROW, not 256, under groups."""
         if self.grouped:
             for c in caches:
                 if hasattr(type(c), "step"):  # mlx-lm's caches and the window's (late quantization's inner one: not)
-                    c.step = MIN_GROW
+                    c.step = PENDING_GROW
 
     # ---- rows joining and leaving -------------------------------------------------------
 
