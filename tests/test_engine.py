@@ -161,6 +161,8 @@ def check_cancel(results, report, alone, world):
         assert r["batch_kv_bytes"] == r["allocated_tokens"] * per_token[r["rank"]], r
     final = audits[-1]["reports"]
     assert all(r["rows"] == [] and r["kv_bytes"] == 0 and r["pending"] == {} for r in final), final
+    # rows of different lengths ran in length groups (kv/layout.py); --check-sync compared them on every rank
+    assert max(r["groups"] for a in audits for r in a["reports"]) >= 2
 
 
 def check_bad_lines(results, stderr, first_bad):
