@@ -1,0 +1,96 @@
+"""The running rows' KV in length groups (kv/layout.py), at the cache level: rows join the
+group within 10% of their length or start one, holes are refilled in place or compacted,
+and every row's attention equals that row alone in mlx-lm's single-stream cache (full
+precision and 8-bit), step after step, through joins, holes and removals."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+
+from mlx_kvshard.engine.kvbase import BatchQuantizedKVCache
+from mlx_kvshard.kv.layout import RunningKV
+
+H, HQ, D = 2, 4, 64
+
+
+def kv(n: int, seed: int):
+    mx.random.seed(seed)
+    return mx.random.normal((1, H, n, D)), mx.random.normal((1, H, n, D))
+
+
+class Oracle:
+    """Each row alone, in mlx-lm's own single-stream cache."""
+
+    def __init__(self, bits):
+        self.bits, self.rows = bits, {}
+
+    def new(self, uid: int, n: int):
+        c = QuantizedKVCache(group_size=64, bits=self.bits) if self.bits else KVCache()
+        c.update_and_fetch(*kv(n, uid))
+        mine = QuantizedKVCache(group_size=64, bits=self.bits) if self.bits else KVCache()
+        mine.update_and_fetch(*kv(n, uid))  # the engine's copy (the oracle keeps its own)
+        self.rows[uid] = c
+        return [mine]
+
+    def attend(self, uid, q, k, v):
+        c = self.rows[uid]
+        k, v = c.update_and_fetch(k, v)
+        return scaled_dot_product_attention(q, k, v, cache=c, scale=D ** -0.5, mask=None)
+
+
+def step(run: RunningKV, oracle: Oracle, seed: int) -> None:
+    """One decode token for every slot; live rows must equal their oracle."""
+    B = len(run.rows)
+    mx.random.seed(1000 + seed)
+    q, k, v = mx.random.normal((B, HQ, 1, D)), mx.random.normal((B, H, 1, D)), mx.random.normal((B, H, 1, D))
+    out = run.cache[0].attend(q, k, v, D ** -0.5)
+    for j, uid in enumerate(run.rows):
+        if uid is not None:
+            want = oracle.attend(uid, q[j:j + 1], k[j:j + 1], v[j:j + 1])
+            assert mx.allclose(out[j:j + 1], want, atol=1e-4).item(), (seed, uid)
+    assert run.row_tokens() == [oracle.rows[u].offset for u in run.live]
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_length_groups_equal_each_row_alone_through_joins_holes_and_removals(bits):
+    kind = BatchQuantizedKVCache if bits else BatchKVCache
+    run = RunningKV(kind, "groups", slots=bits is None, kv_capacity=None)
+    oracle = Oracle(bits)
+    uid_len = {1: 100, 2: 30, 3: 95, 4: 32, 5: 2000}
+    for uid, n in uid_len.items():
+        run.join(uid, oracle.new(uid, n))
+    groups = run.cache[0].group
+    # 100 and 95 share a group (95 padded by 5 < 10%), 30 and 32 another, 2000 alone
+    assert groups == [0, 1, 0, 1, 2] and run.groups() == 3
+    held = run.allocated_tokens()
+    assert held <= 1.1 * sum(uid_len.values()), held  # not 5 rows x 2000
+    for s in range(3):
+        step(run, oracle, s)
+    run.remove([3])
+    if bits is None:  # a hole worth < 10% of the live tokens stays; a 99-token prompt fits its group
+        assert run.rows == [1, 2, None, 4, 5]
+        run.join(6, oracle.new(6, 99))
+        assert run.rows == [1, 2, 6, 4, 5] and run.groups() == 3
+    else:  # no slots with quantized rows: compacted at once, and the prompt joins its group by extend
+        assert run.rows == [1, 2, 4, 5]
+        run.join(6, oracle.new(6, 99))
+        assert run.rows == [1, 2, 4, 5, 6] and run.cache[0].group == [0, 1, 1, 2, 0]
+    for s in range(3, 6):
+        step(run, oracle, s)
+    run.join(7, oracle.new(7, 10))  # nothing within 10% of 10 tokens: a group of its own
+    assert run.groups() == 4
+    step(run, oracle, 6)
+    run.remove([2, 4])  # a group left with holes only is compacted away
+    assert None not in run.rows and run.groups() == 3
+    step(run, oracle, 7)
+    for uid in run.live:  # a row extracted (a prefix-cache block's source) is the row alone
+        got, want = run.extract(uid)[0], oracle.rows[uid]
+        assert got.offset == want.offset
+        a = got.keys if bits is None else got.keys[0]
+        b = want.keys[..., :want.offset, :] if bits is None else want.keys[0][..., :want.offset, :]
+        assert mx.array_equal(a, b).item()
+    run.remove(list(run.live))
+    assert run.rows == [] and run.cache is None and run.nbytes() == 0
