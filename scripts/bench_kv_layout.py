@@ -12,6 +12,8 @@ script reads the batch's KV bytes and its rows' live tokens.
    and how many rows decoded beside it.
 3. decode: median decode-only step time at equal batch and equal lengths (the groups
    layout is then one group: the padded batch itself), and at one batch of mixed lengths.
+4. serve mix: bench_serve.py's closed loop (8 clients, prompts of 16-96 tokens, 16-48 new)
+   in process: generated tokens per second of wall, groups vs padded.
 
     python scripts/bench_kv_layout.py                 # SmolLM2-135M (dequantized float32) when cached, else tiny
     python scripts/bench_kv_layout.py --model tiny --quick
@@ -181,6 +183,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REAL) if REAL.exists() else "tiny")
     p.add_argument("--quick", action="store_true", help="a smaller workload (a smoke run)")
+    p.add_argument("--only-mix", action="store_true", help="only part 4 (the serve mix)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args()
     env = benchlib.rank_env(1)
@@ -194,7 +197,7 @@ def main() -> int:
     long_reserve = long_prompt + long_new
     capacity = long_reserve + 4 * 160  # the long request and ~4 short ones, each row its own tokens
     res = {"model": a.model, "machine": benchlib.machine()}
-    for layout in ("groups", "padded"):
+    for layout in () if a.only_mix else ("groups", "padded"):
         times, samples, per_token = run_engine(a.model, layout, closed_loop(work, clients), context,
                                                max_batch=clients)
         res[f"mixed_{layout}"] = {**ratios(samples, per_token), **admission(times, samples)}
@@ -203,7 +206,7 @@ def main() -> int:
         res[f"admission_{layout}"] = {"max_kv_tokens": capacity, **admission(times, samples)}
         print(layout, json.dumps({k: v for k, v in res.items() if k.endswith(layout)}), flush=True)
     equal, varied = [256] * 8, [32, 64, 128, 256, 384, 512, 768, 1024]
-    for name, lengths in (("equal", equal), ("varied", varied)):
+    for name, lengths in () if a.only_mix else (("equal", equal), ("varied", varied)):
         got = {layout: decode_steps(a.model, layout, lengths, new, context)
                for layout in ("groups", "padded")}
         res[f"decode_{name}"] = {"lengths": lengths, "groups_s": got["groups"]["median_s"],
@@ -212,6 +215,20 @@ def main() -> int:
                                  "steps": [got[k]["steps"] for k in ("groups", "padded")],
                                  "same_tokens": got["groups"]["tokens"] == got["padded"]["tokens"]}
         print(name, json.dumps(res[f"decode_{name}"]), flush=True)
+    mix = [(16, 24), (48, 16), (96, 32), (32, 48)]  # bench_serve.py's MIX
+    rng = random.Random(5)
+    work = [(ids(rng, n), m) for n, m in mix * (4 if quick else 16)]
+    got = {"groups": [], "padded": []}
+    for _ in range(1 if quick else 3):  # interleaved rounds: the median of each
+        for layout in got:
+            times, samples, _ = run_engine(a.model, layout, closed_loop(work, 8), context, max_batch=8)
+            wall = max(e for *_, e in times) - min(t for t, *_ in times)
+            got[layout].append({"tok_s": sum(m for _, m in work) / wall, "max_groups": max(x["groups"] for x in samples)})
+    for layout, runs in got.items():
+        res[f"serve_mix_{layout}"] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
+                                      "runs": [round(r["tok_s"], 1) for r in runs],
+                                      "max_groups": max(r["max_groups"] for r in runs)}
+        print("serve mix", layout, json.dumps(res[f"serve_mix_{layout}"]), flush=True)
     res["load_end"] = os.getloadavg()[0]
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

@@ -152,8 +152,8 @@ def test_a_long_request_never_keeps_short_ones_waiting_when_their_kv_fits():
     from mlx_kvshard.kv.admission import admission_tokens
 
     long, shorts = seq(1, 1000, 24), [seq(2 + i, 40, 24) for i in range(6)]
-    capacity = 1024 + 6 * 64 + 200
-    assert admission_tokens("groups", [1024] + [64] * 6) == 1549  # (1024 + 6 x 64) x 1.1, rounded up
+    capacity = 1800
+    assert admission_tokens("groups", [1024] + [64] * 6) == 1126 + 6 * 96  # each + max(10%, 32 tokens) of padding
     assert admission_tokens("groups", [1024]) == 1024 and admission_tokens("padded", [1024, 64]) == 2048
     admitted = {}
     for layout in ("groups", "padded"):

@@ -8,9 +8,9 @@ Layouts (`--kv-layout`, resolved by `resolve_layout`):
 
 - **groups** (the default): rows in *length groups*. Each group is a left-padded sub-batch
   of the rank's batch cache class (mlx-lm's BatchKVCache, our quantized or 4-bit-window
-  batch, or late quantization's two-form batch); a row joins the group whose columns are
-  within GROUP_SLACK of its own tokens (every row of the group stays so), else it starts a
-  group. The forward stays one forward (weights read once, the same 2·L all_sums for the
+  batch, or late quantization's two-form batch); a row joins the group whose columns pad
+  it by at most its allowance (10% of its tokens, or 32 tokens if more: admission.py; every
+  live row of the group stays within its own), else it starts a group. The forward stays one forward (weights read once, the same 2·L all_sums for the
   whole batch); only attention splits, one call per group. Columns grow by 1/GROW_SHARE of
   what a group holds (at least MIN_GROW), not mlx-lm's 256 at a time, so a short row holds
   about its own tokens. Memory and admission follow each row's own tokens: a long request
@@ -42,10 +42,10 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, _BaseCache
 
 from ..engine.kvcache import allocated_positions
 from ..engine.seqkv import row_tokens
-from .admission import GROUP_SLACK
+from .admission import GROUP_SLACK, pad_allowance
 
 GROW_SHARE = 16  # a group's columns grow by 1/16 of what it holds...
-MIN_GROW = 4  # ...and at least this many positions (a prompt's pending cache grows by 16)
+MIN_GROW = 16  # ...and at least this many positions (so does a prompt's pending cache)
 PENDING_GROW = 16
 TRIM_COLUMNS = 128  # padded: cut the left columns every live row leaves unused once they are this many
 
@@ -54,7 +54,8 @@ def size_growth(cache) -> None:
     """Grow this cache (or its parts) by 1/GROW_SHARE of what it holds, at least MIN_GROW
     positions: bounded unused room (mlx-lm's caches add 256 columns per row at a time, 16x a
     16-token request), and amortised copies (a group is copied every max(MIN_GROW, 1/16 of
-    its columns) decode steps)."""
+    its columns) decode steps). 16 at least: on the tiny preset's serve mix 4 and 32 were no
+    better within the run-to-run spread (docs/engine.md)."""
     for c in getattr(cache, "parts", None) or [cache]:
         if c is not None and hasattr(c, "step"):
             held = c._idx if hasattr(c, "_idx") else c.offset
@@ -63,8 +64,9 @@ def size_growth(cache) -> None:
 
 class LengthGroups(_BaseCache):
     """One layer's running batch as length groups: `parts[g]` a left-padded sub-batch of
-    `kind`, `group[j]` row j's group (each group's rows in batch order), `lengths[j]` row j's
-    tokens (its RoPE offset). The model sees one batch: `offset` per row, and `attend`."""
+    `kind`, `group[j]` row j's group (each group's rows contiguous, groups in order),
+    `lengths[j]` row j's tokens (its RoPE offset). The model sees one batch: `offset` per
+    row, and `attend`."""
 
     def __init__(self, kind: type):
         self.kind = kind
@@ -96,36 +98,37 @@ class LengthGroups(_BaseCache):
         return None  # each group masks its own padding in `attend`
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
-        """Store the new positions and attend, each group over its own store; the outputs
-        come back in batch order."""
+        """Store the new positions and attend, each group over its own store. A group's rows
+        are contiguous and the groups in order (RunningKV keeps them so), so each group reads
+        a slice of the batch and the outputs concatenate back in row order."""
         L = keys.shape[2]
         if len(self.parts) == 1:
             out = _attend(self.parts[0], queries, keys, values, scale)
         else:
-            outs, order = [], []
+            outs, a = [], 0
             for g, part in enumerate(self.parts):
-                rows = self.members(g)
-                pick = mx.array(rows)
-                outs.append(_attend(part, queries[pick], keys[pick], values[pick], scale))
-                order += rows
+                b = a + self.group.count(g)
+                outs.append(_attend(part, queries[a:b], keys[a:b], values[a:b], scale))
+                a = b
             out = mx.concatenate(outs)
-            out = out[mx.array(sorted(range(len(order)), key=order.__getitem__))]  # row j is out[back[j]]
         self.lengths = [n + L for n in self.lengths]
         return out
 
     # ---- what RunningKV does with it ---------------------------------------------------
 
-    def add(self, row, g: int | None) -> None:
-        """Append a one-row batch (`kind.merge([cache])`) as the batch's last row, into group
-        g (right-aligned with its columns: a longer row pads the group's rows on the left) or,
-        for None, a new group."""
+    def add(self, row, g: int | None) -> int:
+        """Add a one-row batch (`kind.merge([cache])`) after the rows of group g
+        (right-aligned with its columns: a longer row pads the group's rows on the left) or,
+        for None, as a new last group; returns its row index (every group stays contiguous)."""
         if g is None:
             self.parts.append(row)
-            g = len(self.parts) - 1
+            g, j = len(self.parts) - 1, len(self.group)
         else:
             self.parts[g].extend(row)
-        self.group.append(g)
-        self.lengths.append(_tokens(row))
+            j = max(self.members(g)) + 1
+        self.group.insert(j, g)
+        self.lengths.insert(j, _tokens(row))
+        return j
 
     def place(self, j: int, cache) -> None:
         """Write a prefilled single-stream cache into hole j (its group has the columns)."""
@@ -264,8 +267,8 @@ class RunningKV:
                 return
             g = self._group_for(n)
             for mine, c in zip(self.cache, pending):
-                mine.add(self.batch_class.merge([c]), g)
-            self.rows.append(uid)
+                j = mine.add(self.batch_class.merge([c]), g)
+            self.rows.insert(j, uid)  # slots are internal: the decode order maps uids to them
             return
         if None in self.rows and n > self.cache[0]._idx:
             self.compact()  # longer than the batch's columns: it joins by extend, which pads the left
@@ -280,14 +283,15 @@ class RunningKV:
         self.rows.append(uid)
 
     def _fits(self, g: int, n: int, hole: int | None = None) -> bool:
-        """Would a row of n tokens keep every live row of group g (and itself) within
-        GROUP_SLACK of padding? `hole`: written into that slot (the columns do not change)."""
+        """Would a row of n tokens keep every live row of group g (and itself) within its
+        padding allowance (admission.pad_allowance)? `hole`: written into that slot (the
+        columns do not change)."""
         c = self.cache[0]
         cols = c.columns(g)
         if hole is not None and n > cols:
             return False
         lens = [c.lengths[j] for j in c.members(g) if self.rows[j] is not None] + [n]
-        return max(cols, n) <= (1 + GROUP_SLACK) * min(lens)
+        return all(max(cols, n) - m <= pad_allowance(m) for m in lens)
 
     def _hole_for(self, n: int) -> int | None:
         c = self.cache[0]
@@ -295,7 +299,7 @@ class RunningKV:
         return min(holes, key=lambda j: c.columns(c.group[j]) - n, default=None)
 
     def _group_for(self, n: int) -> int | None:
-        """The group that pads a row of n tokens least within GROUP_SLACK (None: a new group)."""
+        """The group that pads a row of n tokens least within the allowances (None: a new group)."""
         c = self.cache[0]
         fits = [g for g in range(len(c.parts)) if self._fits(g, n)]
         return min(fits, key=lambda g: abs(c.columns(g) - n), default=None)
