@@ -46,6 +46,7 @@ def step(run: RunningKV, oracle: Oracle, seed: int) -> None:
     B = len(run.rows)
     mx.random.seed(1000 + seed)
     q, k, v = mx.random.normal((B, HQ, 1, D)), mx.random.normal((B, H, 1, D)), mx.random.normal((B, H, 1, D))
+    run.cache[0].make_mask(1)  # a new forward, as the model starts one
     out = run.cache[0].attend(q, k, v, D ** -0.5)
     for j, uid in enumerate(run.rows):
         if uid is not None:

@@ -9,9 +9,9 @@ PAD_FLOOR = 32  # ...or this many tokens, if more
 
 def pad_allowance(tokens: int) -> int:
     """The left padding a row of `tokens` may get in its length group. The floor keeps short
-    rows from each opening a group: on the tiny preset's serve mix (16-144-token rows) a 10%
-    rule alone made up to 7 groups and served 0.84x the padded batch's tokens/s, a 32-token
-    floor 4 groups and 0.93-0.97x, 64 2 groups and 0.96x (docs/engine.md)."""
+    rows from each opening a group: on the tiny preset's serve mix (16-144-token rows, 8
+    clients) the 10% rule alone made up to 7 groups and served 0.93x the padded batch's
+    tokens/s, a 32-token floor 4 groups and 0.99x (medians of 3 interleaved runs; docs/engine.md)."""
     return max(int(GROUP_SLACK * tokens), PAD_FLOOR)
 LAYOUTS = ("auto", "groups", "padded")
 

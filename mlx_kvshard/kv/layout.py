@@ -70,6 +70,10 @@ class LengthGroups(_BaseCache):
 
     def __init__(self, kind: type):
         self.kind = kind
+        # each group's attention mask of this forward: every layer's groups have the same
+        # columns and padding, so layer 0 builds them and the others reuse them (RunningKV
+        # hands all layers one dict; the model's per-forward make_mask call empties it)
+        self.masks: dict[int, mx.array | None] = {}
         self.parts: list = []
         self.group: list[int] = []
         self.lengths: list[int] = []
@@ -95,6 +99,7 @@ class LengthGroups(_BaseCache):
         return mx.array(self.lengths)
 
     def make_mask(self, N: int, **kwargs):
+        self.masks.clear()  # a new forward (the model asks layer 0's cache once per forward)
         return None  # each group masks its own padding in `attend`
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
@@ -103,12 +108,12 @@ class LengthGroups(_BaseCache):
         a slice of the batch and the outputs concatenate back in row order."""
         L = keys.shape[2]
         if len(self.parts) == 1:
-            out = _attend(self.parts[0], queries, keys, values, scale)
+            out = _attend(self.parts[0], queries, keys, values, scale, self.masks, 0)
         else:
             outs, a = [], 0
             for g, part in enumerate(self.parts):
                 b = a + self.group.count(g)
-                outs.append(_attend(part, queries[a:b], keys[a:b], values[a:b], scale))
+                outs.append(_attend(part, queries[a:b], keys[a:b], values[a:b], scale, self.masks, g))
                 a = b
             out = mx.concatenate(outs)
         self.lengths = [n + L for n in self.lengths]
@@ -186,11 +191,13 @@ class LengthGroups(_BaseCache):
         return n
 
 
-def _attend(part, queries, keys, values, scale):
+def _attend(part, queries, keys, values, scale, masks: dict, g: int):
     size_growth(part)
     if hasattr(part, "attend"):  # two KV forms (engine/kvlate.py), or the 4-bit window (engine/kvwindow.py)
         return part.attend(queries, keys, values, scale)
-    mask = part.make_mask(keys.shape[2])  # before the update: it counts the columns already held
+    if g not in masks:  # before the update: it counts the columns already held
+        masks[g] = part.make_mask(keys.shape[2])
+    mask = masks[g]
     k, v = part.update_and_fetch(keys, values)
     return scaled_dot_product_attention(queries, k, v, cache=part, scale=scale, mask=mask)
 
@@ -240,8 +247,12 @@ class RunningKV:
     def live(self) -> list[int]:
         return [u for u in self.rows if u is not None]
 
-    def _batch(self, cache):
-        return LengthGroups.of(self.batch_class, [cache]) if self.grouped else self.batch_class.merge([cache])
+    def _batch(self, cache, masks: dict):
+        if not self.grouped:
+            return self.batch_class.merge([cache])
+        batch = LengthGroups.of(self.batch_class, [cache])
+        batch.masks = masks  # one per forward for every layer
+        return batch
 
     def size_pending(self, caches: list) -> None:
         """A prompt's own cache (prefilled before it joins) grows by PENDING_GROW, not 256, under groups."""
@@ -254,7 +265,8 @@ class RunningKV:
 
     def join(self, uid: int, pending: list) -> None:
         if self.cache is None:
-            self.cache = [self._batch(c) for c in pending]
+            masks = {}
+            self.cache = [self._batch(c, masks) for c in pending]
             self.rows = [uid]
             return
         n = pending[0].offset
