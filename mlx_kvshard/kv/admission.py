@@ -13,6 +13,8 @@ def pad_allowance(tokens: int) -> int:
     clients) the 10% rule alone made up to 7 groups and served 0.93x the padded batch's
     tokens/s, a 32-token floor 4 groups and 0.99x (medians of 3 interleaved runs; docs/engine.md)."""
     return max(int(GROUP_SLACK * tokens), PAD_FLOOR)
+
+
 LAYOUTS = ("auto", "groups", "padded")
 
 
