@@ -184,6 +184,7 @@ def main() -> int:
     p.add_argument("--model", default=str(REAL) if REAL.exists() else "tiny")
     p.add_argument("--quick", action="store_true", help="a smaller workload (a smoke run)")
     p.add_argument("--only-mix", action="store_true", help="only part 4 (the serve mix)")
+    p.add_argument("--only-mixed", action="store_true", help="only parts 1 and 2 (the mixed workload)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args()
     env = benchlib.rank_env(1)
@@ -206,7 +207,7 @@ def main() -> int:
         res[f"admission_{layout}"] = {"max_kv_tokens": capacity, **admission(times, samples)}
         print(layout, json.dumps({k: v for k, v in res.items() if k.endswith(layout)}), flush=True)
     equal, varied = [256] * 8, [32, 64, 128, 256, 384, 512, 768, 1024]
-    for name, lengths in () if a.only_mix else (("equal", equal), ("varied", varied)):
+    for name, lengths in () if a.only_mix or a.only_mixed else (("equal", equal), ("varied", varied)):
         got = {layout: decode_steps(a.model, layout, lengths, new, context)
                for layout in ("groups", "padded")}
         res[f"decode_{name}"] = {"lengths": lengths, "groups_s": got["groups"]["median_s"],
@@ -219,12 +220,12 @@ def main() -> int:
     rng = random.Random(5)
     work = [(ids(rng, n), m) for n, m in mix * (4 if quick else 16)]
     got = {"groups": [], "padded": []}
-    for _ in range(1 if quick else 3):  # interleaved rounds: the median of each
+    for _ in range(0 if a.only_mixed else 1 if quick else 3):  # interleaved rounds: the median of each
         for layout in got:
             times, samples, _ = run_engine(a.model, layout, closed_loop(work, 8), context, max_batch=8)
             wall = max(e for *_, e in times) - min(t for t, *_ in times)
             got[layout].append({"tok_s": sum(m for _, m in work) / wall, "max_groups": max(x["groups"] for x in samples)})
-    for layout, runs in got.items():
+    for layout, runs in got.items() if not a.only_mixed else ():
         res[f"serve_mix_{layout}"] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
                                       "runs": [round(r["tok_s"], 1) for r in runs],
                                       "max_groups": max(r["max_groups"] for r in runs)}

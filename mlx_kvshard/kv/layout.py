@@ -45,8 +45,8 @@ from ..engine.seqkv import row_tokens
 from .admission import GROUP_SLACK, pad_allowance
 
 GROW_SHARE = 16  # a group's columns grow by 1/16 of what it holds...
-MIN_GROW = 16  # ...and at least this many positions (so does a prompt's pending cache)
-PENDING_GROW = 16
+MIN_GROW = 4  # ...and at least this many positions
+PENDING_GROW = 16  # a prompt's own cache (before it joins) grows by this many
 TRIM_COLUMNS = 128  # padded: cut the left columns every live row leaves unused once they are this many
 
 
@@ -54,8 +54,9 @@ def size_growth(cache) -> None:
     """Grow this cache (or its parts) by 1/GROW_SHARE of what it holds, at least MIN_GROW
     positions: bounded unused room (mlx-lm's caches add 256 columns per row at a time, 16x a
     16-token request), and amortised copies (a group is copied every max(MIN_GROW, 1/16 of
-    its columns) decode steps). 16 at least: on the tiny preset's serve mix 4 and 32 were no
-    better within the run-to-run spread (docs/engine.md)."""
+    its columns) decode steps). At least 4: with 16, SmolLM2's mixed workload held 1.12x its
+    live tokens (physical 1.16x), with 4 1.09x (1.14x), at the same speed within the spread
+    between runs (docs/engine.md)."""
     for c in getattr(cache, "parts", None) or [cache]:
         if c is not None and hasattr(c, "step"):
             held = c._idx if hasattr(c, "_idx") else c.offset
