@@ -130,6 +130,10 @@ def engine_settings(args):
     if args.pp > 1 and args.prefix_cache_dir is not None:
         raise UserError(f"not implemented: the prefix cache's disk tier (--prefix-cache-dir) with --pp {args.pp}; "
                         f"drop one of them")
+    if args.pp > 1 and args.kv_layout == "groups":  # decided before any rank starts (ranks refuse it too)
+        from ..kv.admission import resolve_layout
+
+        resolve_layout(args.kv_layout, pipeline=True, sequence_sharded=False)
     return EngineSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, prefill_step=args.prefill_step,
                           max_kv_tokens=args.max_kv_tokens, kv_layout=args.kv_layout, prefix_cache_bytes=args.prefix_cache_bytes,
                           prefix_block_tokens=args.prefix_block_tokens, prefix_cache_dir=args.prefix_cache_dir,
