@@ -47,7 +47,7 @@ def step(run: RunningKV, oracle: Oracle, seed: int) -> None:
     mx.random.seed(1000 + seed)
     q, k, v = mx.random.normal((B, HQ, 1, D)), mx.random.normal((B, H, 1, D)), mx.random.normal((B, H, 1, D))
     run.cache[0].make_mask(1)  # a new forward, as the model starts one
-    out = run.cache[0].attend(q, k, v, D ** -0.5)
+    out = run.cache[0].attend(mx.array(q), k, v, D ** -0.5)  # mlx-lm's quantized attention scales q in place
     for j, uid in enumerate(run.rows):
         if uid is not None:
             want = oracle.attend(uid, q[j:j + 1], k[j:j + 1], v[j:j + 1])
@@ -96,3 +96,34 @@ def test_length_groups_equal_each_row_alone_through_joins_holes_and_removals(bit
         assert mx.array_equal(a, b).item()
     run.remove(list(run.live))
     assert run.rows == [] and run.cache is None and run.nbytes() == 0
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_random_joins_and_removals_keep_every_row_equal_to_itself_alone(bits):
+    """A generator of joins (1 to 400 tokens), removals and decode steps: after every step
+    each live row's attention equals the row alone, and the batch holds no more than each
+    row's tokens plus its padding allowance, the holes' columns and the growth room."""
+    import random
+
+    from mlx_kvshard.kv.admission import pad_allowance
+
+    rng = random.Random(7 if bits is None else 8)
+    kind = BatchQuantizedKVCache if bits else BatchKVCache
+    run = RunningKV(kind, "groups", slots=bits is None, kv_capacity=None)
+    oracle, uid = Oracle(bits), 0
+    for s in range(60):
+        live = run.live
+        if not live or (len(live) < 8 and rng.random() < 0.5):
+            uid += 1
+            run.join(uid, oracle.new(uid, rng.choice([rng.randint(1, 40), rng.randint(41, 400)])))
+        elif rng.random() < 0.3:
+            run.remove(rng.sample(live, rng.randint(1, min(2, len(live)))))
+        if run.cache is None:
+            continue
+        step(run, oracle, 100 + s)
+        c = run.cache[0]
+        for g in range(len(c.parts)):  # every live row within its allowance of its group's columns
+            for j in c.members(g):
+                if run.rows[j] is not None:
+                    assert c.columns(g) - c.lengths[j] <= pad_allowance(c.lengths[j]), (s, g, j)
+        assert sorted(c.group) == c.group  # groups contiguous, in order
