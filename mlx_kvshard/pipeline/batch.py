@@ -53,13 +53,9 @@ class PipelineBatchState(BatchState):
     def _micro(self, step: Step) -> StepOutput:
         m, rounds = self.model, step.micro
         S, comm = m.stages.stages, m.comm
-        slot = {u: j for j, u in enumerate(self.rows) if u is not None}
-        if len(step.decode) != len(slot) or any(u not in slot for u, _ in step.decode) or len(self.rows) < S:
-            raise AssertionError(f"micro-batched decode of rows {[u for u, _ in step.decode]} but this rank holds "
-                                 f"{self.rows}: ranks out of sync")
-        tokens = [0] * len(self.rows)  # a hole decodes token 0, its output unused
-        for u, t in step.decode:
-            tokens[slot[u]] = t
+        if len(self.rows) < S:
+            raise AssertionError(f"micro-batched decode of {len(self.rows)} slots on {S} stages: ranks out of sync")
+        tokens, _ = self.kv.decode_slots(step.decode)  # a hole decodes token 0, its output unused
         bounds = split_rows(len(self.rows), S)
         groups = [[rows_of(c, a, b) for c in self.cache] for a, b in bounds]
         dt, items, inbox = m.act_dtype(), rounds * S, None
