@@ -64,28 +64,21 @@ def size_growth(cache) -> None:
 
 
 class LengthGroups(_BaseCache):
-    """One layer's running batch as length groups: `parts[g]` a left-padded sub-batch of
-    `kind`, `group[j]` row j's group (each group's rows contiguous, groups in order),
+    """One layer's running batch as length groups: `parts[g]` a left-padded sub-batch of the
+    rank's batch cache class, `group[j]` row j's group (each group's rows contiguous, groups in order),
     `lengths[j]` row j's tokens (its RoPE offset). The model sees one batch: `offset` per
     row, and `attend`."""
 
-    def __init__(self, kind: type):
-        self.kind = kind
-        # each group's attention mask of this forward: every layer's groups have the same
-        # columns and padding, so layer 0 builds them and the others reuse them (RunningKV
-        # hands all layers one dict; the model's per-forward make_mask call empties it)
-        self.masks: dict[int, mx.array | None] = {}
+    def __init__(self):
+        # What one forward needs and every layer shares: the rows' RoPE offsets, each group's
+        # row range and attention mask. Every layer's groups hold the same rows, columns and
+        # padding, so layer 0 builds them and the others reuse them (RunningKV hands all
+        # layers one dict; the model's per-forward make_mask call on layer 0 empties it).
+        self.forward: dict = {}
         self.parts: list = []
         self.group: list[int] = []
         self.lengths: list[int] = []
 
-    @classmethod
-    def of(cls, kind: type, caches: list) -> "LengthGroups":
-        """A batch of single-stream caches, one group each at first (RunningKV.join groups later rows)."""
-        batch = cls(kind)
-        for c in caches:
-            batch.add(kind.merge([c]), None)
-        return batch
 
     def members(self, g: int) -> list[int]:
         return [j for j, h in enumerate(self.group) if h == g]
@@ -97,10 +90,12 @@ class LengthGroups(_BaseCache):
 
     @property
     def offset(self) -> mx.array:
-        return mx.array(self.lengths)
+        if "offset" not in self.forward:  # read by every layer before its attend: the lengths before this forward
+            self.forward["offset"] = mx.array(self.lengths)
+        return self.forward["offset"]
 
     def make_mask(self, N: int, **kwargs):
-        self.masks.clear()  # a new forward (the model asks layer 0's cache once per forward)
+        self.forward.clear()  # a new forward (the model asks layer 0's cache once per forward)
         return None  # each group masks its own padding in `attend`
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
@@ -109,21 +104,20 @@ class LengthGroups(_BaseCache):
         a slice of the batch and the outputs concatenate back in row order."""
         L = keys.shape[2]
         if len(self.parts) == 1:
-            out = _attend(self.parts[0], queries, keys, values, scale, self.masks, 0)
+            out = _attend(self.parts[0], queries, keys, values, scale, self.forward, 0)
         else:
-            outs, a = [], 0
-            for g, part in enumerate(self.parts):
-                b = a + self.group.count(g)
-                outs.append(_attend(part, queries[a:b], keys[a:b], values[a:b], scale, self.masks, g))
-                a = b
-            out = mx.concatenate(outs)
+            if "bounds" not in self.forward:
+                ends = [j + 1 for j in range(len(self.group)) if j + 1 == len(self.group) or self.group[j + 1] != self.group[j]]
+                self.forward["bounds"] = list(zip([0, *ends[:-1]], ends))
+            out = mx.concatenate([_attend(part, queries[a:b], keys[a:b], values[a:b], scale, self.forward, g)
+                                  for g, (part, (a, b)) in enumerate(zip(self.parts, self.forward["bounds"]))])
         self.lengths = [n + L for n in self.lengths]
         return out
 
     # ---- what RunningKV does with it ---------------------------------------------------
 
     def add(self, row, g: int | None) -> int:
-        """Add a one-row batch (`kind.merge([cache])`) after the rows of group g
+        """Add a one-row batch (`batch_class.merge([cache])`) after the rows of group g
         (right-aligned with its columns: a longer row pads the group's rows on the left) or,
         for None, as a new last group; returns its row index (every group stays contiguous)."""
         if g is None:
@@ -192,13 +186,13 @@ class LengthGroups(_BaseCache):
         return n
 
 
-def _attend(part, queries, keys, values, scale, masks: dict, g: int):
+def _attend(part, queries, keys, values, scale, forward: dict, g: int):
     size_growth(part)
     if hasattr(part, "attend"):  # two KV forms (engine/kvlate.py), or the 4-bit window (engine/kvwindow.py)
         return part.attend(queries, keys, values, scale)
-    if g not in masks:  # before the update: it counts the columns already held
-        masks[g] = part.make_mask(keys.shape[2])
-    mask = masks[g]
+    if ("mask", g) not in forward:  # before the update: it counts the columns already held
+        forward["mask", g] = part.make_mask(keys.shape[2])
+    mask = forward["mask", g]
     k, v = part.update_and_fetch(keys, values)
     return scaled_dot_product_attention(queries, k, v, cache=part, scale=scale, mask=mask)
 
@@ -248,11 +242,12 @@ class RunningKV:
     def live(self) -> list[int]:
         return [u for u in self.rows if u is not None]
 
-    def _batch(self, cache, masks: dict):
+    def _batch(self, cache, forward: dict):
         if not self.grouped:
             return self.batch_class.merge([cache])
-        batch = LengthGroups.of(self.batch_class, [cache])
-        batch.masks = masks  # one per forward for every layer
+        batch = LengthGroups()
+        batch.forward = forward  # one for every layer
+        batch.add(self.batch_class.merge([cache]), None)
         return batch
 
     def size_pending(self, caches: list) -> None:
@@ -266,8 +261,8 @@ class RunningKV:
 
     def join(self, uid: int, pending: list) -> None:
         if self.cache is None:
-            masks = {}
-            self.cache = [self._batch(c, masks) for c in pending]
+            forward = {}
+            self.cache = [self._batch(c, forward) for c in pending]
             self.rows = [uid]
             return
         n = pending[0].offset
