@@ -42,7 +42,7 @@ def run_engine(model: str, layout: str, body, context: int, prefill_step: int = 
     per-step samples, bytes per token)."""
     from mlx_kvshard.engine.generate import SamplingParams  # noqa: F401 (warm import before timing)
     from mlx_kvshard.serving import batch as batchmod
-    from mlx_kvshard.serving.worker import serve_rank
+    from inprocess import with_engine  # tests/ (on the path through benchlib)
     from mlx_kvshard.settings import EngineSettings, ModelSettings, RankSettings
 
     import mlx.core as mx
@@ -59,29 +59,20 @@ def run_engine(model: str, layout: str, body, context: int, prefill_step: int = 
                         "active": mx.get_active_memory()})  # buffers alive: a view's hidden columns count
         return o
 
-    def front(eng):
-        def drive():
-            try:
-                out["idle_active"] = mx.get_active_memory()  # weights, before any request
-                out["result"] = body(eng)
-                out["per_token"] = eng.rank_capacity[0]["kv_bytes_per_token"]
-            except BaseException as e:
-                out["error"] = e
-            finally:
-                eng.shutdown(cancel=True)
-        threading.Thread(target=drive).start()
-        eng.run()
-        return 0
+    def measured(eng):
+        out["idle_active"] = mx.get_active_memory()  # weights, before any request
+        result = body(eng)
+        out["per_token"] = eng.rank_capacity[0]["kv_bytes_per_token"]
+        return result
 
     batchmod.BatchState.apply = sampled
     try:
         settings = RankSettings(model=ModelSettings(model, "float32", context, 256))
-        serve_rank(settings, EngineSettings(kv_layout=layout, prefix_cache_bytes=0, prefill_step=prefill_step,
-                                                     prefill_decode_ratio=0, **engine), front)
+        out["result"] = with_engine(settings, EngineSettings(kv_layout=layout, prefix_cache_bytes=0,
+                                                             prefill_step=prefill_step, prefill_decode_ratio=0,
+                                                             **engine), measured)
     finally:
         batchmod.BatchState.apply = apply
-    if "error" in out:
-        raise out["error"]
     for x in samples:
         x["physical"] = x["active"] - out["idle_active"]
     return out["result"], samples, out["per_token"]

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
+import inprocess
 from checkpoints import checkpoint
 from mlx_kvshard.engine.generate import SamplingParams
 from mlx_kvshard.serving.requests import QueueFull, Request, RequestError
-from mlx_kvshard.serving.worker import serve_rank
 from mlx_kvshard.settings import EngineSettings, ModelSettings, RankSettings
 
 PROMPT = [(7 * i + 3) % 200 + 10 for i in range(40)]
@@ -25,25 +25,8 @@ def model(ckpt_root):
 
 def with_engine(model_dir, body, **engine_settings):
     """Run `body(engine)` on a thread while the engine runs on this one; return its result."""
-    out = {}
-
-    def front(engine):
-        def drive():
-            try:
-                out["result"] = body(engine)
-            except BaseException as e:  # re-raised in the test's thread
-                out["error"] = e
-            finally:
-                engine.shutdown(cancel=True)
-        threading.Thread(target=drive).start()
-        engine.run()
-        return 0
-
     settings = RankSettings(model=ModelSettings(str(model_dir), "float32", 256, 16))
-    assert serve_rank(settings, EngineSettings(**{"prefill_step": 16, **engine_settings}), front) == 0
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
+    return inprocess.with_engine(settings, EngineSettings(**{"prefill_step": 16, **engine_settings}), body)
 
 
 def greedy(n: int) -> SamplingParams:
